@@ -1,0 +1,20 @@
+// Operator schemas for the `chimera` namespace. Device kernels live in cpu/ and cuda/;
+// fake (meta) kernels and autograd formulas are registered from Python
+// (torch_geometric_chimera/ops/_kernels.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing torch_geometric_chimera._C runs the static TORCH_LIBRARY initializers below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(chimera, m) {
+  // out[i, h, :] = sum_{e in row i} weight[e, h] * x[col[e], h, :]   (CSR sparse-dense product)
+  m.def("spmm(Tensor rowptr, Tensor col, Tensor weight, Tensor x) -> Tensor");
+  // out[e, h] = <a[row(e), h, :], b[col[e], h, :]>                   (sampled dense-dense product)
+  m.def("edge_dot(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");
+}

@@ -1,0 +1,17 @@
+"""Resolvent attention and the kernels behind it."""
+from . import reference
+from ._kernels import HAS_EXTENSION, CsrOperator, edge_dot, spmm
+from .resolvent import DENSE_MAX_NODES, METHODS, GraphTopology, choose_method, resolvent_attention
+
+__all__ = [
+    "resolvent_attention",
+    "GraphTopology",
+    "choose_method",
+    "METHODS",
+    "DENSE_MAX_NODES",
+    "spmm",
+    "edge_dot",
+    "CsrOperator",
+    "HAS_EXTENSION",
+    "reference",
+]

@@ -1,0 +1,277 @@
+r"""Pure-PyTorch references: the executable specification of resolvent attention.
+
+For one head, with ``A[i, j] = edge_weight[e]`` for every edge ``e = (j -> i)`` (duplicates add up,
+no implicit self-loops),
+
+.. math::
+    y = (L \odot Q K^\top) V, \qquad L = (I - A)^{-1} \text{ or } \textstyle\sum_{k \le K} A^k.
+
+Per node, the same thing in state form: ``X_j = K_j V_jᵀ`` (an ``S x P`` state), ``H = L X`` and
+``y_i = Q_iᵀ H_i``. Every method below computes one of these two forms; they must agree where their
+domains overlap, and the fast kernels in :mod:`torch_geometric_chimera.ops` are tested against them.
+"""
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse building blocks (the kernels in csrc/ compute exactly these).
+# --------------------------------------------------------------------------------------------
+def spmm_reference(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    r"""``out[i, h] = sum_{e in row i} weight[e, h] * x[col[e], h]`` for a CSR matrix."""
+    num_rows = rowptr.numel() - 1
+    row = torch.repeat_interleave(torch.arange(num_rows, device=x.device), rowptr.diff().long(),
+                                  output_size=col.numel())
+    out = x.new_zeros((num_rows,) + x.shape[1:])
+    return out.index_add(0, row, weight.unsqueeze(-1) * x[col.long()])
+
+
+def edge_dot_reference(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    r"""``out[e, h] = <a[row(e), h], b[col[e], h]>`` for every stored entry of a CSR matrix."""
+    row = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=a.device), rowptr.diff().long(),
+                                  output_size=col.numel())
+    return (a[row] * b[col.long()]).sum(-1)
+
+
+class EdgeListOperator:
+    r"""The sparse matrix ``A`` (one per head) of an edge list, applied with ``index_add``.
+
+    ``matmul``: ``(A x)[i] = sum_{e: dst[e] = i} weight[e] * x[src[e]]``;
+    ``rmatmul``: ``Aᵀ x``; ``edge_dot``: ``<g[dst[e]], h[src[e]]>``, the gradient of ``A`` at
+    every edge for ``∂L/∂(A h) = g``. ``x``, ``g`` and ``h`` have shape ``[N, H, F]``.
+    """
+
+    def __init__(self, edge_index: Tensor):
+        self.src, self.dst = edge_index[0].long(), edge_index[1].long()
+
+    def matmul(self, weight: Tensor, x: Tensor) -> Tensor:
+        return torch.zeros_like(x).index_add(0, self.dst, weight.unsqueeze(-1) * x[self.src])
+
+    def rmatmul(self, weight: Tensor, x: Tensor) -> Tensor:
+        return torch.zeros_like(x).index_add(0, self.src, weight.unsqueeze(-1) * x[self.dst])
+
+    def edge_dot(self, g: Tensor, h: Tensor) -> Tensor:
+        return (g[self.dst] * h[self.src]).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# State form helpers.
+# --------------------------------------------------------------------------------------------
+def to_state(key: Tensor, value: Tensor) -> Tensor:
+    """``X_j = K_j V_jᵀ`` flattened to ``[N, H, S * P]``."""
+    return (key.unsqueeze(-1) * value.unsqueeze(-2)).flatten(2)
+
+
+def read_state(query: Tensor, state: Tensor, head_dim: int) -> Tensor:
+    """``y_i = Q_iᵀ H_i`` for a flattened state ``[N, H, S * P]``."""
+    return torch.einsum("nhs,nhsp->nhp", query, state.unflatten(-1, (query.size(-1), head_dim)))
+
+
+# --------------------------------------------------------------------------------------------
+# dense: exact, one batched inverse per bucket of similar graph sizes.
+# --------------------------------------------------------------------------------------------
+def bucket_size(num_nodes: Tensor) -> Tensor:
+    """Round graph sizes up to one of at most 8 sizes per octave (<= 12.5% padding per side)."""
+    n = num_nodes.clamp_min(1)
+    step = (2 ** (torch.floor(torch.log2(n.double())).long() - 3).clamp_min(0))
+    return (n + step - 1) // step * step
+
+
+def dense_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
+                              edge_weight: Tensor, batch: Optional[Tensor] = None) -> Tensor:
+    r"""Exact :math:`(L \odot QK^\top)V` with :math:`L = (I - A)^{-1}` per graph.
+
+    Graphs are grouped into buckets of similar size (:func:`bucket_size`); each bucket is padded
+    to one size and solved with one batched :func:`torch.linalg.inv`. Padding nodes are isolated
+    and have zero features, so they change nothing. The loop runs over buckets, not graphs.
+    Edges must not connect different graphs.
+    """
+    num_nodes, heads = query.size(0), query.size(1)
+    device = query.device
+    if num_nodes == 0:
+        return value.new_zeros(value.shape)
+    if batch is None:
+        batch = torch.zeros(num_nodes, dtype=torch.long, device=device)
+    num_graphs = int(batch.max()) + 1
+    sizes = torch.bincount(batch, minlength=num_graphs)
+    ptr = torch.cumsum(sizes, 0) - sizes
+    order = torch.argsort(batch, stable=True)
+    local = torch.empty_like(batch)
+    local[order] = torch.arange(num_nodes, device=device) - ptr[batch[order]]
+    padded = bucket_size(sizes)
+    padded[sizes == 0] = 0
+    src, dst = edge_index
+
+    outputs: List[Tensor] = []
+    node_ids: List[Tensor] = []
+    for n_pad in torch.unique(padded[sizes > 0]).tolist():
+        graphs = (padded == n_pad).nonzero().view(-1)
+        slot = torch.full((num_graphs,), -1, dtype=torch.long, device=device)
+        slot[graphs] = torch.arange(graphs.numel(), device=device)
+        nodes = (slot[batch] >= 0).nonzero().view(-1)
+        g, pos = slot[batch[nodes]], local[nodes]
+
+        def densify(t: Tensor) -> Tensor:  # [n_nodes, H, F] -> [G_b, H, n_pad, F]
+            out = t.new_zeros(graphs.numel(), n_pad, heads, t.size(-1))
+            return out.index_put((g, pos), t[nodes]).transpose(1, 2)
+
+        q, k, v = densify(query), densify(key), densify(value)
+        edges = (slot[batch[dst]] >= 0).nonzero().view(-1)
+        adj = edge_weight.new_zeros(graphs.numel(), n_pad, n_pad, heads)
+        adj = adj.index_put((slot[batch[dst[edges]]], local[dst[edges]], local[src[edges]]),
+                            edge_weight[edges], accumulate=True).permute(0, 3, 1, 2)
+        eye = torch.eye(n_pad, dtype=adj.dtype, device=device)
+        resolvent = torch.linalg.inv(eye - adj)
+        y = (resolvent * (q @ k.transpose(-1, -2))) @ v  # [G_b, H, n_pad, P]
+        outputs.append(y.transpose(1, 2)[g, pos])
+        node_ids.append(nodes)
+    out = torch.cat(outputs)
+    return out[torch.argsort(torch.cat(node_ids))]
+
+
+# --------------------------------------------------------------------------------------------
+# dag: exact forward substitution by topological levels.
+# --------------------------------------------------------------------------------------------
+def level_schedule(edge_index: Tensor, level: Tensor, by: str) -> Tuple[Tensor, List[int]]:
+    """Edges sorted by the level of their target (``by='dst'``) or source (``by='src'``), with
+    the boundaries of each level, so that one ``index_add`` processes one level."""
+    key = level[edge_index[1] if by == "dst" else edge_index[0]]
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=int(level.max()) + 1 if level.numel() else 0)
+    bounds = [0] + torch.cumsum(counts, 0).tolist()
+    return order, bounds
+
+
+class DagSolve(torch.autograd.Function):
+    r"""Solve :math:`(I - A) H = X` on a DAG by forward substitution, level by level.
+
+    Backward is the transposed solve :math:`(I - A)^\top G = \partial H` in reverse level order,
+    with :math:`\partial A_{ij} = \langle G_i, H_j \rangle`; memory is :math:`O(N \cdot F)`.
+    """
+
+    @staticmethod
+    def forward(ctx, edge_index: Tensor, level: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        src, dst = edge_index
+        order, bounds = level_schedule(edge_index, level, "dst")
+        h = x.clone()
+        # Level 0 are sources (no incoming edges); every later level reads finished levels only.
+        for lo, hi in zip(bounds[1:-1], bounds[2:]):
+            e = order[lo:hi]
+            h.index_add_(0, dst[e], weight[e].unsqueeze(-1) * h[src[e]])
+        ctx.save_for_backward(edge_index, level, weight, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):
+        edge_index, level, weight, h = ctx.saved_tensors
+        src, dst = edge_index
+        order, bounds = level_schedule(edge_index, level, "src")
+        g = grad_h.clone()
+        for lo, hi in reversed(list(zip(bounds[:-1], bounds[1:]))):
+            e = order[lo:hi]
+            g.index_add_(0, src[e], weight[e].unsqueeze(-1) * g[dst[e]])
+        grad_weight = (g[dst] * h[src]).sum(-1) if ctx.needs_input_grad[2] else None
+        return None, None, grad_weight, g
+
+
+def dag_solve(edge_index: Tensor, level: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    """:math:`(I - A)^{-1} X` on a DAG with precomputed :func:`topological_levels`."""
+    return DagSolve.apply(edge_index, level, weight, x)
+
+
+# --------------------------------------------------------------------------------------------
+# neumann: truncated series with a per-graph number of terms.
+# --------------------------------------------------------------------------------------------
+def neumann_solve(operator, weight: Tensor, x: Tensor, num_terms: Tensor,
+                  node_graph: Optional[Tensor] = None) -> Tensor:
+    r""":math:`\sum_{k=0}^{K_g} A^k X` where ``K_g = num_terms[graph]`` for every node's graph.
+
+    ``operator`` applies ``A`` (:class:`EdgeListOperator` or a kernel-backed one). Differentiated
+    by autograd through the unrolled series.
+    """
+    terms = num_terms if node_graph is None else num_terms[node_graph]
+    terms = terms.view(-1, 1, 1) if terms.dim() else terms
+    max_terms = int(num_terms.max()) if num_terms.numel() else 0
+    out, power = x, x
+    for k in range(1, max_terms + 1):
+        power = operator.matmul(weight, power)
+        out = out + power * (terms >= k).to(power.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# iterative: exact solve to a tolerance, implicit (adjoint) backward.
+# --------------------------------------------------------------------------------------------
+def default_tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-3)
+
+
+def fixed_point(step: Callable[[Tensor], Tensor], rhs: Tensor, tol: float, max_iter: int, what: str) -> Tensor:
+    r"""Iterate ``h <- rhs + step(h)`` (Jacobi / Neumann iteration) until the update is below
+    ``tol`` relative to ``h``. Converges whenever the spectral radius of the operator is < 1."""
+    h = rhs
+    for _ in range(max_iter):
+        new = rhs + step(h)
+        delta = (new - h).abs().max() if new.numel() else new.new_zeros(())
+        h = new
+        if not bool(torch.isfinite(delta)):
+            break
+        if float(delta) <= tol * max(float(h.abs().max()) if h.numel() else 0.0, 1e-30):
+            return h
+    raise RuntimeError(
+        f"method='iterative': the {what} did not converge to tol={tol:g} in max_iter={max_iter} steps. "
+        f"It needs the spectral radius of A below 1: use an adjacency parameterization that bounds it "
+        f"(e.g. 'general' with gamma < 1), raise max_iter, or use method='dense'")
+
+
+class IterativeSolve(torch.autograd.Function):
+    r"""Solve :math:`(I - A) H = X` by fixed-point iteration; the backward solves the adjoint
+    system :math:`(I - A)^\top G = \partial H` the same way, so memory does not grow with the
+    number of iterations."""
+
+    @staticmethod
+    def forward(ctx, operator, weight: Tensor, x: Tensor, tol: float, max_iter: int) -> Tensor:
+        h = fixed_point(lambda t: operator.matmul(weight, t), x, tol, max_iter, "forward solve")
+        ctx.save_for_backward(weight, h)
+        ctx.operator, ctx.tol, ctx.max_iter = operator, tol, max_iter
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):
+        weight, h = ctx.saved_tensors
+        operator = ctx.operator
+        g = fixed_point(lambda t: operator.rmatmul(weight, t), grad_h.contiguous(), ctx.tol, ctx.max_iter,
+                        "adjoint (backward) solve")
+        grad_weight = operator.edge_dot(g, h) if ctx.needs_input_grad[1] else None
+        return None, grad_weight, g, None, None
+
+
+def iterative_solve(operator, weight: Tensor, x: Tensor, tol: float, max_iter: int) -> Tensor:
+    """:math:`(I - A)^{-1} X` to a relative tolerance, with an implicit backward."""
+    return IterativeSolve.apply(operator, weight, x, tol, max_iter)
+
+
+# --------------------------------------------------------------------------------------------
+# The slowest and simplest check of all: one dense inverse of the whole (block-diagonal) matrix.
+# --------------------------------------------------------------------------------------------
+def inverse_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
+                                edge_weight: Tensor, num_terms: Optional[int] = None) -> Tensor:
+    r"""``torch.linalg.inv`` (or the explicit power sum with ``num_terms``) of the full ``N x N``
+    matrix for every head. Test oracle only: cubic in the total number of nodes."""
+    num_nodes, heads = query.size(0), query.size(1)
+    adj = edge_weight.new_zeros(heads, num_nodes, num_nodes)
+    adj = adj.index_put((torch.arange(heads, device=query.device).view(-1, 1), edge_index[1].view(1, -1),
+                         edge_index[0].view(1, -1)), edge_weight.t(), accumulate=True)
+    eye = torch.eye(num_nodes, dtype=adj.dtype, device=adj.device).expand_as(adj)
+    if num_terms is None:
+        resolvent = torch.linalg.inv(eye - adj)
+    else:
+        resolvent, power = eye, eye
+        for _ in range(num_terms):
+            power = power @ adj
+            resolvent = resolvent + power
+    scores = torch.einsum("ihs,jhs->hij", query, key)
+    return torch.einsum("hij,jhp->ihp", resolvent * scores, value)

@@ -1,0 +1,209 @@
+r"""``resolvent_attention``: the one operation everything rests on (DESIGN.md §1)."""
+from functools import cached_property
+from typing import Optional
+
+import torch
+import torch_geometric
+from torch import Tensor
+
+from ..utils.topology import diameter_bound, topological_levels
+from . import reference
+from ._kernels import CsrOperator
+
+METHODS = ("auto", "dense", "dag", "neumann", "iterative")
+
+#: ``method="auto"`` solves graphs with at most this many nodes with the batched dense inverse.
+DENSE_MAX_NODES = 256
+
+
+class GraphTopology:
+    r"""Everything about a batch of graphs that depends on ``edge_index`` and ``batch`` only
+    (topological levels, DAG-ness, sizes, diameter bounds, CSR operator). Each property is
+    computed on first use and kept, so one instance can serve every layer and step that shares
+    the graph.
+
+    Args:
+        edge_index (LongTensor): ``[2, E]`` edges, source first.
+        num_nodes (int): number of nodes ``N``.
+        batch (LongTensor, optional): ``[N]`` graph id of every node. (default: :obj:`None`)
+    """
+
+    def __init__(self, edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None):
+        self.edge_index = edge_index
+        self.num_nodes = num_nodes
+        self.batch = batch
+
+    @cached_property
+    def num_graphs(self) -> int:
+        if self.batch is None:
+            return 1
+        return int(self.batch.max()) + 1 if self.batch.numel() else 0
+
+    @cached_property
+    def levels(self) -> Tensor:
+        """Topological level of every node, ``-1`` on or after a cycle."""
+        return topological_levels(self.edge_index, self.num_nodes, raise_on_cycle=False)
+
+    @cached_property
+    def is_dag(self) -> bool:
+        return bool((self.levels >= 0).all())
+
+    @cached_property
+    def max_graph_size(self) -> int:
+        if self.batch is None or self.num_nodes == 0:
+            return self.num_nodes
+        return int(torch.bincount(self.batch).max())
+
+    @cached_property
+    def diameter_bound(self) -> Tensor:
+        """Per-graph bound on the directed diameter (see :func:`diameter_bound`)."""
+        return diameter_bound(self.edge_index, self.num_nodes, self.batch)
+
+    @cached_property
+    def operator(self) -> CsrOperator:
+        return CsrOperator(self.edge_index, self.num_nodes)
+
+
+def choose_method(topology: GraphTopology, num_terms: Optional[int] = None) -> str:
+    r"""The path ``method="auto"`` takes. Exact unless a truncation is asked for:
+
+    1. ``num_terms`` given: ``"neumann"`` with that many terms;
+    2. every graph has at most :data:`DENSE_MAX_NODES` nodes: ``"dense"``;
+    3. the graph is a DAG: ``"dag"``;
+    4. otherwise ``"iterative"``.
+    """
+    if num_terms is not None:
+        return "neumann"
+    if topology.max_graph_size <= DENSE_MAX_NODES:
+        return "dense"
+    if topology.is_dag:
+        return "dag"
+    return "iterative"
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
+                  batch: Optional[Tensor]) -> Tensor:
+    """Validate shapes, dtypes and devices; returns ``edge_weight`` as ``[E, H]``."""
+    for name, t in (("query", query), ("key", key), ("value", value), ("edge_index", edge_index),
+                    ("edge_weight", edge_weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if query.dim() != 3 or not query.is_floating_point():
+        raise ValueError(f"query: expected a floating tensor of shape [N, H, S], got {_describe(query)}")
+    num_nodes, heads, _ = query.shape
+    if key.shape != query.shape:
+        raise ValueError(f"key: expected shape {list(query.shape)} (like query), got {list(key.shape)}")
+    if value.dim() != 3 or value.shape[:2] != query.shape[:2]:
+        raise ValueError(f"value: expected shape [N, H, P] = [{num_nodes}, {heads}, P], got {list(value.shape)}")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2 or edge_index.is_floating_point() or edge_index.is_complex():
+        raise ValueError(f"edge_index: expected an integer tensor of shape [2, E], got {_describe(edge_index)}")
+    num_edges = edge_index.size(1)
+    if edge_weight.dim() == 1 and edge_weight.numel() == num_edges:
+        edge_weight = edge_weight.unsqueeze(-1).expand(num_edges, heads)
+    if edge_weight.shape != (num_edges, heads):
+        raise ValueError(f"edge_weight: expected shape [E, H] = [{num_edges}, {heads}] (or [E]), "
+                         f"got {list(edge_weight.shape)}")
+    for name, t in (("key", key), ("value", value), ("edge_weight", edge_weight)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name}: expected dtype {query.dtype} (like query), got {t.dtype}")
+    tensors = [("key", key), ("value", value), ("edge_index", edge_index), ("edge_weight", edge_weight)]
+    if batch is not None:
+        if batch.dim() != 1 or batch.numel() != num_nodes or batch.is_floating_point():
+            raise ValueError(f"batch: expected an integer tensor of shape [N] = [{num_nodes}], got {_describe(batch)}")
+        tensors.append(("batch", batch))
+    for name, t in tensors:
+        if t.device != query.device:
+            raise ValueError(f"{name}: expected device {query.device} (like query), got {t.device}")
+
+    # Value checks need the data on the host: always on CPU, on accelerators in debug mode only.
+    debug = torch_geometric.is_debug_enabled()
+    if query.device.type == "cpu" or debug:
+        if num_edges and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
+            raise IndexError(f"edge_index: node indices must lie in [0, {num_nodes}) for N = {num_nodes} nodes, "
+                             f"found values in [{int(edge_index.min())}, {int(edge_index.max())}]")
+        if batch is not None and num_nodes and int(batch.min()) < 0:
+            raise ValueError(f"batch: graph ids must be non-negative, found {int(batch.min())}")
+        if batch is not None and num_edges and bool((batch[edge_index[0]] != batch[edge_index[1]]).any()):
+            raise ValueError("edge_index: an edge connects nodes of different graphs in batch; every edge must stay "
+                             "inside one graph")
+    if debug:
+        for name, t in (("query", query), ("key", key), ("value", value), ("edge_weight", edge_weight)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: contains NaN or Inf (checked because torch_geometric.debug() is on)")
+    return edge_weight
+
+
+def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor, *,
+                        method: str = "auto", num_terms: Optional[int] = None, batch: Optional[Tensor] = None,
+                        tol: Optional[float] = None, max_iter: int = 1000,
+                        topology: Optional[GraphTopology] = None) -> Tensor:
+    r"""Resolvent attention, per head:
+
+    .. math::
+        \mathbf{y} = \left(\mathbf{L} \odot \mathbf{Q}\mathbf{K}^\top\right)\mathbf{V},
+        \qquad \mathbf{L} = (\mathbf{I} - \mathbf{A})^{-1}
+        \quad\text{or}\quad \mathbf{L} = \textstyle\sum_{k=0}^{K} \mathbf{A}^k,
+
+    where :math:`\mathbf{A}_{ij}` = ``edge_weight[e]`` for every edge ``e = (j -> i)``
+    (``edge_index[0]`` is the source). Duplicate edges add up; there are no implicit self-loops.
+    Graphs in a batch are independent (the matrix is block diagonal).
+
+    Args:
+        query (Tensor): :math:`\mathbf{C}`, shape ``[N, H, S]``.
+        key (Tensor): :math:`\bar{\mathbf{B}}`, shape ``[N, H, S]``.
+        value (Tensor): :math:`\mathbf{V}`, shape ``[N, H, P]``.
+        edge_index (LongTensor): ``[2, E]``, int32 or int64.
+        edge_weight (Tensor): ``[E, H]`` (or ``[E]``, shared by all heads).
+        method (str, optional): ``"dense"`` (exact, batched inverse per size bucket), ``"dag"``
+            (exact, DAGs only), ``"neumann"`` (truncated series), ``"iterative"`` (exact to ``tol``,
+            implicit backward) or ``"auto"`` (see :func:`choose_method`). (default: ``"auto"``)
+        num_terms (int, optional): ``K`` for ``"neumann"``. When :obj:`None`, every graph uses its
+            own :func:`~torch_geometric_chimera.utils.diameter_bound`. (default: :obj:`None`)
+        batch (LongTensor, optional): ``[N]`` graph id of every node. (default: :obj:`None`)
+        tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks ``1e-12``
+            for float64 and ``1e-6`` for float32. (default: :obj:`None`)
+        max_iter (int, optional): iteration cap of ``"iterative"``. (default: ``1000``)
+        topology (GraphTopology, optional): cached topology of ``(edge_index, batch)`` to reuse.
+
+    :rtype: :class:`Tensor` of shape ``[N, H, P]``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if num_terms is not None and (not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 0):
+        raise ValueError(f"num_terms: expected a non-negative int or None, got {num_terms!r}")
+    edge_weight = _check_inputs(query, key, value, edge_index, edge_weight, batch)
+    num_nodes = query.size(0)
+    if topology is None:
+        topology = GraphTopology(edge_index, num_nodes, batch)
+    if method == "auto":
+        method = choose_method(topology, num_terms)
+    if num_nodes == 0:
+        return value.new_zeros(value.shape)
+
+    if num_terms is not None and method != "neumann":
+        raise ValueError(f"num_terms: only method='neumann' (or 'auto') truncates the series; method={method!r} "
+                         f"is exact, got num_terms={num_terms}")
+    if method == "dense":
+        return reference.dense_resolvent_attention(query, key, value, edge_index.long(), edge_weight, batch)
+
+    state = reference.to_state(key, value)
+    if method == "dag":
+        levels = topology.levels
+        if bool((levels < 0).any()):  # raises the CycleError with its message
+            topological_levels(edge_index, num_nodes)
+        state = reference.dag_solve(edge_index.long(), levels, edge_weight, state)
+    elif method == "neumann":
+        if num_terms is None:
+            terms = topology.diameter_bound
+        else:
+            terms = torch.full((max(topology.num_graphs, 1),), num_terms, dtype=torch.long, device=query.device)
+        node_graph = batch.long() if batch is not None else None
+        state = reference.neumann_solve(topology.operator, edge_weight, state, terms, node_graph)
+    else:  # iterative
+        tol = reference.default_tolerance(query.dtype) if tol is None else tol
+        state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter)
+    return reference.read_state(query, state, value.size(-1))
