@@ -1,0 +1,7 @@
+"""Layers."""
+from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
+                        undirected_line_adjacency)
+from .chimera_conv import ChimeraConv
+
+__all__ = ["ChimeraConv", "ADJACENCIES", "general_adjacency", "dag_adjacency", "undirected_line_adjacency",
+           "mamba2_adjacency"]

@@ -1,0 +1,94 @@
+r"""Selective adjacency parameterizations (DESIGN.md §3; paper §3.3, §4.1, App. B.1).
+
+Each one maps the per-node selectivity :math:`\Delta \ge 0` (``[N, H]``), optionally per-edge
+selectivity :math:`\Delta'` (``[E, H]``) and a per-node normalizer :math:`\Psi`, to
+
+* ``edge_weight`` (``[E, H]``): :math:`A_{ij}` for every edge ``e = (j -> i)``, and
+* ``key_scale`` (``[N, H]``): the factor with which :math:`\bar B_i = \mathrm{key\_scale}_i B_i`.
+
+Node ``i`` is always the edge's target (``edge_index[1]``) and ``j`` its source.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+ADJACENCIES = ("general", "dag", "undirected_line", "mamba2")
+
+
+def _row_sum(values: Tensor, dst: Tensor, num_nodes: int) -> Tensor:
+    return values.new_zeros((num_nodes,) + values.shape[1:]).index_add(0, dst, values)
+
+
+def general_adjacency(delta: Tensor, edge_index: Tensor, psi: Tensor, gamma: float = 0.9,
+                      delta_edge: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    r"""General graphs (paper Eq. 12 and the row normalization of §3.3):
+
+    .. math::
+        A_{ij} = \exp\left(-\frac{\Delta_i + \Delta_j + \Delta'_{ij}}{3}\right), \qquad
+        A[i, :] \leftarrow \frac{\gamma A[i, :]}{\sum_j A_{ij} + \exp(-\Psi_i)},
+
+    so every row sums to less than :math:`\gamma < 1`: :math:`\|A\|_\infty < 1`, the resolvent
+    exists and its Neumann series converges. :math:`\bar B_i = \Delta_i B_i`, as Mamba-2's
+    :math:`b_t = \Delta_t`.
+    """
+    src, dst = edge_index[0].long(), edge_index[1].long()
+    logit = delta[dst] + delta[src]
+    if delta_edge is not None:
+        logit = logit + delta_edge
+    raw = torch.exp(-logit / 3)
+    denominator = _row_sum(raw, dst, delta.size(0)) + torch.exp(-psi)
+    return gamma * raw / denominator[dst], delta
+
+
+def dag_adjacency(delta: Tensor, edge_index: Tensor, delta_edge: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    r"""DAGs, normalized as in Prop. 4.3 (paper Eq. 17):
+
+    .. math::
+        \Delta_{ij} = \tfrac{1}{2}(\Delta_i + \Delta_j), \quad
+        \bar A_{ij} = \frac{\exp(-\Delta_{ij})}{\sqrt{|p(i)|}}, \quad
+        \bar B_i = \frac{\sum_{j \in p(i)} \Delta_{ij}}{\sqrt{|p(i)|}} B_i,
+
+    with :math:`p(i)` the parents of ``i`` and :math:`\Delta_{ij} = (\Delta_i + \Delta_j +
+    \Delta'_{ij}) / 3` when edge selectivity is given. A source node (no parents) keeps
+    :math:`\bar B_i = \Delta_i B_i`, as the first token of Mamba-2 does; the formula itself
+    would give it no input at all.
+    """
+    src, dst = edge_index[0].long(), edge_index[1].long()
+    if delta_edge is None:
+        delta_ij = (delta[dst] + delta[src]) / 2
+    else:
+        delta_ij = (delta[dst] + delta[src] + delta_edge) / 3
+    parents = torch.bincount(dst, minlength=delta.size(0)).to(delta.dtype).unsqueeze(-1)
+    inv_sqrt = parents.clamp_min(1).rsqrt()
+    weight = torch.exp(-delta_ij) * inv_sqrt[dst]
+    key_scale = torch.where(parents > 0, _row_sum(delta_ij, dst, delta.size(0)) * inv_sqrt, delta)
+    return weight, key_scale
+
+
+def undirected_line_adjacency(delta: Tensor, edge_index: Tensor,
+                              delta_edge: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    r"""Undirected line graphs (paper App. B.1): the per-cycle constraint
+    :math:`A_{ij} A_{ji} \le \tfrac14` on every 2-cycle ``i <-> j``, met by
+
+    .. math::
+        A_{ij} = \tfrac12 \exp\left(-\frac{\Delta_i + \Delta_j + \Delta'_{ij}}{3}\right).
+
+    For a path (every node has at most two neighbours, no cycle) the leading minors of
+    :math:`I - A` obey :math:`D_k \ge D_{k-1} / 2 > 0`, so the resolvent exists without the
+    row normalization of :func:`general_adjacency`, which allows larger weights. Only valid on
+    paths: use :func:`general_adjacency` for other graphs. :math:`\bar B_i = \Delta_i B_i`.
+    """
+    src, dst = edge_index[0].long(), edge_index[1].long()
+    logit = delta[dst] + delta[src]
+    if delta_edge is not None:
+        logit = logit + delta_edge
+    return 0.5 * torch.exp(-logit / 3), delta
+
+
+def mamba2_adjacency(delta: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""Mamba-2 (paper §2, Prop. 3.3): :math:`A_{t, t-1} = \exp(-\Delta_t)` and
+    :math:`\bar B_t = \Delta_t B_t`, no normalization. On the directed line graph
+    ``t - 1 -> t`` this is exactly Mamba-2's SSD (with :math:`a_t = -\Delta_t`); on other graphs
+    every edge into ``i`` gets :math:`\exp(-\Delta_i)`."""
+    return torch.exp(-delta[edge_index[1].long()]), delta

@@ -1,0 +1,216 @@
+r"""``ChimeraConv``: a Mamba-2 block whose sequence mixer is resolvent attention on the graph."""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Linear, Parameter
+from torch_geometric.nn import MessagePassing
+from torch_geometric.typing import Adj, OptTensor
+from torch_geometric.utils import is_sparse, to_edge_index
+
+from ..ops import METHODS, resolvent_attention
+from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
+                        undirected_line_adjacency)
+
+
+class ChimeraConv(MessagePassing):
+    r"""The Chimera layer from "Chimera: State Space Models Beyond Sequences" (Lahoti et al.):
+    Mamba-2's selective state space model generalized from sequences to any graph topology.
+
+    With :math:`\mathbf{X}` the node features, a Mamba-2 style block computes
+
+    .. math::
+        [\mathbf{z}, \mathbf{x}, \mathbf{B}, \mathbf{C}, \boldsymbol{\delta}, \boldsymbol{\Psi}]
+            &= \mathbf{X}\mathbf{W}_{\mathrm{in}}, \qquad
+        [\mathbf{x}, \mathbf{B}, \mathbf{C}] \leftarrow \mathrm{SiLU}\Big(
+            \mathbf{w}_0 \odot [\mathbf{x}, \mathbf{B}, \mathbf{C}]_i + \mathbf{w}_1 \odot
+            \mathrm{mean}_{j \in \mathcal{N}(i)} [\mathbf{x}, \mathbf{B}, \mathbf{C}]_j + \mathbf{b}\Big),
+
+        \mathbf{y}_h &= \left((\mathbf{I} - \mathbf{A}_h)^{-1} \odot \mathbf{C}\bar{\mathbf{B}}_h^\top\right)
+            \mathbf{x}_h + D_h \mathbf{x}_h, \qquad
+        \mathrm{out} = \mathrm{RMSNorm}(\mathbf{y} \odot \mathrm{SiLU}(\mathbf{z}))\,\mathbf{W}_{\mathrm{out}},
+
+    per head :math:`h`, with :math:`\Delta = \mathrm{softplus}(\boldsymbol{\delta} + \mathbf{b}_\Delta)`
+    and the selective adjacency :math:`\mathbf{A}_h` and :math:`\bar{\mathbf{B}}_h` given by
+    ``adjacency`` (see :mod:`torch_geometric_chimera.nn.adjacency`); for ``"general"``
+
+    .. math::
+        A_{ij} = \frac{\gamma\, e^{-(\Delta_i + \Delta_j + \Delta'_{ij})/3}}
+                 {\sum_{k} e^{-(\Delta_i + \Delta_k + \Delta'_{ik})/3} + e^{-\Psi_i}},
+        \qquad \Delta'_{ij} = \mathrm{softplus}(\mathbf{e}_{ji}\mathbf{W}_e),
+
+    for every edge :math:`j \to i`, and :math:`\bar{\mathbf{B}}_i = \Delta_i \mathbf{B}_i`.
+
+    Args:
+        channels (int): size of every input and output node feature.
+        heads (int, optional): number of SSM heads :math:`H`. (default: ``4``)
+        state_dim (int, optional): state size :math:`S` of :math:`\mathbf{B}, \mathbf{C}`.
+            (default: ``16``)
+        expand (int, optional): inner width is ``expand * channels``, split into ``heads`` heads
+            of size :math:`P`. (default: ``2``)
+        edge_dim (int, optional): edge feature size; enables :math:`\Delta'`. (default: :obj:`None`)
+        adjacency (str, optional): ``"general"``, ``"dag"``, ``"undirected_line"`` or
+            ``"mamba2"``. (default: ``"general"``)
+        method (str, optional): how the resolvent is solved, see
+            :func:`~torch_geometric_chimera.ops.resolvent_attention`. (default: ``"auto"``)
+        num_terms (int, optional): truncate the resolvent to ``num_terms + 1`` Neumann terms.
+            With ``method="neumann"`` and :obj:`None`, each graph's diameter bound is used.
+            (default: :obj:`None`, exact)
+        gamma (float, optional): row-normalization scale :math:`\gamma < 1` of ``"general"``.
+            (default: ``0.9``)
+        local_conv (bool, optional): apply the local graph convolution. (default: :obj:`True`)
+        dt_min (float, optional): smallest initial :math:`\Delta`. (default: ``0.001``)
+        dt_max (float, optional): largest initial :math:`\Delta`. (default: ``0.1``)
+        **kwargs (optional): additional arguments of :class:`torch_geometric.nn.conv.MessagePassing`.
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices :math:`(2, |\mathcal{E}|)`
+          or a sparse adjacency :math:`(|\mathcal{V}|, |\mathcal{V}|)` (``adj_t``: row = target),
+          *(optional)* edge features :math:`(|\mathcal{E}|, D)` (for a sparse adjacency, in the
+          order of its row-major entries), *(optional)* batch vector :math:`(|\mathcal{V}|)`
+        - **output:** node features :math:`(|\mathcal{V}|, F)`
+    """
+
+    def __init__(self, channels: int, heads: int = 4, state_dim: int = 16, expand: int = 2,
+                 edge_dim: Optional[int] = None, adjacency: str = "general", method: str = "auto",
+                 num_terms: Optional[int] = None, gamma: float = 0.9, local_conv: bool = True,
+                 dt_min: float = 0.001, dt_max: float = 0.1, **kwargs):
+        kwargs.setdefault("aggr", "mean")
+        super().__init__(**kwargs)
+        if adjacency not in ADJACENCIES:
+            raise ValueError(f"adjacency: expected one of {ADJACENCIES}, got {adjacency!r}")
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        inner = expand * channels
+        if inner % heads:
+            raise ValueError(f"heads: expand * channels = {inner} must be divisible by heads, got heads={heads}")
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"gamma: expected 0 < gamma < 1 for an invertible I - A, got {gamma}")
+        if adjacency == "mamba2" and edge_dim is not None:
+            raise ValueError("edge_dim: the 'mamba2' adjacency has no edge selectivity; use edge_dim=None")
+        self.channels, self.heads, self.state_dim, self.expand = channels, heads, state_dim, expand
+        self.head_dim, self.inner = inner // heads, inner
+        self.edge_dim, self.adjacency, self.method = edge_dim, adjacency, method
+        self.num_terms, self.gamma, self.local_conv = num_terms, gamma, local_conv
+        self.dt_min, self.dt_max = dt_min, dt_max
+
+        conv_width = inner + 2 * state_dim
+        # One projection for z, (x, B, C), delta and psi, as Mamba-2's in_proj.
+        self.in_proj = Linear(channels, inner + conv_width + 2 * heads, bias=False)
+        self.conv_self = Parameter(torch.empty(conv_width))
+        self.conv_neighbors = Parameter(torch.empty(conv_width))
+        self.conv_bias = Parameter(torch.empty(conv_width))
+        self.dt_bias = Parameter(torch.empty(heads))
+        self.D = Parameter(torch.empty(heads))
+        self.norm_weight = Parameter(torch.empty(inner))
+        self.edge_proj = Linear(edge_dim, heads) if edge_dim is not None else None
+        self.out_proj = Linear(inner, channels, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        self.in_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        if self.edge_proj is not None:
+            self.edge_proj.reset_parameters()
+        # Local conv starts as identity plus a small neighbour mix (Mamba's short conv starts random).
+        bound = 1.0 / math.sqrt(2.0)
+        with torch.no_grad():
+            self.conv_self.uniform_(-bound, bound).add_(1.0)
+            self.conv_neighbors.uniform_(-bound, bound)
+            self.conv_bias.zero_()
+            # Mamba-2's dt initialization: Δ log-uniform in [dt_min, dt_max] through softplus.
+            dt = torch.exp(torch.rand(self.heads) * (math.log(self.dt_max) - math.log(self.dt_min))
+                           + math.log(self.dt_min)).clamp_min(1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.D.fill_(1.0)
+            self.norm_weight.fill_(1.0)
+
+    @staticmethod
+    def _to_edge_index(edge_index: Adj) -> Tensor:
+        if is_sparse(edge_index):
+            # PyG passes sparse adjacencies transposed (adj_t[target, source]).
+            return to_edge_index(edge_index)[0].flip(0)
+        return edge_index
+
+    def _edge_selectivity(self, edge_attr: OptTensor, num_edges: int) -> OptTensor:
+        if edge_attr is None:
+            return None
+        if self.edge_proj is None:
+            raise ValueError("edge_attr: this ChimeraConv was built with edge_dim=None; pass edge_dim to use edge "
+                             "features")
+        if edge_attr.dim() == 1:
+            edge_attr = edge_attr.unsqueeze(-1)
+        if edge_attr.shape != (num_edges, self.edge_dim):
+            raise ValueError(f"edge_attr: expected shape [E, edge_dim] = [{num_edges}, {self.edge_dim}], "
+                             f"got {list(edge_attr.shape)}")
+        return F.softplus(self.edge_proj(edge_attr.to(self.edge_proj.weight.dtype)))
+
+    def selective_adjacency(self, delta: Tensor, edge_index: Tensor, psi: Optional[Tensor] = None,
+                            delta_edge: OptTensor = None) -> Tuple[Tensor, Tensor]:
+        """``(edge_weight [E, H], key_scale [N, H])`` of this layer's ``adjacency``."""
+        if self.adjacency == "general":
+            return general_adjacency(delta, edge_index, psi, self.gamma, delta_edge)
+        if self.adjacency == "dag":
+            return dag_adjacency(delta, edge_index, delta_edge)
+        if self.adjacency == "undirected_line":
+            return undirected_line_adjacency(delta, edge_index, delta_edge)
+        return mamba2_adjacency(delta, edge_index)
+
+    def mix(self, x: Tensor, B: Tensor, C: Tensor, delta: Tensor, edge_index: Tensor, psi: OptTensor = None,
+            delta_edge: OptTensor = None, batch: OptTensor = None) -> Tensor:
+        r"""The selective resolvent mixer alone, :math:`((I - A)^{-1} \odot C\bar B^\top) x` per head.
+
+        Args:
+            x (Tensor): values ``[N, H, P]``.
+            B (Tensor): keys ``[N, S]`` (shared by the heads) or ``[N, H, S]``.
+            C (Tensor): queries, same shape as ``B``.
+            delta (Tensor): selectivity :math:`\Delta \ge 0`, ``[N, H]``.
+            edge_index (LongTensor): ``[2, E]``.
+            psi (Tensor, optional): normalizer :math:`\Psi`, ``[N, H]`` (``"general"`` only).
+            delta_edge (Tensor, optional): edge selectivity :math:`\Delta'`, ``[E, H]``.
+            batch (LongTensor, optional): ``[N]``.
+        """
+        heads = x.size(1)
+        if B.dim() == 2:
+            B = B.unsqueeze(1).expand(-1, heads, -1)
+        if C.dim() == 2:
+            C = C.unsqueeze(1).expand(-1, heads, -1)
+        if self.adjacency == "general" and psi is None:
+            psi = torch.zeros_like(delta)
+        edge_weight, key_scale = self.selective_adjacency(delta, edge_index, psi, delta_edge)
+        return resolvent_attention(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, method=self.method,
+                                   num_terms=self.num_terms, batch=batch)
+
+    def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None) -> Tensor:
+        """Runs the layer; see the class docstring for shapes."""
+        if x.dim() != 2 or x.size(-1) != self.channels:
+            raise ValueError(f"x: expected shape [N, channels] = [N, {self.channels}], got {list(x.shape)}")
+        edge_index = self._to_edge_index(edge_index)
+        num_nodes, heads = x.size(0), self.heads
+        delta_edge = self._edge_selectivity(edge_attr, edge_index.size(1))
+
+        z, xbc, dt, psi = self.in_proj(x).split(
+            [self.inner, self.inner + 2 * self.state_dim, heads, heads], dim=-1)
+        if self.local_conv:
+            neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
+            xbc = xbc * self.conv_self + neighbors * self.conv_neighbors + self.conv_bias
+        values, B, C = F.silu(xbc).split([self.inner, self.state_dim, self.state_dim], dim=-1)
+        values = values.view(num_nodes, heads, self.head_dim)
+        delta = F.softplus(dt + self.dt_bias)
+
+        y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch)
+        y = (y + values * self.D.view(1, -1, 1)).reshape(num_nodes, self.inner)
+        y = y * F.silu(z)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm_weight  # gated RMSNorm
+        return self.out_proj(y)
+
+    def message(self, x_j: Tensor) -> Tensor:
+        return x_j
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.channels}, heads={self.heads}, state_dim={self.state_dim}, "
+                f"expand={self.expand}, edge_dim={self.edge_dim}, adjacency={self.adjacency!r}, "
+                f"method={self.method!r}, num_terms={self.num_terms})")
