@@ -29,9 +29,9 @@ class GraphTopology:
     """
 
     def __init__(self, edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None):
-        self.edge_index = edge_index
+        self.edge_index = edge_index.long()
         self.num_nodes = num_nodes
-        self.batch = batch
+        self.batch = batch.long() if batch is not None else None
 
     @cached_property
     def num_graphs(self) -> int:
@@ -188,21 +188,20 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         raise ValueError(f"num_terms: only method='neumann' (or 'auto') truncates the series; method={method!r} "
                          f"is exact, got num_terms={num_terms}")
     if method == "dense":
-        return reference.dense_resolvent_attention(query, key, value, edge_index.long(), edge_weight, batch)
+        return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch)
 
     state = reference.to_state(key, value)
     if method == "dag":
         levels = topology.levels
         if bool((levels < 0).any()):  # raises the CycleError with its message
             topological_levels(edge_index, num_nodes)
-        state = reference.dag_solve(edge_index.long(), levels, edge_weight, state)
+        state = reference.dag_solve(topology.edge_index, levels, edge_weight, state)
     elif method == "neumann":
         if num_terms is None:
             terms = topology.diameter_bound
         else:
             terms = torch.full((max(topology.num_graphs, 1),), num_terms, dtype=torch.long, device=query.device)
-        node_graph = batch.long() if batch is not None else None
-        state = reference.neumann_solve(topology.operator, edge_weight, state, terms, node_graph)
+        state = reference.neumann_solve(topology.operator, edge_weight, state, terms, topology.batch)
     else:  # iterative
         tol = reference.default_tolerance(query.dtype) if tol is None else tol
         state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter)

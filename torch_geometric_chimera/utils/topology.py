@@ -48,6 +48,7 @@ def topological_levels(edge_index: Tensor, num_nodes: int, *, raise_on_cycle: bo
 
     :rtype: :class:`LongTensor` of shape ``[N]``.
     """
+    edge_index = edge_index.long()
     device = edge_index.device
     level = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
     if num_nodes == 0:
@@ -148,6 +149,8 @@ def diameter_bound(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] =
     :rtype: :class:`LongTensor` of shape ``[num_graphs]``.
     """
     num_graphs = _num_graphs(batch)
+    edge_index = edge_index.long()
+    batch = batch.long() if batch is not None else None
     if num_nodes == 0:
         return torch.zeros(num_graphs, dtype=torch.long, device=edge_index.device)
     level = topological_levels(edge_index, num_nodes, raise_on_cycle=False)

@@ -1,0 +1,195 @@
+"""Every resolvent_attention method against a float64 torch.linalg.inv oracle and each other."""
+import pytest
+import torch
+from graphs import batch_graphs, inputs, random_dag, random_graph, row_normalize
+
+from torch_geometric_chimera.ops import GraphTopology, choose_method, resolvent_attention
+from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
+from torch_geometric_chimera.utils import topological_levels
+
+EXACT_GENERAL = ["dense", "iterative"]
+EXACT_DAG = ["dense", "dag", "iterative", "neumann"]  # neumann with the default K = longest path is exact
+
+
+def grads(out, tensors):
+    torch.manual_seed(7)  # the same cotangent for every output of one shape
+    cotangent = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    return torch.autograd.grad((out * cotangent).sum(), tensors, retain_graph=True, allow_unused=True,
+                               materialize_grads=True)
+
+
+@pytest.mark.parametrize("method", EXACT_GENERAL)
+def test_exact_methods_match_inverse_on_cyclic_graphs(method, device):
+    n = 40
+    edge_index = random_graph(n, 160, device=device, self_loops=True)
+    q, k, v, w = inputs(n, edge_index.size(1), device=device, requires_grad=True)
+    w_norm = row_normalize(edge_index, w, n)
+    expected = inverse_resolvent_attention(q, k, v, edge_index, w_norm)
+    out = resolvent_attention(q, k, v, edge_index, w_norm, method=method)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+    for g_out, g_exp in zip(grads(out, (q, k, v, w)), grads(expected, (q, k, v, w))):
+        torch.testing.assert_close(g_out, g_exp, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", EXACT_DAG)
+def test_all_methods_agree_on_dags(method, device):
+    n = 50
+    edge_index = random_dag(n, 200, device=device)
+    q, k, v, w = inputs(n, edge_index.size(1), device=device, scale=0.5, requires_grad=True)
+    expected = inverse_resolvent_attention(q, k, v, edge_index, w)
+    out = resolvent_attention(q, k, v, edge_index, w, method=method)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+    for g_out, g_exp in zip(grads(out, (q, k, v, w)), grads(expected, (q, k, v, w))):
+        torch.testing.assert_close(g_out, g_exp, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_terms", [0, 1, 3, 7])
+def test_neumann_matches_explicit_power_sum(num_terms, device):
+    n = 30
+    edge_index = random_graph(n, 120, device=device, self_loops=True)
+    q, k, v, w = inputs(n, edge_index.size(1), device=device, requires_grad=True)
+    expected = inverse_resolvent_attention(q, k, v, edge_index, w, num_terms=num_terms)
+    out = resolvent_attention(q, k, v, edge_index, w, method="neumann", num_terms=num_terms)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+    for g_out, g_exp in zip(grads(out, (q, k, v, w)), grads(expected, (q, k, v, w))):
+        torch.testing.assert_close(g_out, g_exp, rtol=1e-8, atol=1e-9)
+
+
+def test_neumann_converges_to_the_resolvent():
+    n = 30
+    edge_index = random_graph(n, 120)
+    q, k, v, w = inputs(n, edge_index.size(1))
+    w = row_normalize(edge_index, w, n, gamma=0.5)
+    exact = inverse_resolvent_attention(q, k, v, edge_index, w)
+    errors = [(resolvent_attention(q, k, v, edge_index, w, num_terms=K) - exact).abs().max().item()
+              for K in (2, 8, 32)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-8
+
+
+def test_neumann_default_terms_are_per_graph_diameter_bounds():
+    # Two paths of different length in one batch: the default K must follow each graph.
+    short = torch.tensor([[0, 1], [1, 2]])
+    long = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    edge_index, batch, n = batch_graphs([(3, short), (6, long)])
+    q, k, v, w = inputs(n, edge_index.size(1), scale=0.9)
+    topology = GraphTopology(edge_index, n, batch)
+    assert topology.diameter_bound.tolist() == [2, 5]
+    exact = inverse_resolvent_attention(q, k, v, edge_index, w)
+    out = resolvent_attention(q, k, v, edge_index, w, method="neumann", batch=batch)
+    torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+    # One term fewer everywhere is not exact any more on the long path.
+    truncated = resolvent_attention(q, k, v, edge_index, w, method="neumann", num_terms=4, batch=batch)
+    assert not torch.allclose(truncated[3:], exact[3:])
+    torch.testing.assert_close(truncated[:3], exact[:3])
+
+
+@pytest.mark.parametrize("method", ["dense", "dag", "neumann", "iterative"])
+def test_batch_equals_graphs_alone(method):
+    sizes = [5, 17, 9, 33, 1, 17]
+    graphs = [(n, random_dag(n, 3 * n)) for n in sizes]
+    edge_index, batch, total = batch_graphs(graphs)
+    q, k, v, w = inputs(total, edge_index.size(1), scale=0.5)
+    out = resolvent_attention(q, k, v, edge_index, w, method=method, batch=batch)
+    offset, e_offset = 0, 0
+    for n, ei in graphs:
+        e = ei.size(1)
+        alone = resolvent_attention(q[offset:offset + n], k[offset:offset + n], v[offset:offset + n], ei,
+                                    w[e_offset:e_offset + e], method=method)
+        torch.testing.assert_close(out[offset:offset + n], alone, rtol=1e-10, atol=1e-12)
+        offset, e_offset = offset + n, e_offset + e
+
+
+def test_dense_handles_unsorted_batch_and_many_buckets():
+    sizes = [3, 40, 7, 130, 64, 65, 12]
+    graphs = [(n, random_graph(n, 4 * n)) for n in sizes]
+    edge_index, batch, total = batch_graphs(graphs)
+    q, k, v, w = inputs(total, edge_index.size(1))
+    w = row_normalize(edge_index, w, total)
+    expected = inverse_resolvent_attention(q, k, v, edge_index, w)
+    perm = torch.randperm(total)  # nodes of one graph are no longer contiguous
+    inv = torch.argsort(perm)
+    out = resolvent_attention(q[perm], k[perm], v[perm], inv[edge_index], w, method="dense", batch=batch[perm])
+    torch.testing.assert_close(out, expected[perm], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["dense", "dag", "neumann", "iterative"])
+def test_gradcheck(method):
+    n = 9
+    edge_index = random_dag(n, 16)
+    q, k, v, w = inputs(n, edge_index.size(1), heads=2, state=2, head_dim=2, scale=0.4, requires_grad=True)
+    fn = lambda q, k, v, w: resolvent_attention(q, k, v, edge_index, w, method=method)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, w))
+
+
+def test_gradcheck_iterative_and_dense_on_cycles():
+    n = 8
+    edge_index = random_graph(n, 20, self_loops=True)
+    q, k, v, w = inputs(n, edge_index.size(1), heads=1, state=2, head_dim=2, requires_grad=True)
+    base = row_normalize(edge_index, w.detach(), n, gamma=0.7)
+    w = (0.5 * base).requires_grad_()
+    for method in ("dense", "iterative"):
+        fn = lambda q, k, v, w: resolvent_attention(q, k, v, edge_index, w, method=method)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v, w))
+
+
+def test_iterative_backward_memory_does_not_depend_on_iterations():
+    # The implicit backward saves only (weight, H): no tensor per iteration.
+    n = 20
+    edge_index = random_graph(n, 60)
+    q, k, v, w = inputs(n, edge_index.size(1), requires_grad=True)
+    w_norm = row_normalize(edge_index, w, n, gamma=0.95)  # slow convergence: hundreds of iterations
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        resolvent_attention(q, k, v, edge_index, w_norm, method="iterative")
+    iterative_bytes = sum(saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        resolvent_attention(q, k, v, edge_index, w_norm, method="neumann", num_terms=200)
+    assert iterative_bytes * 20 < sum(saved)
+
+
+def test_iterative_reports_divergence():
+    edge_index = torch.tensor([[0, 1], [1, 0]])
+    q, k, v, _ = inputs(2, 2)
+    w = torch.full((2, 2), 1.5, dtype=torch.float64)  # spectral radius 1.5
+    with pytest.raises(RuntimeError, match="did not converge"):
+        resolvent_attention(q, k, v, edge_index, w, method="iterative", max_iter=50)
+
+
+def test_int32_edge_index_matches_int64():
+    n = 25
+    edge_index = random_dag(n, 60)
+    q, k, v, w = inputs(n, edge_index.size(1))
+    for method in ("dense", "dag", "neumann", "iterative"):
+        a = resolvent_attention(q, k, v, edge_index, w, method=method)
+        b = resolvent_attention(q, k, v, edge_index.int(), w, method=method)
+        torch.testing.assert_close(a, b)
+
+
+def test_shared_edge_weight_broadcasts_over_heads():
+    n = 10
+    edge_index = random_dag(n, 20)
+    q, k, v, w = inputs(n, edge_index.size(1))
+    shared = w[:, 0]
+    torch.testing.assert_close(resolvent_attention(q, k, v, edge_index, shared),
+                               resolvent_attention(q, k, v, edge_index, shared.unsqueeze(1).expand(-1, 2).clone()))
+
+
+def test_auto_choice_is_documented_and_exact():
+    small = random_graph(20, 60)
+    dag = random_dag(400, 1200)
+    cyclic = random_graph(400, 1200)
+    assert choose_method(GraphTopology(small, 20)) == "dense"
+    assert choose_method(GraphTopology(small, 20), num_terms=3) == "neumann"
+    assert choose_method(GraphTopology(dag, 400)) == "dag"
+    assert choose_method(GraphTopology(cyclic, 400)) == "iterative"
+    q, k, v, w = inputs(400, dag.size(1))
+    torch.testing.assert_close(resolvent_attention(q, k, v, dag, w),
+                               resolvent_attention(q, k, v, dag, w, method="dense"), rtol=1e-9, atol=1e-10)
+
+
+def test_levels_used_by_dag_method_are_topological():
+    edge_index = random_dag(60, 240)
+    level = topological_levels(edge_index, 60)
+    assert bool((level[edge_index[1]] > level[edge_index[0]]).all())
