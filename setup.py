@@ -34,7 +34,7 @@ def extensions():
     return [CppExtension("torch_geometric_chimera._C", sources, extra_compile_args=extra)]
 
 
-test_requires = ["pytest", "pytest-xdist"]
+test_requires = ["pytest"]
 setup(
     name="torch_geometric_chimera",
     version="0.1.0",

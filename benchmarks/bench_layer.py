@@ -1,0 +1,75 @@
+"""ChimeraConv forward + backward against PyG GPSConv on a batch of peptide-sized graphs.
+
+GPSConv: GCN local model, multihead attention, width 64, 4 heads. ChimeraConv: width 64,
+4 heads, state size 16. Both run in this process on the same batch; the figure of merit is the
+time ratio Chimera / GPSConv.
+
+    python benchmarks/bench_layer.py --device cpu --out benchmarks/results/layer_cpu.json
+"""
+import argparse
+
+import torch
+from common import device_name, peptide_like_batch, synchronize, time_it, write_json
+from torch_geometric.nn import GCNConv, GPSConv
+
+from torch_geometric_chimera.nn import ChimeraConv
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--graphs", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--state-dim", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--methods", default="auto,neumann,iterative")
+    parser.add_argument("--out", default="benchmarks/results/layer.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    edge_index, batch, num_nodes = peptide_like_batch(args.graphs, device=device)
+    x = torch.randn(num_nodes, args.channels, device=device)
+    print(f"{args.graphs} graphs, {num_nodes} nodes, {edge_index.size(1)} directed edges on {device_name(device)}")
+
+    def run(model, *inputs):
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(*inputs).square().mean().backward()
+        return step
+
+    def peak_memory(step):
+        if device.type != "cuda":
+            return None
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+
+    gps = GPSConv(args.channels, GCNConv(args.channels, args.channels), heads=args.heads,
+                  attn_type="multihead").to(device)
+    gps_step = run(gps, x, edge_index, batch)
+    results = {"device": device_name(device), "num_graphs": args.graphs, "num_nodes": num_nodes,
+               "num_edges": edge_index.size(1), "channels": args.channels, "heads": args.heads,
+               "state_dim": args.state_dim, "baseline": "torch_geometric.nn.GPSConv(GCNConv, multihead)"}
+    results["gpsconv"] = time_it(gps_step, device, reps=args.reps)
+    results["gpsconv"]["peak_bytes"] = peak_memory(gps_step)
+    print(f"GPSConv: {results['gpsconv']['median_s'] * 1e3:.1f} ms")
+    for method in args.methods.split(","):
+        for expand in (1, 2):
+            chimera = ChimeraConv(args.channels, heads=args.heads, state_dim=args.state_dim, expand=expand,
+                                  method=method).to(device)
+            step = run(chimera, x, edge_index, None, batch)
+            key = f"chimera_{method}_expand{expand}"
+            results[key] = time_it(step, device, reps=args.reps)
+            results[key]["peak_bytes"] = peak_memory(step)
+            results[key]["ratio_vs_gpsconv"] = results[key]["median_s"] / results["gpsconv"]["median_s"]
+            print(f"ChimeraConv(method={method}, expand={expand}): {results[key]['median_s'] * 1e3:.1f} ms, "
+                  f"{results[key]['ratio_vs_gpsconv']:.2f}x GPSConv")
+    write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Shared helpers for the benchmarks: peptide-sized graph batches, timing and JSON output."""
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+from torch_geometric.utils import to_undirected
+
+
+def peptide_like_batch(num_graphs: int = 64, mean_nodes: int = 150, seed: int = 0, device="cpu"):
+    """Molecule-like graphs: a random tree plus a few ring-closing bonds, both directions stored,
+    so about ``2 * n`` directed edges per graph of ``n`` nodes (peptides-func: 150 nodes, 307 edges)."""
+    generator = torch.Generator().manual_seed(seed)
+    edges, batch, offset = [], [], 0
+    for g in range(num_graphs):
+        n = int(torch.randint(mean_nodes * 2 // 3, mean_nodes * 4 // 3 + 1, (1,), generator=generator))
+        parent = (torch.rand(n - 1, generator=generator) * torch.arange(1, n)).long()
+        tree = torch.stack([parent, torch.arange(1, n)])
+        rings = torch.randint(0, n, (2, max(1, n // 50)), generator=generator)
+        graph = to_undirected(torch.cat([tree, rings[:, rings[0] != rings[1]]], 1), num_nodes=n)
+        edges.append(graph + offset)
+        batch.append(torch.full((n,), g, dtype=torch.long))
+        offset += n
+    return torch.cat(edges, 1).to(device), torch.cat(batch).to(device), offset
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn: Callable[[], None], device, warmup: int = 3, reps: int = 10) -> Dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "reps": reps}
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_json(path: str, payload: Dict) -> None:
+    payload = dict(payload)
+    payload.setdefault("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    payload.setdefault("command", " ".join([os.path.basename(sys.executable)] + sys.argv))
+    payload.setdefault("torch", torch.__version__)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")

@@ -1,0 +1,4 @@
+"""Datasets that ship with the package."""
+from .peptides_mini import PeptidesMini
+
+__all__ = ["PeptidesMini"]
