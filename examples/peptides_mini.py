@@ -132,7 +132,7 @@ def plot(results, path):
     print(f"saved {path}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="chimera,gcn")
     parser.add_argument("--epochs", type=int, default=8)
@@ -144,11 +144,14 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N graphs (smoke tests)")
     parser.add_argument("--out", default="runs/peptides_mini")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     dataset = PeptidesMini()
+    if args.limit is not None:
+        dataset = dataset[:args.limit]
     split = dataset.split_idx(args.seed)
     train_y = dataset.y[split["train"]]
     mean, std = train_y.mean(0), train_y.std(0)
@@ -165,6 +168,7 @@ def main():
         json.dump({"args": vars(args), "results": results}, f, indent=2)
     print(f"saved {log}")
     plot(results, os.path.join(args.out, "learning_curves.png"))
+    return results
 
 
 if __name__ == "__main__":

@@ -54,9 +54,20 @@ def bond_features(bond, Chem):
     return [_index(bond.GetBondType(), types), _index(bond.GetStereo(), stereo), int(bond.GetIsConjugated())]
 
 
+def featurizers(Chem):
+    """OGB's own atom and bond featurization when ogb is installed, else the same features here."""
+    try:
+        from ogb.utils.features import atom_to_feature_vector, bond_to_feature_vector
+        return atom_to_feature_vector, bond_to_feature_vector
+    except ImportError:
+        return (lambda atom: atom_features(atom, Chem)), (lambda bond: bond_features(bond, Chem))
+
+
 def build(num: int, seed: int):
     from rdkit import Chem
     from rdkit.Chem import Crippen, Descriptors, rdMolDescriptors
+
+    featurize_atom, featurize_bond = featurizers(Chem)
 
     rng = random.Random(seed)
     xs, edge_indices, edge_attrs, ys, sequences = [], [], [], [], []
@@ -65,10 +76,10 @@ def build(num: int, seed: int):
         mol = Chem.MolFromSequence(sequence)
         if mol is None:
             continue
-        x = [atom_features(a, Chem) for a in mol.GetAtoms()]
+        x = [featurize_atom(a) for a in mol.GetAtoms()]
         src, dst, attr = [], [], []
         for bond in mol.GetBonds():
-            i, j, f = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx(), bond_features(bond, Chem)
+            i, j, f = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx(), featurize_bond(bond)
             src += [i, j]
             dst += [j, i]
             attr += [f, f]
