@@ -43,6 +43,8 @@ def test_edge_index_shape_and_dtype(good):
         call(q, k, v, edge_index.t(), w)
     with pytest.raises(ValueError, match=r"edge_index: expected an integer tensor of shape \[2, E\]"):
         call(q, k, v, edge_index.double(), w)
+    with pytest.raises(ValueError, match=r"\(int32 or int64\), got shape \[2, 3\], dtype torch.bool"):
+        call(q, k, v, edge_index.bool(), w)
 
 
 def test_mismatched_shapes(good):

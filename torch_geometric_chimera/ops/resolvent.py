@@ -99,8 +99,9 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
         raise ValueError(f"key: expected shape {list(query.shape)} (like query), got {list(key.shape)}")
     if value.dim() != 3 or value.shape[:2] != query.shape[:2]:
         raise ValueError(f"value: expected shape [N, H, P] = [{num_nodes}, {heads}, P], got {list(value.shape)}")
-    if edge_index.dim() != 2 or edge_index.size(0) != 2 or edge_index.is_floating_point() or edge_index.is_complex():
-        raise ValueError(f"edge_index: expected an integer tensor of shape [2, E], got {_describe(edge_index)}")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2 or edge_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"edge_index: expected an integer tensor of shape [2, E] (int32 or int64), "
+                         f"got {_describe(edge_index)}")
     num_edges = edge_index.size(1)
     if edge_weight.dim() == 1 and edge_weight.numel() == num_edges:
         edge_weight = edge_weight.unsqueeze(-1).expand(num_edges, heads)
