@@ -308,3 +308,78 @@ def inverse_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_
             resolvent = resolvent + power
     scores = torch.einsum("ihs,jhs->hij", query, key)
     return torch.einsum("hij,jhp->ihp", resolvent * scores, value)
+
+
+# --------------------------------------------------------------------------------------------
+# line: unions of directed paths (sequences), chunked as in Mamba-2's SSD.
+# --------------------------------------------------------------------------------------------
+def segment_product(w: Tensor) -> Tensor:
+    r"""``out[..., t, s] = prod_{s < k <= t} w[..., k]`` for ``s <= t`` and ``0`` above the diagonal,
+    by a masked cumulative product: no logarithms or divisions, so weights of any sign and exact
+    zeros keep their exact values and gradients."""
+    length = w.size(-1)
+    expanded = w.unsqueeze(-1).expand(*w.shape, length)  # [..., k, s]
+    strictly_lower = torch.tril(torch.ones(length, length, dtype=torch.bool, device=w.device), -1)
+    out = torch.cumprod(expanded.masked_fill(~strictly_lower, 1), dim=-2)
+    return torch.tril(out)
+
+
+def line_order(edge_index: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor]:
+    """For a union of directed paths: the node order that lays every path out contiguously from
+    its start, and for every position the edge entering that node (``-1`` at a path start)."""
+    src, dst = edge_index
+    device = edge_index.device
+    parent = torch.arange(num_nodes, device=device)
+    parent[dst] = src
+    incoming = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
+    incoming[dst] = torch.arange(dst.numel(), device=device)
+    # Pointer jumping: root and depth of every node in O(log T) vectorized steps.
+    root, depth = parent.clone(), (parent != torch.arange(num_nodes, device=device)).long()
+    while True:
+        next_root = root[root]
+        if torch.equal(next_root, root):
+            break
+        depth = depth + depth[root]
+        root = next_root
+    order = torch.argsort(root * num_nodes + depth)
+    return order, incoming[order]
+
+
+def line_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
+                             chunk_size: int = 64) -> Tensor:
+    r"""Exact resolvent attention on a union of directed paths (every node has at most one
+    parent and one child), computed like Mamba-2's SSD: quadratic attention inside chunks of
+    ``chunk_size`` tokens, and a ``S x P`` state passed between chunks. All paths are laid end to
+    end as one sequence; a path start gets the transition ``0``, which cuts the sequence there.
+    Edge weights may have any sign."""
+    num_nodes, heads = query.shape[:2]
+    order, incoming = line_order(edge_index, num_nodes)
+    # A path start has no incoming edge: transition 0, which cuts the sequence there.
+    padded = torch.cat([edge_weight, edge_weight.new_zeros(1, heads)])
+    w = padded[torch.where(incoming >= 0, incoming, edge_weight.size(0))]  # [T, H]
+
+    chunks = -(-num_nodes // chunk_size)
+    pad = chunks * chunk_size - num_nodes
+
+    def chunked(t: Tensor) -> Tensor:  # [T, H, F] -> [chunks, H, Q, F], zero padded
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad))
+        return t.view(chunks, chunk_size, *t.shape[1:]).transpose(1, 2)
+
+    q, k, v = chunked(query[order]), chunked(key[order]), chunked(value[order])
+    a = chunked(w.unsqueeze(-1)).squeeze(-1)  # [c, H, Q] transition into every token
+
+    # 1. Inside every chunk: y = (L ⊙ C Bᵀ) x with L[t, s] = prod_{s<k<=t} w_k.
+    within = segment_product(a)  # [c, H, Q, Q]
+    y = (within * (q @ k.transpose(-1, -2))) @ v
+    # 2. Each chunk's final state from its own tokens: sum_s (prod_{s<k<=last} w_k) B_s x_sᵀ.
+    chunk_states = torch.einsum("chq,chqs,chqp->chsp", within[..., -1, :], k, v)
+    # 3. Full state after every chunk: F_i = sum_{j<=i} (prod of the chunks j+1..i) chunk_state_j.
+    across = segment_product(a.prod(-1).t())  # [H, c, c]
+    after = torch.einsum("hij,jhsp->ihsp", across, chunk_states)
+    entering = torch.cat([torch.zeros_like(after[:1]), after[:-1]])
+    # 4. Its contribution inside the next chunk: C_tᵀ (prod_{first<=k<=t} w_k) F_{i-1}.
+    from_start = torch.cumprod(a, -1)  # [c, H, Q]
+    y = y + from_start.unsqueeze(-1) * (q @ entering)
+
+    y = y.transpose(1, 2).reshape(chunks * chunk_size, heads, -1)[:num_nodes]
+    return torch.empty_like(y).index_copy(0, order, y)

@@ -10,7 +10,7 @@ from ..utils.topology import diameter_bound, topological_levels
 from . import reference
 from ._kernels import CsrOperator
 
-METHODS = ("auto", "dense", "dag", "neumann", "iterative")
+METHODS = ("auto", "dense", "dag", "line", "neumann", "iterative")
 
 #: ``method="auto"`` solves graphs with at most this many nodes with the batched dense inverse.
 DENSE_MAX_NODES = 256
@@ -49,6 +49,13 @@ class GraphTopology:
         return bool((self.levels >= 0).all())
 
     @cached_property
+    def is_line(self) -> bool:
+        """``True`` for a union of directed paths: acyclic, in- and out-degree at most 1."""
+        src, dst = self.edge_index
+        degrees_ok = src.numel() == 0 or (int(torch.bincount(src).max()) <= 1 and int(torch.bincount(dst).max()) <= 1)
+        return degrees_ok and self.is_dag
+
+    @cached_property
     def max_graph_size(self) -> int:
         if self.batch is None or self.num_nodes == 0:
             return self.num_nodes
@@ -68,12 +75,15 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None) -> s
     r"""The path ``method="auto"`` takes. Exact unless a truncation is asked for:
 
     1. ``num_terms`` given: ``"neumann"`` with that many terms;
-    2. every graph has at most :data:`DENSE_MAX_NODES` nodes: ``"dense"``;
-    3. the graph is a DAG: ``"dag"``;
-    4. otherwise ``"iterative"``.
+    2. directed paths (sequences): ``"line"``;
+    3. every graph has at most :data:`DENSE_MAX_NODES` nodes: ``"dense"``;
+    4. the graph is a DAG: ``"dag"``;
+    5. otherwise ``"iterative"``.
     """
     if num_terms is not None:
         return "neumann"
+    if topology.is_line:
+        return "line"
     if topology.max_graph_size <= DENSE_MAX_NODES:
         return "dense"
     if topology.is_dag:
@@ -140,7 +150,7 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
 
 def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor, *,
                         method: str = "auto", num_terms: Optional[int] = None, batch: Optional[Tensor] = None,
-                        tol: Optional[float] = None, max_iter: int = 1000,
+                        tol: Optional[float] = None, max_iter: int = 1000, chunk_size: int = 64,
                         topology: Optional[GraphTopology] = None) -> Tensor:
     r"""Resolvent attention, per head:
 
@@ -160,7 +170,8 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         edge_index (LongTensor): ``[2, E]``, int32 or int64.
         edge_weight (Tensor): ``[E, H]`` (or ``[E]``, shared by all heads).
         method (str, optional): ``"dense"`` (exact, batched inverse per size bucket), ``"dag"``
-            (exact, DAGs only), ``"neumann"`` (truncated series), ``"iterative"`` (exact to ``tol``,
+            (exact, DAGs only), ``"line"`` (exact, unions of directed paths, chunked like Mamba-2's
+            SSD), ``"neumann"`` (truncated series), ``"iterative"`` (exact to ``tol``,
             implicit backward) or ``"auto"`` (see :func:`choose_method`). (default: ``"auto"``)
         num_terms (int, optional): ``K`` for ``"neumann"``. When :obj:`None`, every graph uses its
             own :func:`~torch_geometric_chimera.utils.diameter_bound`. (default: :obj:`None`)
@@ -168,6 +179,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks ``1e-12``
             for float64 and ``1e-6`` for float32. (default: :obj:`None`)
         max_iter (int, optional): iteration cap of ``"iterative"``. (default: ``1000``)
+        chunk_size (int, optional): chunk length of ``"line"``. (default: ``64``)
         topology (GraphTopology, optional): cached topology of ``(edge_index, batch)`` to reuse.
 
     :rtype: :class:`Tensor` of shape ``[N, H, P]``.
@@ -176,6 +188,8 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if num_terms is not None and (not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 0):
         raise ValueError(f"num_terms: expected a non-negative int or None, got {num_terms!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     edge_weight = _check_inputs(query, key, value, edge_index, edge_weight, batch)
     num_nodes = query.size(0)
     if topology is None:
@@ -188,6 +202,11 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     if num_terms is not None and method != "neumann":
         raise ValueError(f"num_terms: only method='neumann' (or 'auto') truncates the series; method={method!r} "
                          f"is exact, got num_terms={num_terms}")
+    if method == "line":
+        if not topology.is_line:
+            raise ValueError("edge_index: method='line' needs a union of directed paths (every node with at most one "
+                             "incoming and one outgoing edge, no cycle); use method='dag' or 'dense'")
+        return reference.line_resolvent_attention(query, key, value, topology.edge_index, edge_weight, chunk_size)
     if method == "dense":
         return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch)
 
