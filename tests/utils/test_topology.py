@@ -113,3 +113,17 @@ def test_grid_graph_dags_cover_the_undirected_grid():
     # Every DAG flows towards one corner: that corner is reachable from every node.
     levels = [topological_levels(d, h * w) for d in dags]
     assert [int(lv.max()) for lv in levels] == [h + w - 2] * 4
+
+
+def test_path_roots_and_directed_paths():
+    from torch_geometric_chimera.utils import is_directed_paths, path_roots
+    forward, backward = line_graph_dags(9, torch.tensor([0] * 4 + [1] * 5))
+    root, depth, acyclic = path_roots(forward, 9)
+    assert acyclic and root.tolist() == [0] * 4 + [4] * 5 and depth.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4]
+    root, depth, acyclic = path_roots(backward, 9)
+    assert acyclic and root.tolist() == [3] * 4 + [8] * 5 and depth.tolist() == [3, 2, 1, 0, 4, 3, 2, 1, 0]
+    assert is_directed_paths(forward, 9) and is_directed_paths(torch.zeros(2, 0, dtype=torch.long), 3)
+    ring = torch.tensor([[0, 1, 2], [1, 2, 0]])
+    assert not path_roots(ring, 4)[2] and not is_directed_paths(ring, 4)
+    assert not is_directed_paths(torch.tensor([[0, 0], [1, 2]]), 3)  # a node with two children
+    assert not is_directed_paths(torch.tensor([[1, 2], [0, 0]]), 3)  # a node with two parents

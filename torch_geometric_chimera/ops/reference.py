@@ -15,6 +15,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..utils.topology import path_roots
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,20 +329,10 @@ def segment_product(w: Tensor) -> Tensor:
 def line_order(edge_index: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor]:
     """For a union of directed paths: the node order that lays every path out contiguously from
     its start, and for every position the edge entering that node (``-1`` at a path start)."""
-    src, dst = edge_index
-    device = edge_index.device
-    parent = torch.arange(num_nodes, device=device)
-    parent[dst] = src
-    incoming = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
-    incoming[dst] = torch.arange(dst.numel(), device=device)
-    # Pointer jumping: root and depth of every node in O(log T) vectorized steps.
-    root, depth = parent.clone(), (parent != torch.arange(num_nodes, device=device)).long()
-    while True:
-        next_root = root[root]
-        if torch.equal(next_root, root):
-            break
-        depth = depth + depth[root]
-        root = next_root
+    root, depth, _ = path_roots(edge_index, num_nodes)
+    dst = edge_index[1]
+    incoming = torch.full((num_nodes,), -1, dtype=torch.long, device=edge_index.device)
+    incoming[dst] = torch.arange(dst.numel(), device=edge_index.device)
     order = torch.argsort(root * num_nodes + depth)
     return order, incoming[order]
 

@@ -6,7 +6,7 @@ import torch
 import torch_geometric
 from torch import Tensor
 
-from ..utils.topology import diameter_bound, topological_levels
+from ..utils.topology import diameter_bound, is_directed_paths, topological_levels
 from . import reference
 from ._kernels import CsrOperator
 
@@ -51,9 +51,7 @@ class GraphTopology:
     @cached_property
     def is_line(self) -> bool:
         """``True`` for a union of directed paths: acyclic, in- and out-degree at most 1."""
-        src, dst = self.edge_index
-        degrees_ok = src.numel() == 0 or (int(torch.bincount(src).max()) <= 1 and int(torch.bincount(dst).max()) <= 1)
-        return degrees_ok and self.is_dag
+        return is_directed_paths(self.edge_index, self.num_nodes)
 
     @cached_property
     def max_graph_size(self) -> int:

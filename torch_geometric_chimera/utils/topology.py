@@ -74,6 +74,39 @@ def topological_levels(edge_index: Tensor, num_nodes: int, *, raise_on_cycle: bo
     return level
 
 
+def path_roots(edge_index: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor, bool]:
+    r"""For a graph in which every node has at most one parent: the root (first node) and the depth
+    of every node, by pointer jumping in :math:`\lceil \log_2 N \rceil` vectorized steps.
+
+    Returns ``(root, depth, acyclic)``; ``acyclic`` is ``False`` when some parent chain never
+    reaches a node without a parent, i.e. the graph has a cycle.
+    """
+    edge_index = edge_index.long()
+    src, dst = edge_index
+    nodes = torch.arange(num_nodes, device=edge_index.device)
+    root = nodes.clone()
+    root[dst] = src
+    depth = (root != nodes).long()
+    for _ in range(max(1, num_nodes).bit_length() + 1):
+        depth = depth + depth[root]
+        root = root[root]
+    has_parent = torch.zeros(num_nodes, dtype=torch.bool, device=edge_index.device)
+    has_parent[dst] = True
+    acyclic = num_nodes == 0 or not bool(has_parent[root].any())
+    return root, depth, acyclic
+
+
+def is_directed_paths(edge_index: Tensor, num_nodes: int) -> bool:
+    """``True`` for a union of directed paths (sequences): no node has two parents or two
+    children, and no cycle."""
+    if edge_index.size(1) == 0:
+        return True
+    src, dst = edge_index.long()
+    if int(torch.bincount(src).max()) > 1 or int(torch.bincount(dst).max()) > 1:
+        return False
+    return path_roots(edge_index, num_nodes)[2]
+
+
 def is_dag(edge_index: Tensor, num_nodes: int) -> bool:
     """``True`` when the directed graph has no cycle (self-loops are cycles)."""
     return bool((topological_levels(edge_index, num_nodes, raise_on_cycle=False) >= 0).all())
