@@ -193,3 +193,16 @@ def test_levels_used_by_dag_method_are_topological():
     edge_index = random_dag(60, 240)
     level = topological_levels(edge_index, 60)
     assert bool((level[edge_index[1]] > level[edge_index[0]]).all())
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40, 97])
+def test_block_inverse_matches_lu_on_diagonally_dominant_matrices(n):
+    from torch_geometric_chimera.ops.reference import block_inverse, resolvent_matrix
+    adj = torch.randn(3, 2, n, n, dtype=torch.float64)
+    adj = 0.95 * adj / adj.abs().sum(-1, keepdim=True)  # every row of |A| sums to 0.95
+    eye = torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(block_inverse(eye - adj, base=4), torch.linalg.inv(eye - adj))
+    torch.testing.assert_close(resolvent_matrix(adj), torch.linalg.inv(eye - adj))
+    # Not diagonally dominant: resolvent_matrix takes the pivoting LU and is still exact.
+    strong = 3 * adj
+    torch.testing.assert_close(resolvent_matrix(strong), torch.linalg.inv(eye - strong))

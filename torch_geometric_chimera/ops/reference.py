@@ -82,14 +82,45 @@ def bucket_size(num_nodes: Tensor) -> Tensor:
     return (n + step - 1) // step * step
 
 
+def block_inverse(matrix: Tensor, base: int = 16) -> Tensor:
+    r"""Inverse of a batch of matrices by recursive 2 x 2 block elimination (Schur complements),
+    so that almost all the work is batched matrix products instead of small LU factorizations.
+
+    It pivots on the leading blocks without row exchanges, which is safe (no breakdown, errors as
+    small as LU's) when every matrix is strictly row diagonally dominant, as ``I - A`` is whenever
+    every row of ``|A|`` sums to less than 1: the Schur complements stay diagonally dominant.
+    Blocks of at most ``base`` rows use :func:`torch.linalg.inv`.
+    """
+    n = matrix.size(-1)
+    if n <= base:
+        return torch.linalg.inv(matrix)
+    h = n // 2
+    a, b = matrix[..., :h, :h], matrix[..., :h, h:]
+    c, d = matrix[..., h:, :h], matrix[..., h:, h:]
+    a_inv = block_inverse(a, base)
+    a_inv_b, c_a_inv = a_inv @ b, c @ a_inv
+    schur_inv = block_inverse(d - c @ a_inv_b, base)
+    top_right = -(a_inv_b @ schur_inv)
+    top_left = a_inv - top_right @ c_a_inv
+    bottom_left = -(schur_inv @ c_a_inv)
+    return torch.cat([torch.cat([top_left, top_right], -1), torch.cat([bottom_left, schur_inv], -1)], -2)
+
+
+def resolvent_matrix(adj: Tensor) -> Tensor:
+    """``(I - A)^{-1}`` for a batch of dense ``A``: block elimination when every row of ``|A|``
+    sums to less than 1 (always true for the ``general`` adjacency), LU with pivoting otherwise."""
+    eye = torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
+    if adj.numel() and float(adj.abs().sum(-1).amax()) < 1.0:
+        return block_inverse(eye - adj)
+    return torch.linalg.inv(eye - adj)
+
+
 class DenseResolventAttention(torch.autograd.Function):
     r"""One bucket of equally padded graphs: :math:`y = (L \odot QK^\top) V` with
-    :math:`L = (I - A)^{-1}` from a batched LU inverse.
+    :math:`L = (I - A)^{-1}` from :func:`resolvent_matrix`.
 
-    ``A[g, :, i, j] += weight[e]`` for every ``entries[:, e] = (g, i, j)``. The backward uses
-    :math:`\partial A = L^\top \partial L\, L^\top` only at the edges,
-    :math:`\partial w_e = \langle (L^\top \partial L)_{i,:}, L_{j,:} \rangle`, which saves one
-    of the two :math:`n^3` products that differentiating ``torch.linalg.inv`` would cost.
+    ``A[g, :, i, j] += weight[e]`` for every ``entries[:, e] = (g, i, j)``. The backward is
+    :math:`\partial A = L^\top \partial L\, L^\top`, read at the edges only.
     """
 
     @staticmethod
@@ -97,8 +128,7 @@ class DenseResolventAttention(torch.autograd.Function):
         num_graphs, heads, n = q.shape[:3]
         adj = weight.new_zeros(num_graphs, n, n, heads)
         adj = adj.index_put_(tuple(entries), weight, accumulate=True).permute(0, 3, 1, 2)
-        eye = torch.eye(n, dtype=adj.dtype, device=adj.device)
-        resolvent = torch.linalg.inv(eye - adj)
+        resolvent = resolvent_matrix(adj)
         y = (resolvent * (q @ k.transpose(-1, -2))) @ v
         ctx.save_for_backward(entries, resolvent, q, k, v)
         return y
@@ -113,9 +143,10 @@ class DenseResolventAttention(torch.autograd.Function):
         grad_q, grad_k = grad_scores @ k, grad_scores.transpose(-1, -2) @ q
         grad_weight = None
         if ctx.needs_input_grad[0]:
-            left = resolvent.transpose(-1, -2) @ (grad_mask * scores)  # Lᵀ ∂L
+            resolvent_t = resolvent.transpose(-1, -2)
+            grad_adj = resolvent_t @ (grad_mask * scores) @ resolvent_t  # Lᵀ ∂L Lᵀ
             g, i, j = entries
-            grad_weight = (left[g, :, i] * resolvent[g, :, j]).sum(-1)  # [E, H]
+            grad_weight = grad_adj[g, :, i, j]  # [E, H]
         return grad_weight, None, grad_q, grad_k, grad_v
 
 
