@@ -17,4 +17,7 @@ TORCH_LIBRARY(chimera, m) {
   m.def("spmm(Tensor rowptr, Tensor col, Tensor weight, Tensor x) -> Tensor");
   // out[e, h] = <a[row(e), h, :], b[col[e], h, :]>                   (sampled dense-dense product)
   m.def("edge_dot(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");
+  // Solve (I - A) h = x on a DAG: nodes order[level_ptr[l]:level_ptr[l+1]] form level l, every
+  // edge into a node of level l comes from an earlier level; A is CSR by target (rowptr, col, weight).
+  m.def("dag_solve(Tensor level_ptr, Tensor order, Tensor rowptr, Tensor col, Tensor weight, Tensor x) -> Tensor");
 }

@@ -1,6 +1,6 @@
 """Resolvent attention and the kernels behind it."""
 from . import reference
-from ._kernels import HAS_EXTENSION, CsrOperator, edge_dot, spmm
+from ._kernels import HAS_EXTENSION, CsrOperator, dag_solve, edge_dot, spmm
 from .resolvent import DENSE_MAX_NODES, METHODS, GraphTopology, choose_method, resolvent_attention
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "METHODS",
     "DENSE_MAX_NODES",
     "spmm",
+    "dag_solve",
     "edge_dot",
     "CsrOperator",
     "HAS_EXTENSION",

@@ -68,6 +68,27 @@ if HAS_EXTENSION:
             grad_b = torch.ops.chimera.spmm(rowptr_t, col_t, grad_out[perm], a)
         return None, None, grad_a, grad_b
 
+    @torch.library.register_fake("chimera::dag_solve")
+    def _dag_solve_fake(level_ptr, order, rowptr, col, weight, x):
+        torch._check(x.dim() == 3, lambda: "chimera::dag_solve: expected x of shape [N, H, F]")
+        return torch.empty_like(x)
+
+    def _dag_solve_setup_context(ctx, inputs, output):
+        level_ptr, order, rowptr, col, weight, _ = inputs
+        ctx.save_for_backward(level_ptr, order, rowptr, col, weight, output)
+
+    def _dag_solve_backward(ctx, grad_h):
+        # The adjoint (I - A)ᵀ g = ∂h is a solve on the reversed DAG in reverse level order.
+        level_ptr, order, rowptr, col, weight, h = ctx.saved_tensors
+        num_nodes = h.shape[0]
+        rowptr_t, col_t, perm = transpose_csr(rowptr, col, num_nodes)
+        g = torch.ops.chimera.dag_solve((num_nodes - level_ptr).flip(0), order.flip(0), rowptr_t, col_t,
+                                        weight[perm], grad_h.contiguous())
+        grad_weight = torch.ops.chimera.edge_dot(rowptr, col, g, h) if ctx.needs_input_grad[4] else None
+        return None, None, None, None, grad_weight, g
+
+    torch.library.register_autograd("chimera::dag_solve", _dag_solve_backward,
+                                    setup_context=_dag_solve_setup_context)
     torch.library.register_autograd("chimera::spmm", _spmm_backward, setup_context=_setup_context)
     torch.library.register_autograd("chimera::edge_dot", _edge_dot_backward, setup_context=_setup_context)
 
@@ -96,6 +117,29 @@ def edge_dot(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if HAS_EXTENSION:
         return torch.ops.chimera.edge_dot(rowptr, col, a, b)
     return reference.edge_dot_reference(rowptr, col, a, b)
+
+
+def dag_solve(level_ptr: Tensor, order: Tensor, rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    r"""Solve :math:`(I - A) h = x` on a DAG, one topological level at a time.
+
+    Args:
+        level_ptr (LongTensor): ``[L + 1]`` boundaries of the levels in ``order``.
+        order (LongTensor): ``[N]`` nodes sorted by level; every edge into a node of level ``l``
+            must come from a node of an earlier level (checked on CPU).
+        rowptr, col (Tensor): CSR of ``A`` by target (row ``i`` lists the parents of ``i``).
+        weight (Tensor): ``[E, H]`` in CSR order.
+        x (Tensor): ``[N, H, F]``.
+
+    Differentiable in ``weight`` and ``x``; the backward is the transposed solve in reverse level
+    order. Falls back to :class:`.reference.DagSolve` when the extension is not built.
+    """
+    if HAS_EXTENSION:
+        return torch.ops.chimera.dag_solve(level_ptr, order, rowptr, col, weight, x)
+    row = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=x.device), rowptr.diff().long(),
+                                  output_size=col.numel())
+    level = torch.empty_like(order)
+    level[order] = torch.repeat_interleave(torch.arange(level_ptr.numel() - 1, device=x.device), level_ptr.diff())
+    return reference.DagSolve.apply(torch.stack([col.long(), row]), level, weight, x)
 
 
 class CsrOperator:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..utils.topology import diameter_bound, is_directed_paths, topological_levels
 from . import reference
-from ._kernels import CsrOperator
+from ._kernels import CsrOperator, dag_solve
 
 METHODS = ("auto", "dense", "dag", "line", "neumann", "iterative")
 
@@ -58,6 +58,13 @@ class GraphTopology:
         if self.batch is None or self.num_nodes == 0:
             return self.num_nodes
         return int(torch.bincount(self.batch).max())
+
+    @cached_property
+    def level_schedule(self):
+        """``(level_ptr, order)``: nodes sorted by topological level and the level boundaries."""
+        sorted_levels, order = torch.sort(self.levels, stable=True)
+        bounds = torch.arange(int(sorted_levels[-1]) + 2 if self.num_nodes else 1, device=order.device)
+        return torch.searchsorted(sorted_levels, bounds), order
 
     @cached_property
     def diameter_bound(self) -> Tensor:
@@ -213,7 +220,9 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         levels = topology.levels
         if bool((levels < 0).any()):  # raises the CycleError with its message
             topological_levels(edge_index, num_nodes)
-        state = reference.dag_solve(topology.edge_index, levels, edge_weight, state)
+        level_ptr, order = topology.level_schedule
+        csr = topology.operator
+        state = dag_solve(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], state)
     elif method == "neumann":
         if num_terms is None:
             terms = topology.diameter_bound
