@@ -4,7 +4,8 @@ import torch
 from graphs import batch_graphs, inputs, random_dag, random_graph, row_normalize
 
 from torch_geometric_chimera.ops import GraphTopology, choose_method, resolvent_attention
-from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
+from torch_geometric_chimera.ops.reference import (EdgeListOperator, checkpointed_neumann,
+                                                   inverse_resolvent_attention, neumann_solve, to_state)
 from torch_geometric_chimera.utils import topological_levels
 
 EXACT_GENERAL = ["dense", "iterative"]
@@ -145,7 +146,7 @@ def test_iterative_backward_memory_does_not_depend_on_iterations():
     iterative_bytes = sum(saved)
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        resolvent_attention(q, k, v, edge_index, w_norm, method="neumann", num_terms=200)
+        neumann_solve(EdgeListOperator(edge_index), w_norm, to_state(k, v), torch.tensor([200]))  # unrolled
     assert iterative_bytes * 20 < sum(saved)
 
 
@@ -206,3 +207,38 @@ def test_block_inverse_matches_lu_on_diagonally_dominant_matrices(n):
     # Not diagonally dominant: resolvent_matrix takes the pivoting LU and is still exact.
     strong = 3 * adj
     torch.testing.assert_close(resolvent_matrix(strong), torch.linalg.inv(eye - strong))
+
+
+@pytest.mark.parametrize("terms", [[0, 0, 0], [3, 1, 4], [25, 7, 16]])
+def test_checkpointed_neumann_equals_the_unrolled_reference(terms, device):
+    graphs = [(10, random_graph(10, 30, self_loops=True)), (7, random_graph(7, 20)), (5, random_graph(5, 9))]
+    edge_index, batch, n = batch_graphs(graphs)
+    edge_index, batch = edge_index.to(device), batch.to(device)
+    _, _, x, w = inputs(n, edge_index.size(1), head_dim=6, device=device, requires_grad=True)
+    num_terms = torch.tensor(terms, device=device)
+    operator = GraphTopology(edge_index, n, batch).operator
+    fast = checkpointed_neumann(operator, w, x, num_terms, batch)
+    slow = neumann_solve(EdgeListOperator(edge_index), w, x, num_terms, batch)
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(grads(fast, (w, x)), grads(slow, (w, x))):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpointed_neumann_memory_grows_like_the_square_root_of_terms():
+    edge_index = random_graph(30, 90)
+    q, k, v, w = inputs(30, edge_index.size(1), requires_grad=True)
+    saved = {}
+    for terms in (16, 256):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            resolvent_attention(q, k, v, edge_index, w, method="neumann", num_terms=terms)
+        saved[terms] = sum(sizes)
+    assert saved[256] < 3 * saved[16]  # 16x the terms, about 4x the checkpoints of one state
+
+
+def test_gradcheck_checkpointed_neumann_with_per_graph_terms():
+    edge_index, batch, n = batch_graphs([(5, random_graph(5, 12)), (4, random_graph(4, 8))])
+    _, _, x, w = inputs(n, edge_index.size(1), heads=1, head_dim=2, requires_grad=True)
+    operator = GraphTopology(edge_index, n, batch).operator
+    fn = lambda w, x: checkpointed_neumann(operator, w, x, torch.tensor([6, 2]), batch)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (w, x))

@@ -268,6 +268,66 @@ def neumann_solve(operator, weight: Tensor, x: Tensor, num_terms: Tensor,
     return out
 
 
+class CheckpointedNeumann(torch.autograd.Function):
+    r""":math:`\sum_{k=0}^{K_g} A^k X` in Horner form, :math:`H \leftarrow X + A H` applied
+    ``max K`` times (a node of a graph with fewer terms waits until the last ``K_g`` steps), with a
+    backward that recomputes the states from checkpoints every ``segment`` steps: memory
+    :math:`O(K / \text{segment} + \text{segment})` states instead of :math:`O(K)`.
+    Same math as :func:`neumann_solve`, which differentiates the unrolled series by autograd."""
+
+    @staticmethod
+    def forward(ctx, operator, weight: Tensor, x: Tensor, first_step: Tensor, num_steps: int,
+                segment: int) -> Tensor:
+        checkpoints = []
+        h = x
+        for t in range(num_steps):
+            if t % segment == 0:
+                checkpoints.append(h)
+            h = CheckpointedNeumann._step(operator, weight, x, h, first_step, t)
+        ctx.save_for_backward(weight, x, first_step, *checkpoints)
+        ctx.operator, ctx.num_steps, ctx.segment = operator, num_steps, segment
+        return h
+
+    @staticmethod
+    def _active(first_step: Tensor, t: int, like: Tensor) -> Tensor:
+        return (first_step <= t).to(like.dtype)
+
+    @staticmethod
+    def _step(operator, weight, x, h, first_step, t):
+        active = CheckpointedNeumann._active(first_step, t, h)
+        return h + active * (x + operator.matmul(weight, h) - h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h: Tensor):
+        weight, x, first_step, *checkpoints = ctx.saved_tensors
+        operator, segment = ctx.operator, ctx.segment
+        g = grad_h.contiguous()
+        grad_x = torch.zeros_like(x)
+        grad_weight = torch.zeros_like(weight)
+        for index in reversed(range(len(checkpoints))):
+            start, stop = index * segment, min((index + 1) * segment, ctx.num_steps)
+            states = [checkpoints[index]]  # states[t - start] is H before step t
+            for t in range(start, stop - 1):
+                states.append(CheckpointedNeumann._step(operator, weight, x, states[-1], first_step, t))
+            for t in reversed(range(start, stop)):
+                active_g = CheckpointedNeumann._active(first_step, t, g) * g
+                grad_x += active_g
+                grad_weight += operator.edge_dot(active_g, states[t - start])
+                g = g - active_g + operator.rmatmul(weight, active_g)
+        return None, grad_weight, grad_x + g, None, None, None
+
+
+def checkpointed_neumann(operator, weight: Tensor, x: Tensor, num_terms: Tensor,
+                         node_graph: Optional[Tensor] = None) -> Tensor:
+    """:func:`neumann_solve` with memory that grows as the square root of the number of terms."""
+    terms = num_terms if node_graph is None else num_terms[node_graph]
+    max_terms = int(num_terms.max()) if num_terms.numel() else 0
+    first_step = (max_terms - terms).view(-1, 1, 1) if terms.dim() else (max_terms - terms).view(1, 1, 1)
+    segment = max(1, int(max_terms ** 0.5))
+    return CheckpointedNeumann.apply(operator, weight, x, first_step, max_terms, segment)
+
+
 # --------------------------------------------------------------------------------------------
 # iterative: exact solve to a tolerance, implicit (adjoint) backward.
 # --------------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
             terms = topology.diameter_bound
         else:
             terms = torch.full((max(topology.num_graphs, 1),), num_terms, dtype=torch.long, device=query.device)
-        state = reference.neumann_solve(topology.operator, edge_weight, state, terms, topology.batch)
+        state = reference.checkpointed_neumann(topology.operator, edge_weight, state, terms, topology.batch)
     else:  # iterative
         tol = reference.default_tolerance(query.dtype) if tol is None else tol
         state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter)
