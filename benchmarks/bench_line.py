@@ -9,7 +9,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import device_name, time_it, write_json
+from common import device_name, time_interleaved, time_it, write_json
 
 from torch_geometric_chimera.ops import resolvent_attention
 from torch_geometric_chimera.utils import line_graph_dags
@@ -76,8 +76,8 @@ def main():
 
     results = {"device": device_name(device), "T": T, "heads": H, "state": S, "head_dim": P,
                "baseline": "pure-PyTorch chunked SSD, chunk 64"}
-    results["chunked_ssd"] = time_it(step(baseline), device, reps=args.reps)
-    results["line"] = time_it(step(lambda: chimera("line")), device, reps=args.reps)
+    results.update(time_interleaved({"chunked_ssd": step(baseline), "line": step(lambda: chimera("line"))},
+                                    device, reps=args.reps))
     results["dag"] = time_it(step(lambda: chimera("dag")), device, warmup=1, reps=2)
     results["line_vs_ssd"] = results["line"]["median_s"] / results["chunked_ssd"]["median_s"]
     results["dag_vs_line_speedup"] = results["dag"]["median_s"] / results["line"]["median_s"]

@@ -47,6 +47,24 @@ def time_it(fn: Callable[[], None], device, warmup: int = 3, reps: int = 10) -> 
     return {"median_s": statistics.median(samples), "min_s": min(samples), "reps": reps}
 
 
+def time_interleaved(fns: Dict[str, Callable[[], None]], device, warmup: int = 2, reps: int = 10
+                     ) -> Dict[str, Dict[str, float]]:
+    """Time several functions round-robin (A, B, A, B, ...) so that drift of a shared machine
+    hits all of them alike; returns the median and minimum of each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(s), "min_s": min(s), "reps": reps} for name, s in samples.items()}
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":

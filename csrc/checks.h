@@ -24,3 +24,29 @@ inline void check_features(const at::Tensor& t, const at::Tensor& like, const ch
 }
 
 }  // namespace chimera
+
+namespace chimera {
+
+// acc[f] += w * x[f]: the inner loop of every sparse kernel. GCC builds an AVX2+FMA clone and a
+// baseline clone and picks one at load time, so the extension stays portable across x86-64 CPUs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CHIMERA_TARGET_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define CHIMERA_TARGET_CLONES
+#endif
+
+CHIMERA_TARGET_CLONES inline void axpy(float* __restrict__ acc, const float* __restrict__ x, float w, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) acc[f] += w * x[f];
+}
+
+CHIMERA_TARGET_CLONES inline void axpy(double* __restrict__ acc, const double* __restrict__ x, double w, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) acc[f] += w * x[f];
+}
+
+// Reduced-precision inputs accumulate in float.
+template <typename acc_t, typename scalar_t>
+inline void axpy(acc_t* __restrict__ acc, const scalar_t* __restrict__ x, acc_t w, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) acc[f] += w * static_cast<acc_t>(x[f]);
+}
+
+}  // namespace chimera

@@ -13,8 +13,9 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(chimera, m) {
-  // out[i, h, :] = sum_{e in row i} weight[e, h] * x[col[e], h, :]   (CSR sparse-dense product)
-  m.def("spmm(Tensor rowptr, Tensor col, Tensor weight, Tensor x) -> Tensor");
+  // out[i, h, :] = bias[i, h, :] + sum_{e in row i} weight[e, h] * x[col[e], h, :]   (CSR sparse-dense
+  // product; the optional bias fuses the "X + A H" step of Neumann / fixed-point iterations)
+  m.def("spmm(Tensor rowptr, Tensor col, Tensor weight, Tensor x, Tensor? bias=None) -> Tensor");
   // out[e, h] = <a[row(e), h, :], b[col[e], h, :]>                   (sampled dense-dense product)
   m.def("edge_dot(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");
   // Solve (I - A) h = x on a DAG: nodes order[level_ptr[l]:level_ptr[l+1]] form level l, every

@@ -66,9 +66,7 @@ at::Tensor dag_solve_cpu(const at::Tensor& level_ptr_in, const at::Tensor& order
               TORCH_CHECK(j >= 0 && j < num_nodes, "chimera::dag_solve: col[", e, "] = ", j, " is out of range");
               TORCH_CHECK(position[j] < level_begin, "chimera::dag_solve: edge ", j, " -> ", i,
                           " does not go from an earlier level to a later one (a cycle, or wrong levels)");
-              const acc_t w = wp[e * heads + hd];
-              const scalar_t* hj = hp + (j * heads + hd) * feat;
-              for (int64_t f = 0; f < feat; ++f) acc[f] += w * static_cast<acc_t>(hj[f]);
+              axpy(acc.data(), hp + (j * heads + hd) * feat, static_cast<acc_t>(wp[e * heads + hd]), feat);
             }
             for (int64_t f = 0; f < feat; ++f) hi[f] = static_cast<scalar_t>(acc[f]);
           }

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -13,7 +14,7 @@ namespace chimera {
 namespace {
 
 at::Tensor spmm_cpu(const at::Tensor& rowptr_in, const at::Tensor& col_in, const at::Tensor& weight_in,
-                    const at::Tensor& x_in) {
+                    const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in) {
   check_csr(rowptr_in, col_in, "chimera::spmm");
   check_features(x_in, x_in, "chimera::spmm", "x");
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == col_in.size(0) && weight_in.size(1) == x_in.size(1),
@@ -26,6 +27,14 @@ at::Tensor spmm_cpu(const at::Tensor& rowptr_in, const at::Tensor& col_in, const
   const auto x = x_in.contiguous();
   const int64_t num_rows = rowptr.size(0) - 1;
   const int64_t heads = x.size(1), feat = x.size(2), num_src = x.size(0);
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    check_features(*bias_in, x_in, "chimera::spmm", "bias");
+    TORCH_CHECK(bias_in->size(0) == num_rows && bias_in->size(1) == heads && bias_in->size(2) == feat,
+                "chimera::spmm: bias must have shape [R, H, F] = [", num_rows, ", ", heads, ", ", feat, "], got ",
+                bias_in->sizes());
+    bias = bias_in->contiguous();
+  }
   auto out = at::empty({num_rows, heads, feat}, x.options());
   if (out.numel() == 0) return out;
 
@@ -37,22 +46,35 @@ at::Tensor spmm_cpu(const at::Tensor& rowptr_in, const at::Tensor& col_in, const
       const scalar_t* wp = weight.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
+      const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
       // Rows are independent: each thread owns a block of output rows, so no atomics are needed.
       at::parallel_for(0, num_rows, 1 + 16384 / std::max<int64_t>(1, heads * feat), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> acc(feat);
         for (int64_t i = begin; i < end; ++i) {
           for (int64_t h = 0; h < heads; ++h) {
-            std::fill(acc.begin(), acc.end(), acc_t(0));
+            scalar_t* orow = op + (i * heads + h) * feat;
+            // float and double accumulate straight into the output row; half types in a float buffer.
+            acc_t* target = nullptr;
+            if constexpr (std::is_same_v<acc_t, scalar_t>) {
+              target = reinterpret_cast<acc_t*>(orow);  // same type: this branch only runs then
+            } else {
+              target = acc.data();
+            }
+            if (bp != nullptr) {
+              const scalar_t* brow = bp + (i * heads + h) * feat;
+              for (int64_t f = 0; f < feat; ++f) target[f] = static_cast<acc_t>(brow[f]);
+            } else {
+              std::fill(target, target + feat, acc_t(0));
+            }
             for (int64_t e = rp[i]; e < rp[i + 1]; ++e) {
               const int64_t j = cp[e];
               TORCH_CHECK(j >= 0 && j < num_src, "chimera::spmm: col[", e, "] = ", j, " is out of range [0, ",
                           num_src, ")");
-              const acc_t w = wp[e * heads + h];
-              const scalar_t* xr = xp + (j * heads + h) * feat;
-              for (int64_t f = 0; f < feat; ++f) acc[f] += w * static_cast<acc_t>(xr[f]);
+              axpy(target, xp + (j * heads + h) * feat, static_cast<acc_t>(wp[e * heads + h]), feat);
             }
-            scalar_t* orow = op + (i * heads + h) * feat;
-            for (int64_t f = 0; f < feat; ++f) orow[f] = static_cast<scalar_t>(acc[f]);
+            if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+              for (int64_t f = 0; f < feat; ++f) orow[f] = static_cast<scalar_t>(acc[f]);
+            }
           }
         }
       });

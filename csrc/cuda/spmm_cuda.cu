@@ -18,14 +18,15 @@ namespace {
 template <typename scalar_t, typename index_t>
 __global__ void spmm_kernel(const index_t* __restrict__ rowptr, const index_t* __restrict__ col,
                             const scalar_t* __restrict__ weight, const scalar_t* __restrict__ x,
-                            scalar_t* __restrict__ out, int64_t heads, int64_t feat) {
+                            const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t heads,
+                            int64_t feat) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x;
   const int64_t width = heads * feat;
   const index_t begin = rowptr[row], end = rowptr[row + 1];
   for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
     const int64_t h = t / feat;
-    acc_t acc = 0;
+    acc_t acc = bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[row * width + t]);
     for (index_t e = begin; e < end; ++e) {
       acc += static_cast<acc_t>(weight[e * heads + h]) * static_cast<acc_t>(x[static_cast<int64_t>(col[e]) * width + t]);
     }
@@ -52,7 +53,7 @@ __global__ void edge_dot_kernel(const index_t* __restrict__ row, const index_t* 
 }
 
 at::Tensor spmm_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in, const at::Tensor& weight_in,
-                     const at::Tensor& x_in) {
+                     const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in) {
   check_csr(rowptr_in, col_in, "chimera::spmm");
   check_features(x_in, x_in, "chimera::spmm", "x");
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == col_in.size(0) && weight_in.size(1) == x_in.size(1),
@@ -63,6 +64,13 @@ at::Tensor spmm_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in, cons
   const auto weight = weight_in.contiguous();
   const auto x = x_in.contiguous();
   const int64_t num_rows = rowptr.size(0) - 1, heads = x.size(1), feat = x.size(2);
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    check_features(*bias_in, x_in, "chimera::spmm", "bias");
+    TORCH_CHECK(bias_in->size(0) == num_rows && bias_in->size(1) == heads && bias_in->size(2) == feat,
+                "chimera::spmm: bias must have shape [R, H, F], got ", bias_in->sizes());
+    bias = bias_in->contiguous();
+  }
   auto out = at::empty({num_rows, heads, feat}, x.options());
   if (out.numel() == 0) return out;
   const int threads = static_cast<int>(std::min<int64_t>(256, ((heads * feat + 31) / 32) * 32));
@@ -70,7 +78,7 @@ at::Tensor spmm_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in, cons
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "chimera_spmm_cuda_index", [&] {
       spmm_kernel<scalar_t, index_t><<<num_rows, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           rowptr.data_ptr<index_t>(), col.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-          out.data_ptr<scalar_t>(), heads, feat);
+          bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), heads, feat);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -110,3 +110,15 @@ def test_csr_operator_matches_edge_list_operator(device):
     torch.testing.assert_close(fast.matmul(weight, x), ref.matmul(weight, x))
     torch.testing.assert_close(fast.rmatmul(weight, x), ref.rmatmul(weight, x))
     torch.testing.assert_close(fast.edge_dot(g, x), ref.edge_dot(g, x))
+
+
+def test_spmm_fused_bias_matches_reference_and_passes_opcheck(device):
+    rowptr, col = csr(12, 9, 30, device=device)
+    weight = torch.randn(30, 2, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(9, 2, 4, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(12, 2, 4, dtype=torch.float64, device=device, requires_grad=True)
+    torch.testing.assert_close(spmm(rowptr, col, weight, x, bias), spmm_reference(rowptr, col, weight, x) + bias)
+    assert torch.autograd.gradcheck(lambda w, x, b: spmm(rowptr, col, w, x, b), (weight, x, bias))
+    torch.library.opcheck(torch.ops.chimera.spmm.default, (rowptr, col, weight, x, bias))
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        torch.ops.chimera.spmm(rowptr, col, weight, x, bias[:3])

@@ -1,7 +1,7 @@
 r"""Registration of the compiled ``chimera::*`` ops: fake kernels, autograd formulas and typed
 wrappers. The references they must equal live in :mod:`.reference`."""
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ def transpose_csr(rowptr: Tensor, col: Tensor, num_cols: int) -> Tuple[Tensor, T
 if HAS_EXTENSION:
 
     @torch.library.register_fake("chimera::spmm")
-    def _spmm_fake(rowptr, col, weight, x):
+    def _spmm_fake(rowptr, col, weight, x, bias=None):
         torch._check(weight.dim() == 2 and x.dim() == 3, lambda: "chimera::spmm: expected weight [E, H], x [N, H, F]")
         return x.new_empty((rowptr.shape[0] - 1, x.shape[1], x.shape[2]))
 
@@ -48,15 +48,20 @@ if HAS_EXTENSION:
     def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
+    def _spmm_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+
     def _spmm_backward(ctx, grad_out):
         rowptr, col, weight, x = ctx.saved_tensors
         grad_weight = grad_x = None
+        num_inputs = len(ctx.needs_input_grad)  # 4 or 5: the optional bias may be left out
+        grad_bias = grad_out if num_inputs > 4 and ctx.needs_input_grad[4] else None
         if ctx.needs_input_grad[2]:
             grad_weight = torch.ops.chimera.edge_dot(rowptr, col, grad_out, x)
         if ctx.needs_input_grad[3]:
             rowptr_t, col_t, perm = transpose_csr(rowptr, col, x.shape[0])
             grad_x = torch.ops.chimera.spmm(rowptr_t, col_t, weight[perm], grad_out)
-        return None, None, grad_weight, grad_x
+        return (None, None, grad_weight, grad_x, grad_bias)[:num_inputs]
 
     def _edge_dot_backward(ctx, grad_out):
         rowptr, col, a, b = ctx.saved_tensors
@@ -89,24 +94,27 @@ if HAS_EXTENSION:
 
     torch.library.register_autograd("chimera::dag_solve", _dag_solve_backward,
                                     setup_context=_dag_solve_setup_context)
-    torch.library.register_autograd("chimera::spmm", _spmm_backward, setup_context=_setup_context)
+    torch.library.register_autograd("chimera::spmm", _spmm_backward, setup_context=_spmm_setup_context)
     torch.library.register_autograd("chimera::edge_dot", _edge_dot_backward, setup_context=_setup_context)
 
 
-def spmm(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
-    r"""CSR sparse times multi-head dense: ``out[i, h] = Σ_{e ∈ row i} weight[e, h] · x[col[e], h]``.
+def spmm(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    r"""CSR sparse times multi-head dense:
+    ``out[i, h] = bias[i, h] + Σ_{e ∈ row i} weight[e, h] · x[col[e], h]``.
 
     Args:
         rowptr (Tensor): ``[R + 1]`` int32 or int64 row pointer.
         col (Tensor): ``[E]`` column of every entry, same dtype as ``rowptr``.
         weight (Tensor): ``[E, H]`` value of every entry per head.
         x (Tensor): ``[C, H, F]`` dense input.
+        bias (Tensor, optional): ``[R, H, F]`` added to the product (fused). (default: :obj:`None`)
 
     :rtype: :class:`Tensor` of shape ``[R, H, F]``.
     """
     if HAS_EXTENSION:
-        return torch.ops.chimera.spmm(rowptr, col, weight, x)
-    return reference.spmm_reference(rowptr, col, weight, x)
+        return torch.ops.chimera.spmm(rowptr, col, weight, x, bias)
+    out = reference.spmm_reference(rowptr, col, weight, x)
+    return out if bias is None else out + bias
 
 
 def edge_dot(rowptr: Tensor, col: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -155,8 +163,8 @@ class CsrOperator:
         self.rowptr_t, self.col_t, perm_t = transpose_csr(self.rowptr, self.col, num_nodes)
         self.perm_t = self.perm[perm_t]
 
-    def matmul(self, weight: Tensor, x: Tensor) -> Tensor:
-        return spmm(self.rowptr, self.col, weight[self.perm], x)
+    def matmul(self, weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return spmm(self.rowptr, self.col, weight[self.perm], x, bias)
 
     def rmatmul(self, weight: Tensor, x: Tensor) -> Tensor:
         return spmm(self.rowptr_t, self.col_t, weight[self.perm_t], x)

@@ -49,8 +49,9 @@ class EdgeListOperator:
     def __init__(self, edge_index: Tensor):
         self.src, self.dst = edge_index[0].long(), edge_index[1].long()
 
-    def matmul(self, weight: Tensor, x: Tensor) -> Tensor:
-        return torch.zeros_like(x).index_add(0, self.dst, weight.unsqueeze(-1) * x[self.src])
+    def matmul(self, weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        out = torch.zeros_like(x) if bias is None else bias.clone()
+        return out.index_add(0, self.dst, weight.unsqueeze(-1) * x[self.src])
 
     def rmatmul(self, weight: Tensor, x: Tensor) -> Tensor:
         return torch.zeros_like(x).index_add(0, self.src, weight.unsqueeze(-1) * x[self.dst])
@@ -294,6 +295,8 @@ class CheckpointedNeumann(torch.autograd.Function):
 
     @staticmethod
     def _step(operator, weight, x, h, first_step, t):
+        if t >= first_step.max_value:  # every graph active: the plain Horner step
+            return operator.matmul(weight, h, x)
         active = CheckpointedNeumann._active(first_step, t, h)
         return h + active * (x + operator.matmul(weight, h) - h)
 
@@ -311,10 +314,11 @@ class CheckpointedNeumann(torch.autograd.Function):
             for t in range(start, stop - 1):
                 states.append(CheckpointedNeumann._step(operator, weight, x, states[-1], first_step, t))
             for t in reversed(range(start, stop)):
-                active_g = CheckpointedNeumann._active(first_step, t, g) * g
+                all_active = t >= first_step.max_value
+                active_g = g if all_active else CheckpointedNeumann._active(first_step, t, g) * g
                 grad_x += active_g
                 grad_weight += operator.edge_dot(active_g, states[t - start])
-                g = g - active_g + operator.rmatmul(weight, active_g)
+                g = operator.rmatmul(weight, g) if all_active else g - active_g + operator.rmatmul(weight, active_g)
         return None, grad_weight, grad_x + g, None, None, None
 
 
@@ -325,6 +329,7 @@ def checkpointed_neumann(operator, weight: Tensor, x: Tensor, num_terms: Tensor,
     max_terms = int(num_terms.max()) if num_terms.numel() else 0
     first_step = (max_terms - terms).view(-1, 1, 1) if terms.dim() else (max_terms - terms).view(1, 1, 1)
     segment = max(1, int(max_terms ** 0.5))
+    first_step.max_value = int(first_step.max()) if first_step.numel() else 0  # one sync, not one per step
     return CheckpointedNeumann.apply(operator, weight, x, first_step, max_terms, segment)
 
 
