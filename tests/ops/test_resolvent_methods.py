@@ -242,3 +242,15 @@ def test_gradcheck_checkpointed_neumann_with_per_graph_terms():
     operator = GraphTopology(edge_index, n, batch).operator
     fn = lambda w, x: checkpointed_neumann(operator, w, x, torch.tensor([6, 2]), batch)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (w, x))
+
+
+def test_topology_is_shared_between_calls_with_the_same_unchanged_tensors():
+    edge_index = random_dag(20, 40)
+    batch = torch.zeros(20, dtype=torch.long)
+    first = GraphTopology.get(edge_index, 20, batch)
+    assert GraphTopology.get(edge_index, 20, batch) is first
+    assert GraphTopology.get(edge_index.clone(), 20, batch) is not first  # another tensor
+    assert GraphTopology.get(edge_index, 20, None) is not first  # another batch
+    edge_index[0, 0] = edge_index[0, 0]  # an in-place write bumps the version counter
+    changed = GraphTopology.get(edge_index, 20, batch)
+    assert changed is not first and GraphTopology.get(edge_index, 20, batch) is changed

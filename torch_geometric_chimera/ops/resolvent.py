@@ -1,6 +1,7 @@
 r"""``resolvent_attention``: the one operation everything rests on (DESIGN.md §1)."""
+import weakref
 from functools import cached_property
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch_geometric
@@ -32,6 +33,26 @@ class GraphTopology:
         self.edge_index = edge_index.long()
         self.num_nodes = num_nodes
         self.batch = batch.long() if batch is not None else None
+
+    _cache: List[Tuple] = []
+    CACHE_SIZE = 8
+
+    @classmethod
+    def get(cls, edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None) -> "GraphTopology":
+        """The topology of ``(edge_index, batch)``, shared by every call that passes the *same*
+        tensors unchanged (the layers of one model on one mini-batch): entries hold weak
+        references and the tensors' version counters, so a freed or modified tensor never hits."""
+        for entry in cls._cache:
+            ei_ref, ei_version, batch_ref, batch_version, n, topology = entry
+            if (ei_ref() is edge_index and ei_version == edge_index._version and n == num_nodes
+                    and (batch_ref is None) == (batch is None)
+                    and (batch is None or (batch_ref() is batch and batch_version == batch._version))):
+                return topology
+        topology = cls(edge_index, num_nodes, batch)
+        entry = (weakref.ref(edge_index), edge_index._version, None if batch is None else weakref.ref(batch),
+                 None if batch is None else batch._version, num_nodes, topology)
+        cls._cache = [entry] + [e for e in cls._cache if e[0]() is not None][:cls.CACHE_SIZE - 1]
+        return topology
 
     @cached_property
     def num_graphs(self) -> int:
@@ -185,7 +206,8 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
             for float64 and ``1e-6`` for float32. (default: :obj:`None`)
         max_iter (int, optional): iteration cap of ``"iterative"``. (default: ``1000``)
         chunk_size (int, optional): chunk length of ``"line"``. (default: ``64``)
-        topology (GraphTopology, optional): cached topology of ``(edge_index, batch)`` to reuse.
+        topology (GraphTopology, optional): topology of ``(edge_index, batch)`` to reuse; by default
+            :meth:`GraphTopology.get` shares one between calls with the same, unchanged tensors.
 
     :rtype: :class:`Tensor` of shape ``[N, H, P]``.
     """
@@ -198,7 +220,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     edge_weight = _check_inputs(query, key, value, edge_index, edge_weight, batch)
     num_nodes = query.size(0)
     if topology is None:
-        topology = GraphTopology(edge_index, num_nodes, batch)
+        topology = GraphTopology.get(edge_index, num_nodes, batch)
     if method == "auto":
         method = choose_method(topology, num_terms)
     if num_nodes == 0:
