@@ -1,5 +1,5 @@
 """Random graphs and inputs shared by the tests."""
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor

@@ -1,6 +1,6 @@
 r"""``ChimeraConv``: a Mamba-2 block whose sequence mixer is resolvent attention on the graph."""
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
