@@ -166,8 +166,8 @@ class CsrOperator:
     def matmul(self, weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return spmm(self.rowptr, self.col, weight[self.perm], x, bias)
 
-    def rmatmul(self, weight: Tensor, x: Tensor) -> Tensor:
-        return spmm(self.rowptr_t, self.col_t, weight[self.perm_t], x)
+    def rmatmul(self, weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return spmm(self.rowptr_t, self.col_t, weight[self.perm_t], x, bias)
 
     def edge_dot(self, g: Tensor, h: Tensor) -> Tensor:
         per_entry = edge_dot(self.rowptr, self.col, g, h)

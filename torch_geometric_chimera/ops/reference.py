@@ -53,8 +53,9 @@ class EdgeListOperator:
         out = torch.zeros_like(x) if bias is None else bias.clone()
         return out.index_add(0, self.dst, weight.unsqueeze(-1) * x[self.src])
 
-    def rmatmul(self, weight: Tensor, x: Tensor) -> Tensor:
-        return torch.zeros_like(x).index_add(0, self.src, weight.unsqueeze(-1) * x[self.dst])
+    def rmatmul(self, weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        out = torch.zeros_like(x) if bias is None else bias.clone()
+        return out.index_add(0, self.src, weight.unsqueeze(-1) * x[self.dst])
 
     def edge_dot(self, g: Tensor, h: Tensor) -> Tensor:
         return (g[self.dst] * h[self.src]).sum(-1)
@@ -340,17 +341,20 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-3)
 
 
-def fixed_point(step: Callable[[Tensor], Tensor], rhs: Tensor, tol: float, max_iter: int, what: str) -> Tensor:
-    r"""Iterate ``h <- rhs + step(h)`` (Jacobi / Neumann iteration) until the update is below
-    ``tol`` relative to ``h``. Converges whenever the spectral radius of the operator is < 1."""
+def fixed_point(step: Callable[[Tensor, Tensor], Tensor], rhs: Tensor, tol: float, max_iter: int,
+                what: str) -> Tensor:
+    r"""Iterate ``h <- step(h, rhs) = rhs + M h`` (Jacobi / Neumann iteration) until the update is
+    below ``tol`` relative to ``h`` in the max norm. Converges whenever the spectral radius of ``M``
+    is below 1. ``step`` adds ``rhs`` itself, so that a kernel can fuse the addition."""
     h = rhs
+    inf = float("inf")
     for _ in range(max_iter):
-        new = rhs + step(h)
-        delta = (new - h).abs().max() if new.numel() else new.new_zeros(())
+        new = step(h, rhs)
+        delta = float(torch.linalg.vector_norm(new - h, ord=inf)) if new.numel() else 0.0
         h = new
-        if not bool(torch.isfinite(delta)):
+        if delta != delta or delta == inf:  # NaN or Inf: diverged
             break
-        if float(delta) <= tol * max(float(h.abs().max()) if h.numel() else 0.0, 1e-30):
+        if delta <= tol * max(float(torch.linalg.vector_norm(h, ord=inf)) if h.numel() else 0.0, 1e-30):
             return h
     raise RuntimeError(
         f"method='iterative': the {what} did not converge to tol={tol:g} in max_iter={max_iter} steps. "
@@ -365,7 +369,7 @@ class IterativeSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, operator, weight: Tensor, x: Tensor, tol: float, max_iter: int) -> Tensor:
-        h = fixed_point(lambda t: operator.matmul(weight, t), x, tol, max_iter, "forward solve")
+        h = fixed_point(lambda t, b: operator.matmul(weight, t, b), x, tol, max_iter, "forward solve")
         ctx.save_for_backward(weight, h)
         ctx.operator, ctx.tol, ctx.max_iter = operator, tol, max_iter
         return h
@@ -374,7 +378,7 @@ class IterativeSolve(torch.autograd.Function):
     def backward(ctx, grad_h: Tensor):
         weight, h = ctx.saved_tensors
         operator = ctx.operator
-        g = fixed_point(lambda t: operator.rmatmul(weight, t), grad_h.contiguous(), ctx.tol, ctx.max_iter,
+        g = fixed_point(lambda t, b: operator.rmatmul(weight, t, b), grad_h.contiguous(), ctx.tol, ctx.max_iter,
                         "adjoint (backward) solve")
         grad_weight = operator.edge_dot(g, h) if ctx.needs_input_grad[1] else None
         return None, grad_weight, g, None, None
