@@ -52,6 +52,7 @@ def main():
     parser.add_argument("--models", default="gpsconv,chimera_auto")
     parser.add_argument("--memory-gb", type=float, default=16.0)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "scaling_cpu.json"))
+    parser.add_argument("--merge", action="store_true", help="keep the other models' runs already in --out")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -60,6 +61,10 @@ def main():
     sys.path.insert(0, HERE)
     from common import write_json
     results = {"device": "CPU (2 threads)", "memory_limit_gb": args.memory_gb, "runs": {}}
+    if args.merge and os.path.exists(args.out):
+        previous = json.load(open(args.out))
+        results["runs"] = previous["runs"]
+        results["merged_from"] = previous.get("date")
     for model in args.models.split(","):
         results["runs"][model] = {}
         for size in map(int, args.sizes.split(",")):

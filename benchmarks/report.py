@@ -94,7 +94,9 @@ def scaling_section(r):
              "`python benchmarks/bench_scaling.py --out benchmarks/results/scaling_cpu.json`", "",
              f"Device: {r['device']}; date: {r['date']}; one tree-shaped molecule-like graph, width 64, 4 heads; "
              f"forward + backward, each point in its own process (peak resident memory, limit "
-             f"{r['memory_limit_gb']:.0f} GB).", "",
+             f"{r['memory_limit_gb']:.0f} GB)."
+             + (f" Models not rerun keep their points from the run of {r['merged_from']}." if r.get("merged_from")
+                else ""), "",
              "![time and memory against nodes](benchmarks/results/scaling_cpu.png)", "",
              "| nodes | " + " | ".join(f"{m} time | {m} peak RSS" for m in models) + " |",
              "|---|" + "---|---|" * len(models)]
