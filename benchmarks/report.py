@@ -38,7 +38,7 @@ def layer_section(r):
             _, method, expand = key.split("_")
             lines.append(f"| ChimeraConv method={method}, {expand} | {ms(entry)} | {entry['ratio_vs_gpsconv']:.2f}x | "
                          f"{memory(entry)} |")
-    lines += ["", "- `auto` takes the exact `dense` path here (every graph has at most 256 nodes): one batched "
+    lines += ["", "- `auto` takes the exact `dense` path here (every graph has at most 768 nodes): one batched "
               "inverse per bucket of similar graph sizes, by Schur-complement block elimination (batched "
               "matrix products; `I - A` is strictly diagonally dominant under the `general` adjacency), and a "
               "backward that reads the resolvent gradient at the edges only.",
@@ -113,7 +113,7 @@ def scaling_section(r):
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "PyTorch's CPU multihead attention does not materialize the N x N matrix, so GPSConv does not "
               "run out of memory on CPU: it grows quadratically in time instead. `chimera_auto` takes `dense` up "
-              "to 256 nodes and `iterative` (exact to 1e-6, pure-PyTorch fixed point) beyond, linear per "
+              "to 768 nodes and `iterative` (exact to 1e-6, pure-PyTorch fixed point) beyond, linear per "
               "iteration; its constant is what the fused kernels of issue 3 still have to cut."]
     return lines
 
