@@ -66,14 +66,14 @@ def main():
         results["runs"] = previous["runs"]
         results["merged_from"] = previous.get("date")
     for model in args.models.split(","):
-        results["runs"][model] = {}
+        results["runs"].setdefault(model, {})
         for size in map(int, args.sizes.split(",")):
             proc = subprocess.run([sys.executable, __file__, "--child", model, str(size), "--memory-gb",
                                    str(args.memory_gb)], capture_output=True, text=True)
             lines = proc.stdout.strip().splitlines()
             entry = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
                 "oom": True, "error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200]}
-            results["runs"][model][size] = entry
+            results["runs"][model][str(size)] = entry
             print(model, size, entry)
             if entry["oom"]:
                 break  # larger graphs only need more
