@@ -278,16 +278,17 @@ class CheckpointedNeumann(torch.autograd.Function):
     Same math as :func:`neumann_solve`, which differentiates the unrolled series by autograd."""
 
     @staticmethod
-    def forward(ctx, operator, weight: Tensor, x: Tensor, first_step: Tensor, num_steps: int,
-                segment: int) -> Tensor:
+    def forward(ctx, operator, weight: Tensor, x: Tensor, first_step: Tensor, all_active_from: int,
+                num_steps: int, segment: int) -> Tensor:
         checkpoints = []
         h = x
         for t in range(num_steps):
             if t % segment == 0:
                 checkpoints.append(h)
-            h = CheckpointedNeumann._step(operator, weight, x, h, first_step, t)
+            h = CheckpointedNeumann._step(operator, weight, x, h, first_step, t, all_active_from)
         ctx.save_for_backward(weight, x, first_step, *checkpoints)
         ctx.operator, ctx.num_steps, ctx.segment = operator, num_steps, segment
+        ctx.all_active_from = all_active_from
         return h
 
     @staticmethod
@@ -295,8 +296,8 @@ class CheckpointedNeumann(torch.autograd.Function):
         return (first_step <= t).to(like.dtype)
 
     @staticmethod
-    def _step(operator, weight, x, h, first_step, t):
-        if t >= first_step.max_value:  # every graph active: the plain Horner step
+    def _step(operator, weight, x, h, first_step, t, all_active_from):
+        if t >= all_active_from:  # every graph active: the plain Horner step
             return operator.matmul(weight, h, x)
         active = CheckpointedNeumann._active(first_step, t, h)
         return h + active * (x + operator.matmul(weight, h) - h)
@@ -313,14 +314,15 @@ class CheckpointedNeumann(torch.autograd.Function):
             start, stop = index * segment, min((index + 1) * segment, ctx.num_steps)
             states = [checkpoints[index]]  # states[t - start] is H before step t
             for t in range(start, stop - 1):
-                states.append(CheckpointedNeumann._step(operator, weight, x, states[-1], first_step, t))
+                states.append(CheckpointedNeumann._step(operator, weight, x, states[-1], first_step, t,
+                                                        ctx.all_active_from))
             for t in reversed(range(start, stop)):
-                all_active = t >= first_step.max_value
+                all_active = t >= ctx.all_active_from
                 active_g = g if all_active else CheckpointedNeumann._active(first_step, t, g) * g
                 grad_x += active_g
                 grad_weight += operator.edge_dot(active_g, states[t - start])
                 g = operator.rmatmul(weight, g) if all_active else g - active_g + operator.rmatmul(weight, active_g)
-        return None, grad_weight, grad_x + g, None, None, None
+        return None, grad_weight, grad_x + g, None, None, None, None
 
 
 def checkpointed_neumann(operator, weight: Tensor, x: Tensor, num_terms: Tensor,
@@ -330,8 +332,8 @@ def checkpointed_neumann(operator, weight: Tensor, x: Tensor, num_terms: Tensor,
     max_terms = int(num_terms.max()) if num_terms.numel() else 0
     first_step = (max_terms - terms).view(-1, 1, 1) if terms.dim() else (max_terms - terms).view(1, 1, 1)
     segment = max(1, int(max_terms ** 0.5))
-    first_step.max_value = int(first_step.max()) if first_step.numel() else 0  # one sync, not one per step
-    return CheckpointedNeumann.apply(operator, weight, x, first_step, max_terms, segment)
+    all_active_from = int(first_step.max()) if first_step.numel() else 0  # one sync, not one per step
+    return CheckpointedNeumann.apply(operator, weight, x, first_step, all_active_from, max_terms, segment)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch_geometric
 from torch import Tensor
 
-from ..utils.topology import diameter_bound, is_directed_paths, topological_levels
+from ..utils.topology import diameter_bound, is_directed_paths, raise_if_cyclic, topological_levels
 from . import reference
 from ._kernels import CsrOperator, dag_solve
 
@@ -239,9 +239,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
 
     state = reference.to_state(key, value)
     if method == "dag":
-        levels = topology.levels
-        if bool((levels < 0).any()):  # raises the CycleError with its message
-            topological_levels(edge_index, num_nodes)
+        raise_if_cyclic(topology.levels)
         level_ptr, order = topology.level_schedule
         csr = topology.operator
         state = dag_solve(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], state)

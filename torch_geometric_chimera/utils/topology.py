@@ -65,13 +65,18 @@ def topological_levels(edge_index: Tensor, num_nodes: int, *, raise_on_cycle: bo
         frontier = candidates[in_degree[candidates] == 0]
         depth += 1
     if raise_on_cycle:
-        unresolved = int((level < 0).sum())
-        if unresolved:
-            raise CycleError(
-                f"edge_index: expected a directed acyclic graph, but {unresolved} of {num_nodes} nodes lie on or "
-                f"after a directed cycle (self-loops count as cycles); use method='dense' or 'iterative' for "
-                f"graphs with cycles, or decompose the graph into DAGs")
+        raise_if_cyclic(level)
     return level
+
+
+def raise_if_cyclic(level: Tensor) -> None:
+    """Raise :class:`CycleError` when :func:`topological_levels` left nodes unresolved (``-1``)."""
+    unresolved = int((level < 0).sum())
+    if unresolved:
+        raise CycleError(
+            f"edge_index: expected a directed acyclic graph, but {unresolved} of {level.numel()} nodes lie on or "
+            f"after a directed cycle (self-loops count as cycles); use method='dense' or 'iterative' for "
+            f"graphs with cycles, or decompose the graph into DAGs")
 
 
 def path_roots(edge_index: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor, bool]:
