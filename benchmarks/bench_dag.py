@@ -9,7 +9,7 @@ triangular solve has no autograd).
 import argparse
 
 import torch
-from common import device_name, time_interleaved, write_json
+from common import compare, device_name, write_json
 
 from torch_geometric_chimera.ops import GraphTopology, dag_solve
 from torch_geometric_chimera.utils import grid_graph_dags
@@ -48,11 +48,7 @@ def main():
     torch.testing.assert_close(chimera().squeeze(1), mkl(), rtol=1e-4, atol=1e-4)
     results = {"device": device_name("cpu"), "grid": f"{args.side}x{args.side}", "width": args.width,
                "baseline": "torch.triangular_solve(X, I - A as sparse CSR)  (MKL)"}
-    results.update(time_interleaved({"mkl_triangular_solve": mkl, "chimera_dag_solve": chimera}, "cpu",
-                                    reps=args.reps))
-    results["ratio"] = results["chimera_dag_solve"]["median_s"] / results["mkl_triangular_solve"]["median_s"]
-    print(f"MKL: {results['mkl_triangular_solve']['median_s'] * 1e3:.1f} ms, chimera::dag_solve: "
-          f"{results['chimera_dag_solve']['median_s'] * 1e3:.1f} ms, ratio {results['ratio']:.2f}x")
+    compare(results, "mkl_triangular_solve", mkl, "chimera_dag_solve", chimera, reps=args.reps)
     write_json(args.out, results)
 
 

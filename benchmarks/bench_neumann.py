@@ -8,7 +8,7 @@ torch.sparse.mm(A, X) with A as CSR and X of the same width. Forward only, in on
 import argparse
 
 import torch
-from common import device_name, time_interleaved, write_json
+from common import compare, device_name, write_json
 from torch_geometric.utils import to_undirected
 
 from torch_geometric_chimera.ops import GraphTopology
@@ -54,11 +54,7 @@ def main():
     torch.testing.assert_close(chimera().squeeze(1), sparse_mm_series(), rtol=1e-4, atol=1e-4)
     results = {"device": device_name("cpu"), "nodes": n, "edges": edge_index.size(1), "width": args.width,
                "terms": args.terms, "baseline": f"{args.terms} x torch.sparse.mm(A_csr, X)"}
-    results.update(time_interleaved({"sparse_mm_calls": sparse_mm_calls, "chimera_neumann": chimera}, "cpu",
-                                    reps=args.reps))
-    results["ratio"] = results["chimera_neumann"]["median_s"] / results["sparse_mm_calls"]["median_s"]
-    print(f"{args.terms} x sparse.mm: {results['sparse_mm_calls']['median_s'] * 1e3:.1f} ms, neumann: "
-          f"{results['chimera_neumann']['median_s'] * 1e3:.1f} ms, ratio {results['ratio']:.2f}x")
+    compare(results, "sparse_mm_calls", sparse_mm_calls, "chimera_neumann", chimera, reps=args.reps)
     write_json(args.out, results)
 
 

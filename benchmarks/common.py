@@ -65,6 +65,15 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], device, warmup: int = 2
     return {name: {"median_s": statistics.median(s), "min_s": min(s), "reps": reps} for name, s in samples.items()}
 
 
+def compare(results: Dict, baseline: str, baseline_fn: Callable[[], None], name: str, fn: Callable[[], None],
+            device="cpu", reps: int = 10) -> None:
+    """Time ``fn`` against ``baseline_fn`` interleaved; store both and ``results["ratio"]``, and print."""
+    results.update(time_interleaved({baseline: baseline_fn, name: fn}, device, reps=reps))
+    results["ratio"] = results[name]["median_s"] / results[baseline]["median_s"]
+    print(f"{baseline}: {results[baseline]['median_s'] * 1e3:.1f} ms, {name}: {results[name]['median_s'] * 1e3:.1f} ms, "
+          f"ratio {results['ratio']:.2f}x")
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
