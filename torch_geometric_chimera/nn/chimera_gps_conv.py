@@ -1,0 +1,137 @@
+r"""``ChimeraGPSConv``: PyG's ``GPSConv`` with Chimera as the global model."""
+import inspect
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Dropout, Linear, Sequential
+from torch_geometric.nn import MessagePassing
+from torch_geometric.nn.inits import reset
+from torch_geometric.nn.resolver import activation_resolver, normalization_resolver
+from torch_geometric.typing import Adj
+
+from .chimera_conv import ChimeraConv
+
+# Keys of torch.nn.MultiheadAttention / PerformerAttention that have no Chimera counterpart.
+_ATTENTION_ONLY_KEYS = {"bias", "add_bias_kv", "add_zero_attn", "kdim", "vdim", "batch_first", "kernel",
+                        "qkv_bias", "attn_out_bias"}
+
+
+class ChimeraGPSConv(torch.nn.Module):
+    r"""The GraphGPS layer from `"Recipe for a General, Powerful, Scalable Graph Transformer"
+    <https://arxiv.org/abs/2205.12454>`_ with :class:`ChimeraConv` in place of the Transformer,
+    as in the LRGB experiments of "Chimera: State Space Models Beyond Sequences".
+
+    It takes the same constructor arguments and the same call as
+    :class:`torch_geometric.nn.conv.GPSConv`, so replacing ``GPSConv(...)`` by
+    ``ChimeraGPSConv(...)`` is the only change a GPS model needs:
+
+    .. math::
+        \mathbf{h}_{\mathrm{local}} &= \mathrm{Norm}_1\big(\mathbf{x} +
+            \mathrm{Dropout}(\mathrm{MPNN}(\mathbf{x}, \mathcal{E}))\big), \\
+        \mathbf{h}_{\mathrm{global}} &= \mathrm{Norm}_2\big(\mathbf{x} +
+            \mathrm{Dropout}(\mathrm{Chimera}(\mathbf{x}, \mathcal{E}, \mathbf{e}))\big), \\
+        \mathbf{out} &= \mathrm{Norm}_3\big(\mathbf{h} + \mathrm{MLP}(\mathbf{h})\big), \qquad
+            \mathbf{h} = \mathbf{h}_{\mathrm{local}} + \mathbf{h}_{\mathrm{global}}.
+
+    Unlike attention, the global model sees the graph: it receives ``edge_index`` and, when it is
+    passed, ``edge_attr`` (the same keyword the local MPNN gets).
+
+    Args:
+        channels (int): size of every input and output node feature.
+        conv (MessagePassing, optional): the local message passing layer; :obj:`None` for none.
+        heads (int, optional): number of Chimera SSM heads. (default: ``1``)
+        dropout (float, optional): dropout after the local and global models and in the MLP.
+            (default: ``0.0``)
+        act (str or Callable, optional): the MLP's activation. (default: ``"relu"``)
+        act_kwargs (Dict[str, Any], optional): arguments of ``act``. (default: :obj:`None`)
+        norm (str or Callable, optional): normalization after each residual.
+            (default: ``"batch_norm"``)
+        norm_kwargs (Dict[str, Any], optional): arguments of ``norm``. (default: :obj:`None`)
+        attn_type (str, optional): accepted so that code written for ``GPSConv`` runs unchanged;
+            the global model is always Chimera. ``"chimera"``, ``"multihead"`` or ``"performer"``.
+            (default: ``"chimera"``)
+        attn_kwargs (Dict[str, Any], optional): arguments of :class:`ChimeraConv` (``state_dim``,
+            ``expand``, ``edge_dim``, ``adjacency``, ``method``, ``num_terms``, ...). ``"dropout"``
+            is the global branch's own dropout, as attention dropout is for ``GPSConv``.
+            ``edge_dim`` defaults to ``channels``, the width that GPS models embed edge features
+            to. (default: :obj:`None`)
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices :math:`(2, |\mathcal{E}|)`
+          or a sparse adjacency, *(optional)* batch vector :math:`(|\mathcal{V}|)`,
+          *(optional)* ``edge_attr`` :math:`(|\mathcal{E}|, D)` and further keyword arguments of
+          ``conv``
+        - **output:** node features :math:`(|\mathcal{V}|, F)`
+    """
+
+    def __init__(self, channels: int, conv: Optional[MessagePassing], heads: int = 1, dropout: float = 0.0,
+                 act: str = "relu", act_kwargs: Optional[Dict[str, Any]] = None,
+                 norm: Optional[str] = "batch_norm", norm_kwargs: Optional[Dict[str, Any]] = None,
+                 attn_type: str = "chimera", attn_kwargs: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        if attn_type not in ("chimera", "multihead", "performer"):
+            raise ValueError(f"attn_type: expected 'chimera' (or 'multihead' / 'performer', accepted for GPSConv "
+                             f"compatibility), got {attn_type!r}")
+        chimera_kwargs = dict(attn_kwargs or {})
+        unsupported = sorted(_ATTENTION_ONLY_KEYS & chimera_kwargs.keys())
+        if unsupported:
+            raise ValueError(f"attn_kwargs: {unsupported} are attention options with no Chimera counterpart; "
+                             f"pass ChimeraConv arguments (state_dim, expand, edge_dim, method, ...)")
+        self.channels, self.conv, self.heads, self.dropout = channels, conv, heads, dropout
+        self.attn_type = attn_type
+        self.attn_dropout = float(chimera_kwargs.pop("dropout", 0.0))
+        chimera_kwargs.setdefault("edge_dim", channels)
+        self.chimera = ChimeraConv(channels, heads=heads, **chimera_kwargs)
+
+        self.mlp = Sequential(
+            Linear(channels, channels * 2),
+            activation_resolver(act, **(act_kwargs or {})),
+            Dropout(dropout),
+            Linear(channels * 2, channels),
+            Dropout(dropout),
+        )
+        norm_kwargs = norm_kwargs or {}
+        self.norm1 = normalization_resolver(norm, channels, **norm_kwargs)
+        self.norm2 = normalization_resolver(norm, channels, **norm_kwargs)
+        self.norm3 = normalization_resolver(norm, channels, **norm_kwargs)
+        # PyG's graph-level norms (GraphNorm, InstanceNorm, ...) take the batch vector.
+        self.norm_with_batch = self.norm1 is not None and "batch" in inspect.signature(self.norm1.forward).parameters
+
+    def reset_parameters(self):
+        r"""Resets all learnable parameters of the module."""
+        if self.conv is not None:
+            self.conv.reset_parameters()
+        self.chimera.reset_parameters()
+        reset(self.mlp)
+        for norm in (self.norm1, self.norm2, self.norm3):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def _norm(self, norm, h: Tensor, batch: Optional[Tensor]) -> Tensor:
+        if norm is None:
+            return h
+        return norm(h, batch=batch) if self.norm_with_batch else norm(h)
+
+    def forward(self, x: Tensor, edge_index: Adj, batch: Optional[Tensor] = None, **kwargs) -> Tensor:
+        r"""Runs the layer; ``kwargs`` go to the local MPNN, and ``edge_attr`` also to Chimera."""
+        branches = []
+        if self.conv is not None:  # local MPNN
+            h = F.dropout(self.conv(x, edge_index, **kwargs), p=self.dropout, training=self.training)
+            branches.append(self._norm(self.norm1, h + x, batch))
+
+        edge_attr = kwargs.get("edge_attr")
+        if edge_attr is not None and self.chimera.edge_proj is None:
+            edge_attr = None  # built with attn_kwargs={'edge_dim': None}: the MPNN alone uses edge features
+        h = self.chimera(x, edge_index, edge_attr, batch)  # global model
+        h = F.dropout(h, p=self.attn_dropout, training=self.training)
+        h = F.dropout(h, p=self.dropout, training=self.training)
+        branches.append(self._norm(self.norm2, h + x, batch))
+
+        out = sum(branches)
+        return self._norm(self.norm3, out + self.mlp(out), batch)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.channels}, conv={self.conv}, heads={self.heads}, "
+                f"global={self.chimera})")
