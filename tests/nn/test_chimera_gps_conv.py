@@ -144,3 +144,18 @@ def test_edge_attr_width_is_checked():
     data = zinc_like_batch(1)
     with pytest.raises(ValueError, match=r"edge_attr: expected shape \[E, edge_dim\]"):
         layer(torch.randn(data.num_nodes, 16), data.edge_index, edge_attr=torch.randn(data.num_edges, 3))
+
+
+def test_pre_norm_order():
+    """norm_style='pre': x + MPNN(N1 x) + Chimera(N2 x), then + MLP(N3 h), written out by hand."""
+    channels, data = 16, zinc_like_batch(2)
+    x, edge_attr = torch.randn(data.num_nodes, channels), torch.randn(data.num_edges, channels)
+    local = GINEConv(Sequential(Linear(channels, channels), ReLU(), Linear(channels, channels)))
+    layer = ChimeraGPSConv(channels, local, heads=2, norm="layer_norm", norm_style="pre").eval()
+    b = data.batch  # PyG's "layer_norm" normalizes per graph
+    h = (x + layer.conv(layer.norm1(x, b), data.edge_index, edge_attr=edge_attr)
+         + layer.chimera(layer.norm2(x, b), data.edge_index, edge_attr, b))
+    expected = h + layer.mlp(layer.norm3(h, b))
+    torch.testing.assert_close(layer(x, data.edge_index, data.batch, edge_attr=edge_attr), expected)
+    with pytest.raises(ValueError, match="norm_style: expected 'post' or 'pre'"):
+        ChimeraGPSConv(channels, None, norm_style="sandwich")

@@ -57,6 +57,11 @@ class ChimeraGPSConv(torch.nn.Module):
             is the global branch's own dropout, as attention dropout is for ``GPSConv``.
             ``edge_dim`` defaults to ``channels``, the width that GPS models embed edge features
             to. (default: :obj:`None`)
+        norm_style (str, optional): ``"post"``, GPSConv's order above, or ``"pre"``: each branch
+            sees a normalized input, :math:`\mathbf{h} = \mathbf{x} + \mathrm{MPNN}(\mathrm{Norm}_1
+            \mathbf{x}) + \mathrm{Chimera}(\mathrm{Norm}_2\mathbf{x})`, :math:`\mathbf{out} = \mathbf{h}
+            + \mathrm{MLP}(\mathrm{Norm}_3\mathbf{h})` (the tuned LRGB configuration of the review
+            discussion). (default: ``"post"``)
 
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices :math:`(2, |\mathcal{E}|)`
@@ -69,8 +74,11 @@ class ChimeraGPSConv(torch.nn.Module):
     def __init__(self, channels: int, conv: Optional[MessagePassing], heads: int = 1, dropout: float = 0.0,
                  act: str = "relu", act_kwargs: Optional[Dict[str, Any]] = None,
                  norm: Optional[str] = "batch_norm", norm_kwargs: Optional[Dict[str, Any]] = None,
-                 attn_type: str = "chimera", attn_kwargs: Optional[Dict[str, Any]] = None):
+                 attn_type: str = "chimera", attn_kwargs: Optional[Dict[str, Any]] = None,
+                 norm_style: str = "post"):
         super().__init__()
+        if norm_style not in ("post", "pre"):
+            raise ValueError(f"norm_style: expected 'post' or 'pre', got {norm_style!r}")
         if attn_type not in ("chimera", "multihead", "performer"):
             raise ValueError(f"attn_type: expected 'chimera' (or 'multihead' / 'performer', accepted for GPSConv "
                              f"compatibility), got {attn_type!r}")
@@ -80,7 +88,7 @@ class ChimeraGPSConv(torch.nn.Module):
             raise ValueError(f"attn_kwargs: {unsupported} are attention options with no Chimera counterpart; "
                              f"pass ChimeraConv arguments (state_dim, expand, edge_dim, method, ...)")
         self.channels, self.conv, self.heads, self.dropout = channels, conv, heads, dropout
-        self.attn_type = attn_type
+        self.attn_type, self.norm_style = attn_type, norm_style
         self.attn_dropout = float(chimera_kwargs.pop("dropout", 0.0))
         chimera_kwargs.setdefault("edge_dim", channels)
         self.chimera = ChimeraConv(channels, heads=heads, **chimera_kwargs)
@@ -116,19 +124,25 @@ class ChimeraGPSConv(torch.nn.Module):
 
     def forward(self, x: Tensor, edge_index: Adj, batch: Optional[Tensor] = None, **kwargs) -> Tensor:
         r"""Runs the layer; ``kwargs`` go to the local MPNN, and ``edge_attr`` also to Chimera."""
+        pre = self.norm_style == "pre"
         branches = []
         if self.conv is not None:  # local MPNN
-            h = F.dropout(self.conv(x, edge_index, **kwargs), p=self.dropout, training=self.training)
-            branches.append(self._norm(self.norm1, h + x, batch))
+            inp = self._norm(self.norm1, x, batch) if pre else x
+            h = F.dropout(self.conv(inp, edge_index, **kwargs), p=self.dropout, training=self.training)
+            branches.append(h if pre else self._norm(self.norm1, h + x, batch))
 
         edge_attr = kwargs.get("edge_attr")
         if edge_attr is not None and self.chimera.edge_proj is None:
             edge_attr = None  # built with attn_kwargs={'edge_dim': None}: the MPNN alone uses edge features
-        h = self.chimera(x, edge_index, edge_attr, batch)  # global model
+        inp = self._norm(self.norm2, x, batch) if pre else x
+        h = self.chimera(inp, edge_index, edge_attr, batch)  # global model
         h = F.dropout(h, p=self.attn_dropout, training=self.training)
         h = F.dropout(h, p=self.dropout, training=self.training)
-        branches.append(self._norm(self.norm2, h + x, batch))
+        branches.append(h if pre else self._norm(self.norm2, h + x, batch))
 
+        if pre:
+            out = x + sum(branches)
+            return out + self.mlp(self._norm(self.norm3, out, batch))
         out = sum(branches)
         return self._norm(self.norm3, out + self.mlp(out), batch)
 
