@@ -255,3 +255,16 @@ def test_topology_is_shared_between_calls_with_the_same_unchanged_tensors():
     edge_index[0, 0] = edge_index[0, 0]  # an in-place write bumps the version counter
     changed = GraphTopology.get(edge_index, 20, batch)
     assert changed is not first and GraphTopology.get(edge_index, 20, batch) is changed
+
+
+def test_inference_mode_tensors_are_not_cached_and_give_the_same_result():
+    # Tensors made under torch.inference_mode have no version counter (PyTorch Lightning tests in it).
+    edge_index = random_graph(12, 30)
+    q, k, v, w = inputs(12, edge_index.size(1))
+    expected = resolvent_attention(q, k, v, edge_index, w, method="dense")
+    with torch.inference_mode():
+        frozen = edge_index.clone()
+        first = GraphTopology.get(frozen, 12)
+        assert GraphTopology.get(frozen, 12) is not first
+        out = resolvent_attention(q, k, v, frozen, w, method="dense")
+    torch.testing.assert_close(out, expected)

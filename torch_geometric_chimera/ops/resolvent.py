@@ -41,7 +41,10 @@ class GraphTopology:
     def get(cls, edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None) -> "GraphTopology":
         """The topology of ``(edge_index, batch)``, shared by every call that passes the *same*
         tensors unchanged (the layers of one model on one mini-batch): entries hold weak
-        references and the tensors' version counters, so a freed or modified tensor never hits."""
+        references and the tensors' version counters, so a freed or modified tensor never hits.
+        Tensors made under ``torch.inference_mode`` have no version counter: they are not cached."""
+        if edge_index.is_inference() or (batch is not None and batch.is_inference()):
+            return cls(edge_index, num_nodes, batch)
         for entry in cls._cache:
             ei_ref, ei_version, batch_ref, batch_version, n, topology = entry
             if (ei_ref() is edge_index and ei_version == edge_index._version and n == num_nodes
