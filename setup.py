@@ -34,7 +34,9 @@ def extensions():
     return [CppExtension("torch_geometric_chimera._C", sources, extra_compile_args=extra)]
 
 
-test_requires = ["pytest"]
+# GraphGym (yacs, PyTorch Lightning) is tested too; none of these pulls another torch.
+graphgym_requires = ["yacs", "pytorch_lightning"]
+test_requires = ["pytest", "tqdm", "matplotlib"] + graphgym_requires
 setup(
     name="torch_geometric_chimera",
     version="0.1.0",
@@ -51,8 +53,9 @@ setup(
         "triton": ["triton"],
         "lrgb": ["ogb", "rdkit"],
         "examples": ["tqdm", "matplotlib"],
+        "graphgym": graphgym_requires,
         "test": test_requires,
-        "full": ["tqdm", "matplotlib"] + test_requires,
+        "full": test_requires,
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
