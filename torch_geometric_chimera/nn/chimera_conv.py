@@ -58,6 +58,10 @@ class ChimeraConv(MessagePassing):
         num_terms (int, optional): truncate the resolvent to ``num_terms + 1`` Neumann terms.
             With ``method="neumann"`` and :obj:`None`, each graph's diameter bound is used.
             (default: :obj:`None`, exact)
+        tol (float, optional): tolerance of ``method="iterative"`` (:obj:`None`: by dtype; ``0``:
+            exactly ``max_iter`` iterations and no stopping test, nothing read on the host).
+            (default: :obj:`None`)
+        max_iter (int, optional): iteration cap of ``method="iterative"``. (default: ``1000``)
         gamma (float, optional): row-normalization scale :math:`\gamma < 1` of ``"general"``.
             (default: ``0.9``)
         local_conv (bool, optional): apply the local graph convolution. (default: :obj:`True`)
@@ -76,7 +80,8 @@ class ChimeraConv(MessagePassing):
     def __init__(self, channels: int, heads: int = 4, state_dim: int = 16, expand: int = 2,
                  edge_dim: Optional[int] = None, adjacency: str = "general", method: str = "auto",
                  num_terms: Optional[int] = None, gamma: float = 0.9, local_conv: bool = True,
-                 dt_min: float = 0.001, dt_max: float = 0.1, **kwargs):
+                 dt_min: float = 0.001, dt_max: float = 0.1, tol: Optional[float] = None, max_iter: int = 1000,
+                 **kwargs):
         kwargs.setdefault("aggr", "mean")
         super().__init__(**kwargs)
         if adjacency not in ADJACENCIES:
@@ -95,6 +100,7 @@ class ChimeraConv(MessagePassing):
         self.edge_dim, self.adjacency, self.method = edge_dim, adjacency, method
         self.num_terms, self.gamma, self.local_conv = num_terms, gamma, local_conv
         self.dt_min, self.dt_max = dt_min, dt_max
+        self.tol, self.max_iter = tol, max_iter
 
         conv_width = inner + 2 * state_dim
         # One projection for z, (x, B, C), delta and psi, as Mamba-2's in_proj.
@@ -182,7 +188,7 @@ class ChimeraConv(MessagePassing):
             psi = torch.zeros_like(delta)
         edge_weight, key_scale = self.selective_adjacency(delta, edge_index, psi, delta_edge)
         return resolvent_attention(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, method=self.method,
-                                   num_terms=self.num_terms, batch=batch)
+                                   num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter)
 
     def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None) -> Tensor:
         """Runs the layer; see the class docstring for shapes."""

@@ -10,9 +10,10 @@ Per node, the same thing in state form: ``X_j = K_j V_jᵀ`` (an ``S x P`` state
 ``y_i = Q_iᵀ H_i``. Every method below computes one of these two forms; they must agree where their
 domains overlap, and the fast kernels in :mod:`torch_geometric_chimera.ops` are tested against them.
 """
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch_geometric
 from torch import Tensor
 
 from ..utils.topology import path_roots
@@ -108,11 +109,18 @@ def block_inverse(matrix: Tensor, base: int = 16) -> Tensor:
     return torch.cat([torch.cat([top_left, top_right], -1), torch.cat([bottom_left, schur_inv], -1)], -2)
 
 
+def host_reads_allowed(t: Tensor) -> bool:
+    """Whether a value of ``t`` may be read on the host: always on CPU (there is no device to wait
+    for); on an accelerator only under ``torch_geometric.debug()``, since it would synchronize."""
+    return t.device.type == "cpu" or torch_geometric.is_debug_enabled()
+
+
 def resolvent_matrix(adj: Tensor) -> Tensor:
     """``(I - A)^{-1}`` for a batch of dense ``A``: block elimination when every row of ``|A|``
-    sums to less than 1 (always true for the ``general`` adjacency), LU with pivoting otherwise."""
+    sums to less than 1 (always true for the ``general`` adjacency), LU with pivoting otherwise.
+    The test reads a value, so on accelerators (outside debug mode) LU is used without it."""
     eye = torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device)
-    if adj.numel() and float(adj.abs().sum(-1).amax()) < 1.0:
+    if adj.numel() and host_reads_allowed(adj) and float(adj.abs().sum(-1).amax()) < 1.0:
         return block_inverse(eye - adj)
     return torch.linalg.inv(eye - adj)
 
@@ -152,19 +160,24 @@ class DenseResolventAttention(torch.autograd.Function):
         return grad_weight, None, grad_q, grad_k, grad_v
 
 
-def dense_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
-                              edge_weight: Tensor, batch: Optional[Tensor] = None) -> Tensor:
-    r"""Exact :math:`(L \odot QK^\top)V` with :math:`L = (I - A)^{-1}` per graph.
+class DenseBucket(NamedTuple):
+    """Graphs padded to one size ``n_pad``: node ``nodes[i]`` sits at ``(graph[i], position[i])``
+    and ``entries[:, e] = (graph, target, source)`` of edge ``edges[e]``."""
+    n_pad: int
+    num_graphs: int
+    nodes: Tensor
+    graph: Tensor
+    position: Tensor
+    edges: Tensor
+    entries: Tensor
 
-    Graphs are grouped into buckets of similar size (:func:`bucket_size`); each bucket is padded
-    to one size and solved with one batched :func:`torch.linalg.inv`. Padding nodes are isolated
-    and have zero features, so they change nothing. The loop runs over buckets, not graphs.
-    Edges must not connect different graphs.
-    """
-    num_nodes, heads = query.size(0), query.size(1)
-    device = query.device
-    if num_nodes == 0:
-        return value.new_zeros(value.shape)
+
+def dense_buckets(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None
+                  ) -> Tuple[List[DenseBucket], Tensor]:
+    """The bucketing of :func:`dense_resolvent_attention`, which depends on the topology only
+    (it reads sizes on the host, so it is computed once per graph batch and cached), and the
+    permutation that puts the buckets' concatenated outputs back in node order."""
+    device = edge_index.device
     if batch is None:
         batch = torch.zeros(num_nodes, dtype=torch.long, device=device)
     num_graphs = int(batch.max()) + 1
@@ -177,27 +190,46 @@ def dense_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_in
     padded[sizes == 0] = 0
     src, dst = edge_index
 
-    outputs: List[Tensor] = []
-    node_ids: List[Tensor] = []
+    buckets: List[DenseBucket] = []
     for n_pad in torch.unique(padded[sizes > 0]).tolist():
         graphs = (padded == n_pad).nonzero().view(-1)
         slot = torch.full((num_graphs,), -1, dtype=torch.long, device=device)
         slot[graphs] = torch.arange(graphs.numel(), device=device)
         nodes = (slot[batch] >= 0).nonzero().view(-1)
-        g, pos = slot[batch[nodes]], local[nodes]
-
-        def densify(t: Tensor) -> Tensor:  # [n_nodes, H, F] -> [G_b, H, n_pad, F]
-            out = t.new_zeros(graphs.numel(), n_pad, heads, t.size(-1))
-            return out.index_put((g, pos), t[nodes]).transpose(1, 2)
-
-        q, k, v = densify(query), densify(key), densify(value)
         edges = (slot[batch[dst]] >= 0).nonzero().view(-1)
         entries = torch.stack([slot[batch[dst[edges]]], local[dst[edges]], local[src[edges]]])
-        y = DenseResolventAttention.apply(edge_weight[edges], entries, q, k, v)  # [G_b, H, n_pad, P]
-        outputs.append(y.transpose(1, 2)[g, pos])
-        node_ids.append(nodes)
-    out = torch.cat(outputs)
-    return out[torch.argsort(torch.cat(node_ids))]
+        buckets.append(DenseBucket(int(n_pad), graphs.numel(), nodes, slot[batch[nodes]], local[nodes], edges,
+                                   entries))
+    inverse = torch.argsort(torch.cat([b.nodes for b in buckets]))
+    return buckets, inverse
+
+
+def dense_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
+                              edge_weight: Tensor, batch: Optional[Tensor] = None,
+                              buckets: Optional[Tuple[List[DenseBucket], Tensor]] = None) -> Tensor:
+    r"""Exact :math:`(L \odot QK^\top)V` with :math:`L = (I - A)^{-1}` per graph.
+
+    Graphs are grouped into buckets of similar size (:func:`bucket_size`); each bucket is padded
+    to one size and solved with one batched :func:`torch.linalg.inv`. Padding nodes are isolated
+    and have zero features, so they change nothing. The loop runs over buckets, not graphs.
+    Edges must not connect different graphs. ``buckets`` (from :func:`dense_buckets`) may be
+    passed in, and then nothing here reads a value on the host.
+    """
+    num_nodes, heads = query.size(0), query.size(1)
+    if num_nodes == 0:
+        return value.new_zeros(value.shape)
+    bucket_list, inverse = dense_buckets(edge_index, num_nodes, batch) if buckets is None else buckets
+
+    outputs: List[Tensor] = []
+    for bucket in bucket_list:
+        def densify(t: Tensor) -> Tensor:  # [n_nodes, H, F] -> [G_b, H, n_pad, F]
+            out = t.new_zeros(bucket.num_graphs, bucket.n_pad, heads, t.size(-1))
+            return out.index_put((bucket.graph, bucket.position), t[bucket.nodes]).transpose(1, 2)
+
+        q, k, v = densify(query), densify(key), densify(value)
+        y = DenseResolventAttention.apply(edge_weight[bucket.edges], bucket.entries, q, k, v)  # [G_b, H, n_pad, P]
+        outputs.append(y.transpose(1, 2)[bucket.graph, bucket.position])
+    return torch.cat(outputs)[inverse]
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,15 +357,39 @@ class CheckpointedNeumann(torch.autograd.Function):
         return None, grad_weight, grad_x + g, None, None, None, None
 
 
-def checkpointed_neumann(operator, weight: Tensor, x: Tensor, num_terms: Tensor,
-                         node_graph: Optional[Tensor] = None) -> Tensor:
-    """:func:`neumann_solve` with memory that grows as the square root of the number of terms."""
+class NeumannSchedule(NamedTuple):
+    """When every node joins the Horner recursion: node ``i`` from step ``first_step[i]`` on."""
+    first_step: Tensor
+    max_terms: int
+    all_active_from: int
+
+    @property
+    def segment(self) -> int:  # checkpoint every sqrt(K) steps
+        return max(1, int(self.max_terms ** 0.5))
+
+
+def neumann_schedule(num_terms: Tensor, node_graph: Optional[Tensor] = None) -> NeumannSchedule:
+    """Per-graph term counts -> per-node first Horner step. Reads two values on the host, so it
+    depends on the topology only and is cached with it."""
     terms = num_terms if node_graph is None else num_terms[node_graph]
     max_terms = int(num_terms.max()) if num_terms.numel() else 0
     first_step = (max_terms - terms).view(-1, 1, 1) if terms.dim() else (max_terms - terms).view(1, 1, 1)
-    segment = max(1, int(max_terms ** 0.5))
-    all_active_from = int(first_step.max()) if first_step.numel() else 0  # one sync, not one per step
-    return CheckpointedNeumann.apply(operator, weight, x, first_step, all_active_from, max_terms, segment)
+    all_active_from = int(first_step.max()) if first_step.numel() else 0
+    return NeumannSchedule(first_step, max_terms, all_active_from)
+
+
+def checkpointed_neumann(operator, weight: Tensor, x: Tensor, num_terms, node_graph: Optional[Tensor] = None
+                         ) -> Tensor:
+    """:func:`neumann_solve` with memory that grows as the square root of the number of terms.
+    ``num_terms``: an int (every node), a per-graph tensor, or a :class:`NeumannSchedule`."""
+    if isinstance(num_terms, int):
+        schedule = NeumannSchedule(x.new_zeros((1, 1, 1), dtype=torch.long), num_terms, 0)
+    elif isinstance(num_terms, NeumannSchedule):
+        schedule = num_terms
+    else:
+        schedule = neumann_schedule(num_terms, node_graph)
+    return CheckpointedNeumann.apply(operator, weight, x, schedule.first_step, schedule.all_active_from,
+                                     schedule.max_terms, schedule.segment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,24 +400,36 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
 
 def fixed_point(step: Callable[[Tensor, Tensor], Tensor], rhs: Tensor, tol: float, max_iter: int,
-                what: str) -> Tensor:
+                what: str, check_every: int = 1) -> Tensor:
     r"""Iterate ``h <- step(h, rhs) = rhs + M h`` (Jacobi / Neumann iteration) until the update is
     below ``tol`` relative to ``h`` in the max norm. Converges whenever the spectral radius of ``M``
-    is below 1. ``step`` adds ``rhs`` itself, so that a kernel can fuse the addition."""
+    is below 1. ``step`` adds ``rhs`` itself, so that a kernel can fuse the addition.
+
+    The stopping test reads a value on the host, once every ``check_every`` iterations. ``tol=0``
+    runs exactly ``max_iter`` iterations and reads nothing (no synchronization on a GPU)."""
     h = rhs
     inf = float("inf")
-    for _ in range(max_iter):
+    for iteration in range(1, max_iter + 1):
         new = step(h, rhs)
+        if tol == 0 or (iteration % check_every and iteration < max_iter):
+            h = new
+            continue
         delta = float(torch.linalg.vector_norm(new - h, ord=inf)) if new.numel() else 0.0
         h = new
         if delta != delta or delta == inf:  # NaN or Inf: diverged
             break
         if delta <= tol * max(float(torch.linalg.vector_norm(h, ord=inf)) if h.numel() else 0.0, 1e-30):
             return h
+    if tol == 0:
+        return h
     raise RuntimeError(
         f"method='iterative': the {what} did not converge to tol={tol:g} in max_iter={max_iter} steps. "
         f"It needs the spectral radius of A below 1: use an adjacency parameterization that bounds it "
         f"(e.g. 'general' with gamma < 1), raise max_iter, or use method='dense'")
+
+
+#: On accelerators the stopping test of ``iterative`` runs every this many iterations.
+ACCELERATOR_CHECK_EVERY = 8
 
 
 class IterativeSolve(torch.autograd.Function):
@@ -371,7 +439,9 @@ class IterativeSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, operator, weight: Tensor, x: Tensor, tol: float, max_iter: int) -> Tensor:
-        h = fixed_point(lambda t, b: operator.matmul(weight, t, b), x, tol, max_iter, "forward solve")
+        ctx.check_every = 1 if host_reads_allowed(x) else ACCELERATOR_CHECK_EVERY
+        h = fixed_point(lambda t, b: operator.matmul(weight, t, b), x, tol, max_iter, "forward solve",
+                        ctx.check_every)
         ctx.save_for_backward(weight, h)
         ctx.operator, ctx.tol, ctx.max_iter = operator, tol, max_iter
         return h
@@ -381,7 +451,7 @@ class IterativeSolve(torch.autograd.Function):
         weight, h = ctx.saved_tensors
         operator = ctx.operator
         g = fixed_point(lambda t, b: operator.rmatmul(weight, t, b), grad_h.contiguous(), ctx.tol, ctx.max_iter,
-                        "adjoint (backward) solve")
+                        "adjoint (backward) solve", ctx.check_every)
         grad_weight = operator.edge_dot(g, h) if ctx.needs_input_grad[1] else None
         return None, grad_weight, g, None, None
 
@@ -440,14 +510,14 @@ def line_order(edge_index: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor]:
 
 
 def line_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
-                             chunk_size: int = 64) -> Tensor:
+                             chunk_size: int = 64, order: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     r"""Exact resolvent attention on a union of directed paths (every node has at most one
     parent and one child), computed like Mamba-2's SSD: quadratic attention inside chunks of
     ``chunk_size`` tokens, and a ``S x P`` state passed between chunks. All paths are laid end to
     end as one sequence; a path start gets the transition ``0``, which cuts the sequence there.
-    Edge weights may have any sign."""
+    Edge weights may have any sign. ``order``: :func:`line_order` of the topology, if known."""
     num_nodes, heads = query.shape[:2]
-    order, incoming = line_order(edge_index, num_nodes)
+    order, incoming = line_order(edge_index, num_nodes) if order is None else order
     # A path start has no incoming edge: transition 0, which cuts the sequence there.
     padded = torch.cat([edge_weight, edge_weight.new_zeros(1, heads)])
     w = padded[torch.where(incoming >= 0, incoming, edge_weight.size(0))]  # [T, H]

@@ -99,6 +99,21 @@ class GraphTopology:
     def operator(self) -> CsrOperator:
         return CsrOperator(self.edge_index, self.num_nodes)
 
+    @cached_property
+    def line_order(self) -> Tuple[Tensor, Tensor]:
+        """Node order and incoming edges of the ``line`` path (see :func:`~.reference.line_order`)."""
+        return reference.line_order(self.edge_index, self.num_nodes)
+
+    @cached_property
+    def dense_buckets(self):
+        """Size buckets of the ``dense`` path (see :func:`~.reference.dense_buckets`)."""
+        return reference.dense_buckets(self.edge_index, self.num_nodes, self.batch)
+
+    @cached_property
+    def neumann_schedule(self) -> "reference.NeumannSchedule":
+        """Horner schedule of ``neumann`` with each graph's own diameter bound as its term count."""
+        return reference.neumann_schedule(self.diameter_bound, self.batch)
+
 
 def choose_method(topology: GraphTopology, num_terms: Optional[int] = None) -> str:
     r"""The path ``method="auto"`` takes. Exact unless a truncation is asked for:
@@ -161,7 +176,7 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
 
     # Value checks need the data on the host: always on CPU, on accelerators in debug mode only.
     debug = torch_geometric.is_debug_enabled()
-    if query.device.type == "cpu" or debug:
+    if reference.host_reads_allowed(query):
         if num_edges and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
             raise IndexError(f"edge_index: node indices must lie in [0, {num_nodes}) for N = {num_nodes} nodes, "
                              f"found values in [{int(edge_index.min())}, {int(edge_index.max())}]")
@@ -206,7 +221,8 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
             own :func:`~torch_geometric_chimera.utils.diameter_bound`. (default: :obj:`None`)
         batch (LongTensor, optional): ``[N]`` graph id of every node. (default: :obj:`None`)
         tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks ``1e-12``
-            for float64 and ``1e-6`` for float32. (default: :obj:`None`)
+            for float64 and ``1e-6`` for float32; ``0`` runs exactly ``max_iter`` iterations with no
+            stopping test (nothing read on the host). (default: :obj:`None`)
         max_iter (int, optional): iteration cap of ``"iterative"``. (default: ``1000``)
         chunk_size (int, optional): chunk length of ``"line"``. (default: ``64``)
         topology (GraphTopology, optional): topology of ``(edge_index, batch)`` to reuse; by default
@@ -218,6 +234,8 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if num_terms is not None and (not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 0):
         raise ValueError(f"num_terms: expected a non-negative int or None, got {num_terms!r}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol: expected a non-negative float or None, got {tol!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     edge_weight = _check_inputs(query, key, value, edge_index, edge_weight, batch)
@@ -236,22 +254,22 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         if not topology.is_line:
             raise ValueError("edge_index: method='line' needs a union of directed paths (every node with at most one "
                              "incoming and one outgoing edge, no cycle); use method='dag' or 'dense'")
-        return reference.line_resolvent_attention(query, key, value, topology.edge_index, edge_weight, chunk_size)
+        return reference.line_resolvent_attention(query, key, value, topology.edge_index, edge_weight, chunk_size,
+                                                  order=topology.line_order)
     if method == "dense":
-        return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch)
+        return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch,
+                                                   buckets=topology.dense_buckets)
 
     state = reference.to_state(key, value)
     if method == "dag":
-        raise_if_cyclic(topology.levels)
+        if not topology.is_dag:  # cached: no host read once the topology is known
+            raise_if_cyclic(topology.levels)
         level_ptr, order = topology.level_schedule
         csr = topology.operator
         state = dag_solve(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], state)
     elif method == "neumann":
-        if num_terms is None:
-            terms = topology.diameter_bound
-        else:
-            terms = torch.full((max(topology.num_graphs, 1),), num_terms, dtype=torch.long, device=query.device)
-        state = reference.checkpointed_neumann(topology.operator, edge_weight, state, terms, topology.batch)
+        schedule = topology.neumann_schedule if num_terms is None else num_terms
+        state = reference.checkpointed_neumann(topology.operator, edge_weight, state, schedule)
     else:  # iterative
         tol = reference.default_tolerance(query.dtype) if tol is None else tol
         state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter)
