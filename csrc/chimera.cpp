@@ -21,4 +21,19 @@ TORCH_LIBRARY(chimera, m) {
   // Solve (I - A) h = x on a DAG: nodes order[level_ptr[l]:level_ptr[l+1]] form level l, every
   // edge into a node of level l comes from an earlier level; A is CSR by target (rowptr, col, weight).
   m.def("dag_solve(Tensor level_ptr, Tensor order, Tensor rowptr, Tensor col, Tensor weight, Tensor x) -> Tensor");
+  // Banded exact path (CPU). band_order: reverse Cuthill-McKee order of the nodes of every graph
+  // (nodes[node_ptr[g]:node_ptr[g+1]], sorted) in a symmetric pattern, and each graph's bandwidth.
+  m.def("band_order(Tensor node_ptr, Tensor nodes, Tensor rowptr, Tensor col) -> Tensor[]");
+  // band_factor: LU factors of I - A per graph and head in band storage (band_size rows, H columns).
+  m.def("band_factor(Tensor node_ptr, Tensor order, Tensor bandwidth, Tensor rowptr, Tensor col, Tensor weight, "
+        "SymInt band_size) -> Tensor");
+  // band_solve: (I - A)^{-1} x, or (I - A)^{-T} x with transpose=True, from those factors.
+  m.def("band_solve(Tensor node_ptr, Tensor order, Tensor bandwidth, Tensor factors, Tensor x, bool transpose=False) "
+        "-> Tensor");
+  // band_attention: y_i = Q_i^T H_i with H = (I - A)^{-1} X, X_j = K_j V_j^T, the state contraction fused in;
+  // returns (y, H). band_attention_backward: (dQ, dK, dV, G) with G = (I - A)^{-T} (Q_i dY_i^T).
+  m.def("band_attention(Tensor node_ptr, Tensor order, Tensor bandwidth, Tensor factors, Tensor query, Tensor key, "
+        "Tensor value) -> Tensor[]");
+  m.def("band_attention_backward(Tensor node_ptr, Tensor order, Tensor bandwidth, Tensor factors, Tensor query, "
+        "Tensor key, Tensor value, Tensor state, Tensor grad_y, Tensor? grad_state=None) -> Tensor[]");
 }

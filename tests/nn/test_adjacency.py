@@ -86,7 +86,7 @@ def ssd_recurrence(x, B, C, delta):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("method", ["dense", "dag", "line", "neumann", "iterative"])
+@pytest.mark.parametrize("method", ["dense", "band", "dag", "line", "neumann", "iterative"])
 def test_mamba2_adjacency_on_a_directed_line_is_mamba2_ssd(method):
     T, H, S, P = 37, 3, 4, 5
     conv = ChimeraConv(H * P, heads=H, state_dim=S, expand=1, adjacency="mamba2", method=method).double()

@@ -137,7 +137,7 @@ def test_isolated_nodes_see_only_themselves(method):
     torch.testing.assert_close(out[6:], (q[6:] * k[6:]).sum(-1, keepdim=True) * v[6:])
 
 
-@pytest.mark.parametrize("method", ["dense", "neumann", "iterative"])
+@pytest.mark.parametrize("method", ["dense", "band", "neumann", "iterative"])
 def test_self_loop_scales_by_one_over_one_minus_w(method):
     q, k, v, _ = inputs(1, 1)
     w = torch.tensor([[0.5, 0.25]], dtype=torch.float64)

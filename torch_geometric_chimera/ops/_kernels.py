@@ -1,7 +1,7 @@
 r"""Registration of the compiled ``chimera::*`` ops: fake kernels, autograd formulas and typed
 wrappers. The references they must equal live in :mod:`.reference`."""
 import warnings
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -92,6 +92,74 @@ if HAS_EXTENSION:
         grad_weight = torch.ops.chimera.edge_dot(rowptr, col, g, h) if ctx.needs_input_grad[4] else None
         return None, None, None, None, grad_weight, g
 
+    @torch.library.register_fake("chimera::band_order")
+    def _band_order_fake(node_ptr, nodes, rowptr, col):
+        return [nodes.new_empty(nodes.shape), node_ptr.new_empty((node_ptr.shape[0] - 1,))]
+
+    @torch.library.register_fake("chimera::band_factor")
+    def _band_factor_fake(node_ptr, order, bandwidth, rowptr, col, weight, band_size):
+        return weight.new_empty((band_size, weight.shape[1]))
+
+    @torch.library.register_fake("chimera::band_solve")
+    def _band_solve_fake(node_ptr, order, bandwidth, factors, x, transpose=False):
+        return x.new_empty(x.shape)
+
+    def _band_solve_setup_context(ctx, inputs, output):
+        node_ptr, order, bandwidth, factors, _, transpose = inputs
+        ctx.save_for_backward(node_ptr, order, bandwidth, factors)
+        ctx.transpose = transpose
+
+    def _band_solve_backward(ctx, grad_h):
+        # h = M^{-1} x is linear in x: the gradient is the solve with M^T (and vice versa).
+        node_ptr, order, bandwidth, factors = ctx.saved_tensors
+        if ctx.needs_input_grad[3]:
+            raise NotImplementedError("chimera::band_solve: no gradient with respect to the factors; differentiate "
+                                      "through band_resolvent_solve, which gives the gradient of the edge weights")
+        grad_x = torch.ops.chimera.band_solve(node_ptr, order, bandwidth, factors, grad_h.contiguous(),
+                                              not ctx.transpose)
+        return None, None, None, None, grad_x, None
+
+    def _band_factor_backward(ctx, grad_factors):
+        raise NotImplementedError("chimera::band_factor is not differentiable; use band_resolvent_solve, which "
+                                  "differentiates the solve with respect to the edge weights")
+
+    @torch.library.register_fake("chimera::band_attention")
+    def _band_attention_fake(node_ptr, order, bandwidth, factors, query, key, value):
+        num_nodes, heads, state_dim = query.shape
+        return [value.new_empty(value.shape), query.new_empty((num_nodes, heads, state_dim * value.shape[2]))]
+
+    @torch.library.register_fake("chimera::band_attention_backward")
+    def _band_attention_backward_fake(node_ptr, order, bandwidth, factors, query, key, value, state, grad_y,
+                                      grad_state=None):
+        return [query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+                state.new_empty(state.shape)]
+
+    def _band_attention_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1])
+
+    def _band_attention_backward(ctx, grads):
+        grad_y, grad_state = grads  # an op returning Tensor[] gets its gradients as one list
+        node_ptr, order, bandwidth, factors, query, key, value, state = ctx.saved_tensors
+        if ctx.needs_input_grad[3]:
+            raise NotImplementedError("chimera::band_attention: no gradient with respect to the factors; use "
+                                      "band_resolvent_attention, which gives the gradient of the edge weights")
+        if grad_y is None:
+            grad_y = value.new_zeros(value.shape)
+        grad_query, grad_key, grad_value, _ = torch.ops.chimera.band_attention_backward(
+            node_ptr, order, bandwidth, factors, query, key, value, state, grad_y, grad_state)
+        return None, None, None, None, grad_query, grad_key, grad_value
+
+    def _band_attention_backward_backward(ctx, *grads):
+        raise NotImplementedError("chimera::band_attention_backward: double backward is not supported")
+
+    torch.library.register_autograd("chimera::band_attention", _band_attention_backward,
+                                    setup_context=_band_attention_setup_context)
+    torch.library.register_autograd("chimera::band_attention_backward", _band_attention_backward_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd("chimera::band_solve", _band_solve_backward,
+                                    setup_context=_band_solve_setup_context)
+    torch.library.register_autograd("chimera::band_factor", _band_factor_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
     torch.library.register_autograd("chimera::dag_solve", _dag_solve_backward,
                                     setup_context=_dag_solve_setup_context)
     torch.library.register_autograd("chimera::spmm", _spmm_backward, setup_context=_spmm_setup_context)
@@ -148,6 +216,118 @@ def dag_solve(level_ptr: Tensor, order: Tensor, rowptr: Tensor, col: Tensor, wei
     level = torch.empty_like(order)
     level[order] = torch.repeat_interleave(torch.arange(level_ptr.numel() - 1, device=x.device), level_ptr.diff())
     return reference.DagSolve.apply(torch.stack([col.long(), row]), level, weight, x)
+
+
+class BandSchedule(NamedTuple):
+    """Banded layout of a batch of graphs: nodes ``order[node_ptr[g]:node_ptr[g+1]]`` of graph ``g``
+    in reverse Cuthill-McKee order, its bandwidth ``bandwidth[g]``, the total band storage
+    ``band_size`` and where every pivot sits in it (``pivot_index``)."""
+    node_ptr: Tensor
+    order: Tensor
+    bandwidth: Tensor
+    band_size: int
+    pivot_index: Tensor
+
+
+def band_schedule(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None) -> BandSchedule:
+    """Reverse Cuthill-McKee order and bandwidth of every graph (``chimera::band_order``). Depends
+    on the topology only; reads the band size on the host, so it is computed once and cached."""
+    device = edge_index.device
+    src, dst = edge_index.long()
+    keep = src != dst
+    sym_row = torch.cat([dst[keep], src[keep]])
+    sym_col = torch.cat([src[keep], dst[keep]])
+    sym_row, perm = torch.sort(sym_row, stable=True)
+    sym_col = sym_col[perm]
+    rowptr = torch.searchsorted(sym_row, torch.arange(num_nodes + 1, device=device))
+    if batch is None:
+        nodes = torch.arange(num_nodes, device=device)
+        sizes = torch.tensor([num_nodes], device=device)
+    else:
+        nodes = torch.argsort(batch, stable=True)
+        sizes = torch.bincount(batch, minlength=int(batch.max()) + 1 if num_nodes else 0)
+    node_ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    order, bandwidth = torch.ops.chimera.band_order(node_ptr, nodes, rowptr, sym_col)
+    width = 2 * bandwidth + 1
+    offset = torch.cat([width.new_zeros(1), (sizes * width).cumsum(0)])
+    graph = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
+    local = torch.arange(num_nodes, device=device) - node_ptr[graph]
+    pivot_index = offset[graph] + local * width[graph] + bandwidth[graph]
+    return BandSchedule(node_ptr, order, bandwidth, int(offset[-1]), pivot_index)
+
+
+class BandResolventSolve(torch.autograd.Function):
+    r""":math:`H = (I - A)^{-1} X` by band LU (``chimera::band_factor`` + ``chimera::band_solve``).
+    The backward solves :math:`(I - A)^\top G = \partial H` with the same factors and reads
+    :math:`\partial A_{ij} = \langle G_i, H_j\rangle` at the edges (``chimera::edge_dot``)."""
+
+    @staticmethod
+    def forward(ctx, schedule: BandSchedule, rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        node_ptr, order, bandwidth = schedule.node_ptr, schedule.order, schedule.bandwidth
+        factors = torch.ops.chimera.band_factor(node_ptr, order, bandwidth, rowptr, col, weight, schedule.band_size)
+        h = torch.ops.chimera.band_solve(node_ptr, order, bandwidth, factors, x, False)
+        ctx.save_for_backward(rowptr, col, factors, h)
+        ctx.schedule = schedule
+        ctx.pivots = factors[schedule.pivot_index]
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):
+        rowptr, col, factors, h = ctx.saved_tensors
+        s = ctx.schedule
+        g = torch.ops.chimera.band_solve(s.node_ptr, s.order, s.bandwidth, factors, grad_h.contiguous(), True)
+        grad_weight = torch.ops.chimera.edge_dot(rowptr, col, g, h) if ctx.needs_input_grad[3] else None
+        return None, None, None, grad_weight, g
+
+
+def band_resolvent_solve(schedule: BandSchedule, rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    r"""Exact :math:`(I - A)^{-1} X` for a batch of graphs by band LU without pivoting (stable when
+    every row of :math:`|A|` sums to less than 1). ``weight`` ``[E, H]`` in the CSR order of
+    ``(rowptr, col)`` (by target), ``x`` ``[N, H, F]``; float16 / bfloat16 are solved in float32.
+    Differentiable in ``weight`` and ``x``. CPU only."""
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return band_resolvent_solve(schedule, rowptr, col, weight.float(), x.float()).to(dtype)
+    return BandResolventSolve.apply(schedule, rowptr, col, weight, x.contiguous())
+
+
+class BandResolventAttention(torch.autograd.Function):
+    r""":math:`y = (L \odot QK^\top)V`, :math:`L = (I - A)^{-1}`, by band LU with the state
+    contraction fused into the solves (``chimera::band_attention``). The backward runs
+    ``chimera::band_attention_backward`` (one adjoint solve) and reads
+    :math:`\partial A_{ij} = \langle G_i, H_j\rangle` at the edges."""
+
+    @staticmethod
+    def forward(ctx, schedule: BandSchedule, rowptr: Tensor, col: Tensor, weight: Tensor, query: Tensor,
+                key: Tensor, value: Tensor) -> Tensor:
+        s = schedule
+        factors = torch.ops.chimera.band_factor(s.node_ptr, s.order, s.bandwidth, rowptr, col, weight, s.band_size)
+        y, state = torch.ops.chimera.band_attention(s.node_ptr, s.order, s.bandwidth, factors, query, key, value)
+        ctx.save_for_backward(rowptr, col, factors, query, key, value, state)
+        ctx.schedule = schedule
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        rowptr, col, factors, query, key, value, state = ctx.saved_tensors
+        s = ctx.schedule
+        grad_query, grad_key, grad_value, g = torch.ops.chimera.band_attention_backward(
+            s.node_ptr, s.order, s.bandwidth, factors, query, key, value, state, grad_y.contiguous())
+        grad_weight = torch.ops.chimera.edge_dot(rowptr, col, g, state) if ctx.needs_input_grad[3] else None
+        return None, None, None, grad_weight, grad_query, grad_key, grad_value
+
+
+def band_resolvent_attention(schedule: BandSchedule, rowptr: Tensor, col: Tensor, weight: Tensor, query: Tensor,
+                             key: Tensor, value: Tensor) -> Tensor:
+    r"""Exact resolvent attention by band LU (see :class:`BandResolventAttention`): ``weight``
+    ``[E, H]`` in the CSR order of ``(rowptr, col)``; ``query``, ``key`` ``[N, H, S]``, ``value``
+    ``[N, H, P]``. float16 / bfloat16 run in float32. CPU only."""
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return band_resolvent_attention(schedule, rowptr, col, weight.float(), query.float(), key.float(),
+                                        value.float()).to(dtype)
+    return BandResolventAttention.apply(schedule, rowptr, col, weight, query.contiguous(), key.contiguous(),
+                                        value.contiguous())
 
 
 class CsrOperator:

@@ -65,9 +65,27 @@ class EdgeListOperator:
 # --------------------------------------------------------------------------------------------
 # State form helpers.
 # --------------------------------------------------------------------------------------------
+class StateOuter(torch.autograd.Function):
+    r""":math:`X_j = K_j V_j^\top`. Autograd of a broadcast product would build two more
+    ``[N, H, S, P]`` products in the backward and sum them; here both gradients are batched
+    matrix-vector products that read the incoming gradient once."""
+
+    @staticmethod
+    def forward(ctx, key: Tensor, value: Tensor) -> Tensor:
+        ctx.save_for_backward(key, value)
+        return key.unsqueeze(-1) * value.unsqueeze(-2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        key, value = ctx.saved_tensors
+        grad_key = (grad @ value.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[0] else None
+        grad_value = (key.unsqueeze(-2) @ grad).squeeze(-2) if ctx.needs_input_grad[1] else None
+        return grad_key, grad_value
+
+
 def to_state(key: Tensor, value: Tensor) -> Tensor:
     """``X_j = K_j V_jᵀ`` flattened to ``[N, H, S * P]``."""
-    return (key.unsqueeze(-1) * value.unsqueeze(-2)).flatten(2)
+    return StateOuter.apply(key, value).flatten(2)
 
 
 def read_state(query: Tensor, state: Tensor, head_dim: int) -> Tensor:
@@ -459,6 +477,33 @@ class IterativeSolve(torch.autograd.Function):
 def iterative_solve(operator, weight: Tensor, x: Tensor, tol: float, max_iter: int) -> Tensor:
     """:math:`(I - A)^{-1} X` to a relative tolerance, with an implicit backward."""
     return IterativeSolve.apply(operator, weight, x, tol, max_iter)
+
+
+# --------------------------------------------------------------------------------------------
+# band: the reference of the band LU kernels (chimera::band_factor / band_solve / band_attention).
+# --------------------------------------------------------------------------------------------
+def band_solve_reference(node_ptr: Tensor, order: Tensor, edge_index: Tensor, weight: Tensor, x: Tensor,
+                         transpose: bool = False) -> Tensor:
+    r""":math:`(I - A)^{-1} X` (or :math:`(I - A)^{-\top} X`) graph by graph, each graph's nodes
+    ``order[node_ptr[g]:node_ptr[g+1]]``, with a dense :func:`torch.linalg.solve`. The band
+    kernels must equal it; the ordering changes nothing here, only their cost."""
+    out = torch.zeros_like(x)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    src, dst = edge_index.long()
+    for g in range(node_ptr.numel() - 1):
+        begin, end = int(node_ptr[g]), int(node_ptr[g + 1])
+        nodes, n = order[begin:end], end - begin
+        inside = (position[dst] >= begin) & (position[dst] < end)
+        adj = x.new_zeros(x.size(1), n, n)  # [H, n, n]
+        for h in range(x.size(1)):
+            adj[h].index_put_((position[dst[inside]] - begin, position[src[inside]] - begin), weight[inside, h],
+                              accumulate=True)
+        system = torch.eye(n, dtype=x.dtype, device=x.device) - adj
+        if transpose:
+            system = system.transpose(-1, -2)
+        out[nodes] = torch.linalg.solve(system, x[nodes].transpose(0, 1)).transpose(0, 1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

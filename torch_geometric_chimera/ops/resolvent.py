@@ -9,12 +9,15 @@ from torch import Tensor
 
 from ..utils.topology import diameter_bound, is_directed_paths, raise_if_cyclic, topological_levels
 from . import reference
-from ._kernels import CsrOperator, dag_solve
+from ._kernels import HAS_EXTENSION, CsrOperator, band_resolvent_attention, band_schedule, dag_solve
 
-METHODS = ("auto", "dense", "dag", "line", "neumann", "iterative")
+METHODS = ("auto", "dense", "band", "dag", "line", "neumann", "iterative")
 
-#: ``method="auto"`` solves graphs with at most this many nodes with the batched dense inverse.
+#: ``method="auto"`` solves graphs with at most this many nodes exactly (dense or band).
 DENSE_MAX_NODES = 768  # measured crossover with iterative on CPU: about 1,000 nodes
+
+#: A band-solve flop costs about this many dense (GEMM) flops on CPU (measured; see choose_method).
+BAND_FLOP_COST = 3.0
 
 
 class GraphTopology:
@@ -100,6 +103,25 @@ class GraphTopology:
         return CsrOperator(self.edge_index, self.num_nodes)
 
     @cached_property
+    def graph_sizes(self) -> Tensor:
+        if self.batch is None:
+            return torch.tensor([self.num_nodes], device=self.edge_index.device)
+        return torch.bincount(self.batch, minlength=self.num_graphs)
+
+    @cached_property
+    def band_schedule(self):
+        """Reverse Cuthill-McKee order and bandwidth of every graph (``band`` path, CPU)."""
+        return band_schedule(self.edge_index, self.num_nodes, self.batch)
+
+    def exact_costs(self, state_dim: int, head_dim: int) -> Tuple[float, float]:
+        """Estimated forward + backward flops of ``dense`` and ``band`` (in dense-flop units)."""
+        n = self.graph_sizes.double()
+        dense = float((3 * n ** 3 + 6 * n ** 2 * (state_dim + head_dim)).sum())
+        b = self.band_schedule.bandwidth.double()
+        band = float((8 * n * (b + 1) * state_dim * head_dim + 2 * n * b ** 2).sum()) * BAND_FLOP_COST
+        return dense, band
+
+    @cached_property
     def line_order(self) -> Tuple[Tensor, Tensor]:
         """Node order and incoming edges of the ``line`` path (see :func:`~.reference.line_order`)."""
         return reference.line_order(self.edge_index, self.num_nodes)
@@ -115,12 +137,16 @@ class GraphTopology:
         return reference.neumann_schedule(self.diameter_bound, self.batch)
 
 
-def choose_method(topology: GraphTopology, num_terms: Optional[int] = None) -> str:
+def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, state_dim: Optional[int] = None,
+                  head_dim: Optional[int] = None) -> str:
     r"""The path ``method="auto"`` takes. Exact unless a truncation is asked for:
 
     1. ``num_terms`` given: ``"neumann"`` with that many terms;
     2. directed paths (sequences): ``"line"``;
-    3. every graph has at most :data:`DENSE_MAX_NODES` nodes: ``"dense"``;
+    3. every graph has at most :data:`DENSE_MAX_NODES` nodes: ``"band"`` on CPU when the state
+       sizes are given and its estimated cost (:meth:`GraphTopology.exact_costs`: about
+       :math:`8 n (b + 1) S P` for bandwidth :math:`b`) is below the dense path's
+       (:math:`3 n^3 + 6 n^2 (S + P)`), which is the case for molecules (b ≈ 5); else ``"dense"``;
     4. the graph is a DAG: ``"dag"``;
     5. otherwise ``"iterative"``.
     """
@@ -129,10 +155,21 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None) -> s
     if topology.is_line:
         return "line"
     if topology.max_graph_size <= DENSE_MAX_NODES:
+        if state_dim is not None and head_dim is not None and band_available(topology):
+            dense_cost, band_cost = topology.exact_costs(state_dim, head_dim)
+            if band_cost < dense_cost:
+                return "band"
         return "dense"
     if topology.is_dag:
         return "dag"
     return "iterative"
+
+
+def band_available(topology: GraphTopology) -> bool:
+    """The band kernels exist for CPU tensors (with the compiled extension); the path also reads
+    the host (its diagonal-dominance test), which only CPU does for free."""
+    edge_index = topology.edge_index
+    return HAS_EXTENSION and edge_index.device.type == "cpu" and reference.host_reads_allowed(edge_index)
 
 
 def _describe(t: Tensor) -> str:
@@ -213,7 +250,8 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         value (Tensor): :math:`\mathbf{V}`, shape ``[N, H, P]``.
         edge_index (LongTensor): ``[2, E]``, int32 or int64.
         edge_weight (Tensor): ``[E, H]`` (or ``[E]``, shared by all heads).
-        method (str, optional): ``"dense"`` (exact, batched inverse per size bucket), ``"dag"``
+        method (str, optional): ``"dense"`` (exact, batched inverse per size bucket), ``"band"``
+            (exact, band LU in reverse Cuthill-McKee order, CPU), ``"dag"``
             (exact, DAGs only), ``"line"`` (exact, unions of directed paths, chunked like Mamba-2's
             SSD), ``"neumann"`` (truncated series), ``"iterative"`` (exact to ``tol``,
             implicit backward) or ``"auto"`` (see :func:`choose_method`). (default: ``"auto"``)
@@ -243,7 +281,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     if topology is None:
         topology = GraphTopology.get(edge_index, num_nodes, batch)
     if method == "auto":
-        method = choose_method(topology, num_terms)
+        method = choose_method(topology, num_terms, query.size(-1), value.size(-1))
     if num_nodes == 0:
         return value.new_zeros(value.shape)
 
@@ -259,6 +297,20 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     if method == "dense":
         return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch,
                                                    buckets=topology.dense_buckets)
+
+    if method == "band":
+        if not band_available(topology):
+            raise ValueError(f"method: 'band' runs on CPU (with the compiled extension), got tensors on "
+                             f"{query.device}; use method='dense'")
+        row_sum = torch.zeros(num_nodes, edge_weight.size(1), dtype=edge_weight.dtype, device=query.device)
+        row_sum.index_add_(0, topology.edge_index[1], edge_weight.detach().abs())
+        if edge_weight.numel() and float(row_sum.max()) >= 1.0:
+            # No pivoting is safe only for diagonally dominant I - A; LU with pivoting otherwise.
+            return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight,
+                                                       topology.batch, buckets=topology.dense_buckets)
+        csr = topology.operator
+        return band_resolvent_attention(topology.band_schedule, csr.rowptr, csr.col, edge_weight[csr.perm], query,
+                                        key, value)
 
     state = reference.to_state(key, value)
     if method == "dag":
