@@ -2,14 +2,16 @@
 
 GPSConv: GCN local model, multihead attention, width 64, 4 heads. ChimeraConv: width 64,
 4 heads, state size 16. Both run in this process on the same batch; the figure of merit is the
-time ratio Chimera / GPSConv.
+time ratio Chimera / GPSConv. Two batches: random trees with rings (``--graphs-kind tree``, the
+batch of the first measurements) and real peptides built by RDKit (``--graphs-kind peptides``).
 
     python benchmarks/bench_layer.py --device cpu --out benchmarks/results/layer_cpu.json
+    python benchmarks/bench_layer.py --device cpu --graphs-kind peptides --out benchmarks/results/layer_peptides_cpu.json
 """
 import argparse
 
 import torch
-from common import device_name, peptide_like_batch, synchronize, time_it, write_json
+from common import device_name, peptide_like_batch, real_peptide_batch, synchronize, time_it, write_json
 from torch_geometric.nn import GCNConv, GPSConv
 
 from torch_geometric_chimera.nn import ChimeraConv
@@ -24,12 +26,16 @@ def main():
     parser.add_argument("--state-dim", type=int, default=16)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--slow-reps", type=int, default=2, help="reps for the neumann and iterative paths")
-    parser.add_argument("--methods", default="auto,neumann,iterative")
+    parser.add_argument("--methods", default="auto,dense,band,neumann,iterative")
+    parser.add_argument("--graphs-kind", default="tree", choices=["tree", "peptides"],
+                        help="tree: random trees with a few rings (bandwidth ~35); peptides: real peptide "
+                             "molecules of LRGB's size built with RDKit (chains, bandwidth ~5)")
     parser.add_argument("--out", default="benchmarks/results/layer.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
-    edge_index, batch, num_nodes = peptide_like_batch(args.graphs, device=device)
+    make_batch = peptide_like_batch if args.graphs_kind == "tree" else real_peptide_batch
+    edge_index, batch, num_nodes = make_batch(args.graphs, device=device)
     x = torch.randn(num_nodes, args.channels, device=device)
     print(f"{args.graphs} graphs, {num_nodes} nodes, {edge_index.size(1)} directed edges on {device_name(device)}")
 
@@ -52,7 +58,8 @@ def main():
     gps = GPSConv(args.channels, GCNConv(args.channels, args.channels), heads=args.heads,
                   attn_type="multihead").to(device)
     gps_step = run(gps, x, edge_index, batch)
-    results = {"device": device_name(device), "num_graphs": args.graphs, "num_nodes": num_nodes,
+    results = {"device": device_name(device), "graphs_kind": args.graphs_kind, "num_graphs": args.graphs,
+               "num_nodes": num_nodes,
                "num_edges": edge_index.size(1), "channels": args.channels, "heads": args.heads,
                "state_dim": args.state_dim, "baseline": "torch_geometric.nn.GPSConv(GCNConv, multihead)"}
     results["gpsconv"] = time_it(gps_step, device, reps=args.reps)
@@ -64,7 +71,7 @@ def main():
                                   method=method).to(device)
             step = run(chimera, x, edge_index, None, batch)
             key = f"chimera_{method}_expand{expand}"
-            reps = args.reps if method in ("auto", "dense", "dag") else args.slow_reps
+            reps = args.reps if method in ("auto", "dense", "band", "dag") else args.slow_reps
             results[key] = time_it(step, device, warmup=min(3, reps), reps=reps)
             results[key]["peak_bytes"] = peak_memory(step)
             print(f"ChimeraConv(method={method}, expand={expand}): {results[key]['median_s'] * 1e3:.1f} ms")

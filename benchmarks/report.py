@@ -25,10 +25,14 @@ def header(r):
 def layer_section(r):
     def memory(entry):
         return f"{entry['peak_bytes'] / 2**20:.0f} MiB" if entry.get("peak_bytes") else "n/a (CPU)"
-    lines = ["## ChimeraConv vs PyG GPSConv (issues 2 and 3)", "",
-             "`python benchmarks/bench_layer.py --device cpu --out benchmarks/results/layer_cpu.json`", "",
+    kind = r.get("graphs_kind", "tree")
+    what = ("real peptide molecules of LRGB's size, built by RDKit (chains with side groups; reverse "
+            "Cuthill-McKee bandwidth about 5)" if kind == "peptides" else
+            "peptide-sized random trees with a few rings (the batch of DESIGN.md; bandwidth about 35)")
+    lines = [f"## ChimeraConv vs PyG GPSConv, {'real peptides' if kind == 'peptides' else 'random trees'} "
+             f"(issues 2 and 3)", "",
              header(r), "",
-             f"{r['num_graphs']} peptide-sized graphs, {r['num_nodes']} nodes, {r['num_edges']} directed edges; "
+             f"{r['num_graphs']} {what}: {r['num_nodes']} nodes, {r['num_edges']} directed edges; "
              f"width {r['channels']}, {r['heads']} heads, state size {r['state_dim']}; forward + backward.", "",
              "| model | time (median) | ratio vs GPSConv | peak memory |", "|---|---|---|---|",
              f"| GPSConv (GCN + multihead attention), mean of the runs before and after | "
@@ -38,10 +42,12 @@ def layer_section(r):
             _, method, expand = key.split("_")
             lines.append(f"| ChimeraConv method={method}, {expand} | {ms(entry)} | {entry['ratio_vs_gpsconv']:.2f}x | "
                          f"{memory(entry)} |")
-    lines += ["", "- `auto` takes the exact `dense` path here (every graph has at most 768 nodes): one batched "
-              "inverse per bucket of similar graph sizes, by Schur-complement block elimination (batched "
-              "matrix products; `I - A` is strictly diagonally dominant under the `general` adjacency), and a "
-              "backward that reads the resolvent gradient at the edges only.",
+    lines += ["", "- `auto` picks between two exact paths for graphs of at most 768 nodes with a cost model "
+              "(`GraphTopology.exact_costs`): `dense`, one batched inverse per bucket of similar graph sizes "
+              "(Schur-complement block elimination; the backward reads the resolvent gradient at the edges "
+              "only), and `band`, a band LU of `I - A` in reverse Cuthill-McKee order with the state contraction "
+              "fused into the solves (`chimera::band_attention`). Molecules (bandwidth about 5) take `band`; the "
+              "random trees (bandwidth about 35) take `dense`.",
               "- DESIGN.md measured a naive dense resolvent at 8x GPSConv and a naive `index_add` Neumann series "
               "(K = 16) at 58x on this machine. Target (issue 3): <= 1.0x; not reached on CPU.",
               "- The `neumann` rows use each graph's diameter bound (up to about 60 terms here) on the state "
@@ -118,6 +124,33 @@ def scaling_section(r):
     return lines
 
 
+def lrgb_step_section(r):
+    lines = ["## Full LRGB models, one training step (issue 4)", "", header(r), "",
+             "The models of `examples/lrgb.py` at their default (paper) configuration, baselines widened to "
+             "Chimera's parameter count; one Adam step on a batch of the benchmark's size, the three models "
+             "timed interleaved. Hours per seed extrapolate the step time to a full run (training batches plus "
+             "evaluation).", "",
+             "| task | batch | model | parameters | step (median) | ratio vs GraphGPS | hours per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for task, entry in r["tasks"].items():
+        gps = entry["step"]["gps"]["median_s"]
+        for model in ("chimera", "gps", "gcn"):
+            t = entry["step"][model]["median_s"]
+            lines.append(f"| {task} | {entry['graphs']} graphs, {entry['nodes']} nodes | {model} | "
+                         f"{entry['params'][model]:,} | {t * 1e3:.0f} ms | {t / gps:.2f}x | "
+                         f"{entry['hours_per_seed'][model]:.1f} |")
+    return lines
+
+
+def main_job_section(r):
+    lines = ["## Main job: three models on PeptidesMini (issue 4)", "", header(r), "",
+             "`python examples/lrgb.py` with its defaults: PeptidesMini (shipped; 11 structural targets from "
+             "RDKit 3D conformers), Chimera-GPS, GraphGPS Transformer and GCN at equal parameter budget, test MAE "
+             "at the best validation epoch (standardized targets; lower is better).", "", r["table"], "",
+             f"Training time (s): {r['seconds']}"]
+    return lines
+
+
 def main():
     out = ["# Benchmarks", "",
            "Every figure is a ratio against a baseline timed in the same process on the same inputs; the JSON "
@@ -126,7 +159,9 @@ def main():
            "between runs, so baselines are timed interleaved with (or before and after) the code under test: "
            "compare ratios, not milliseconds. No GPU was lent to the sessions that produced these figures: "
            "every number here is CPU, and the CUDA kernels are compiled but untested on a GPU.", ""]
-    for name, section in (("layer_cpu.json", layer_section), ("line_cpu.json", line_section),
+    for name, section in (("layer_cpu.json", layer_section), ("layer_peptides_cpu.json", layer_section),
+                          ("lrgb_step_cpu.json", lrgb_step_section), ("main_job_cpu.json", main_job_section),
+                          ("line_cpu.json", line_section),
                           ("dag_cpu.json", dag_section), ("neumann_cpu.json", neumann_section),
                           ("scaling_cpu.json", scaling_section)):
         r = load(name)

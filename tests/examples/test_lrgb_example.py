@@ -89,7 +89,7 @@ def test_main_job_on_the_shipped_dataset(tmp_path):
 
 
 def test_torchrun_with_two_gloo_processes(fixture_root, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                EXAMPLE, "--root", fixture_root, "--dataset", "peptides-struct", "--model", "chimera",
                "--epochs", "2", "--seeds", "0", "--device", "cpu", *SMALL, "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
