@@ -21,6 +21,12 @@ TORCH_LIBRARY(chimera, m) {
   // Solve (I - A) h = x on a DAG: nodes order[level_ptr[l]:level_ptr[l+1]] form level l, every
   // edge into a node of level l comes from an earlier level; A is CSR by target (rowptr, col, weight).
   m.def("dag_solve(Tensor level_ptr, Tensor order, Tensor rowptr, Tensor col, Tensor weight, Tensor x) -> Tensor");
+  // dag_solve with the state contraction fused in (CPU): y_i = Q_i^T H_i, H = (I - A)^{-1} (K_j V_j^T),
+  // returns (y, H); the backward takes A^T (rowptr_t, col_t, weight_t) and returns (dQ, dK, dV, G).
+  m.def("dag_attention(Tensor level_ptr, Tensor order, Tensor rowptr, Tensor col, Tensor weight, Tensor query, "
+        "Tensor key, Tensor value) -> Tensor[]");
+  m.def("dag_attention_backward(Tensor level_ptr, Tensor order, Tensor rowptr_t, Tensor col_t, Tensor weight_t, "
+        "Tensor query, Tensor key, Tensor value, Tensor state, Tensor grad_y, Tensor? grad_state=None) -> Tensor[]");
   // Banded exact path (CPU). band_order: reverse Cuthill-McKee order of the nodes of every graph
   // (nodes[node_ptr[g]:node_ptr[g+1]], sorted) in a symmetric pattern, and each graph's bandwidth.
   m.def("band_order(Tensor node_ptr, Tensor nodes, Tensor rowptr, Tensor col) -> Tensor[]");

@@ -88,8 +88,189 @@ at::Tensor dag_solve_cpu(const at::Tensor& level_ptr_in, const at::Tensor& order
   return h;
 }
 
+
+// The DAG solve with the state contraction fused in (as chimera::band_attention):
+//   forward:  rhs_i = k_i v_i^T, h = (I - A)^{-1} rhs by levels, y_i = h_i^T q_i        -> (y, h)
+//   backward: dq_i = h_i dy_i, g = (I - A)^{-T} (q_i dy_i^T + grad_state) on the reversed DAG
+//             (rowptr_t, col_t, weight_t: A^T by target, levels in reverse), dk_i = g_i v_i,
+//             dv_i = g_i^T k_i                                                         -> (dq, dk, dv, g)
+// The [N, H, S, P] state is written once and read once per pass, with no PyTorch temporaries.
+template <typename scalar_t, typename index_t>
+void dag_levels(const int64_t* lp, int64_t num_levels, const int64_t* op, const index_t* rp, const index_t* cp,
+                const scalar_t* wp, scalar_t* hp, int64_t num_nodes, int64_t heads, int64_t feat, bool reverse,
+                const std::vector<int64_t>& position) {
+  auto solve_nodes = [&](int64_t begin, int64_t end, int64_t level_begin, int64_t level_end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t i = op[k];
+      for (int64_t e = rp[i]; e < rp[i + 1]; ++e) {
+        const int64_t j = cp[e];
+        TORCH_CHECK(j >= 0 && j < num_nodes, "chimera::dag_attention: col[", e, "] = ", j, " is out of range");
+        TORCH_CHECK(reverse ? position[j] >= level_end : position[j] < level_begin, "chimera::dag_attention: edge ",
+                    j, " -> ", i, " does not go from an earlier level to a later one (a cycle, or wrong levels)");
+        for (int64_t hd = 0; hd < heads; ++hd)
+          axpy(hp + (i * heads + hd) * feat, hp + (j * heads + hd) * feat, wp[e * heads + hd], feat);
+      }
+    }
+  };
+  const int64_t grain = 1 + 8192 / std::max<int64_t>(1, heads * feat);
+  for (int64_t step = 0; step < num_levels; ++step) {
+    const int64_t l = reverse ? num_levels - 1 - step : step;
+    const int64_t begin = lp[l], end = lp[l + 1];
+    if (end - begin <= grain) {
+      solve_nodes(begin, end, begin, end);
+    } else {
+      at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { solve_nodes(b, e, begin, end); });
+    }
+  }
+}
+
+struct DagInputs {
+  at::Tensor level_ptr, order, rowptr, col, weight;
+  std::vector<int64_t> position;
+};
+
+DagInputs check_dag_inputs(const at::Tensor& level_ptr, const at::Tensor& order, const at::Tensor& rowptr,
+                           const at::Tensor& col, const at::Tensor& weight, const at::Tensor& like, const char* op) {
+  check_csr(rowptr, col, op);
+  const int64_t num_nodes = like.size(0);
+  TORCH_CHECK(level_ptr.dim() == 1 && level_ptr.scalar_type() == at::kLong && level_ptr.numel() >= 1, op,
+              ": level_ptr must be a 1-D int64 tensor");
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.size(0) == num_nodes, op,
+              ": order must be a 1-D int64 permutation of the ", num_nodes, " nodes");
+  TORCH_CHECK(rowptr.size(0) == num_nodes + 1, op, ": rowptr must have N + 1 = ", num_nodes + 1, " entries");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == col.size(0) && weight.size(1) == like.size(1) &&
+                  weight.scalar_type() == like.scalar_type(),
+              op, ": weight must have shape [E, H] = [", col.size(0), ", ", like.size(1), "] and the dtype of query");
+  DagInputs in{level_ptr.contiguous(), order.contiguous(), rowptr.contiguous(), col.contiguous(), weight.contiguous(),
+               std::vector<int64_t>(num_nodes, -1)};
+  const int64_t* lp = in.level_ptr.data_ptr<int64_t>();
+  const int64_t num_levels = in.level_ptr.size(0) - 1;
+  TORCH_CHECK(lp[0] == 0 && lp[num_levels] == num_nodes, op, ": level_ptr must run from 0 to N");
+  const int64_t* opp = in.order.data_ptr<int64_t>();
+  for (int64_t k = 0; k < num_nodes; ++k) {
+    TORCH_CHECK(opp[k] >= 0 && opp[k] < num_nodes && in.position[opp[k]] < 0, op,
+                ": order must be a permutation of 0..N-1");
+    in.position[opp[k]] = k;
+  }
+  return in;
+}
+
+std::vector<at::Tensor> dag_attention_cpu(const at::Tensor& level_ptr, const at::Tensor& order,
+                                          const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& weight,
+                                          const at::Tensor& query_in, const at::Tensor& key_in,
+                                          const at::Tensor& value_in) {
+  const char* op = "chimera::dag_attention";
+  check_features(query_in, query_in, op, "query");
+  check_features(key_in, query_in, op, "key");
+  check_features(value_in, query_in, op, "value");
+  TORCH_CHECK(key_in.sizes() == query_in.sizes() && value_in.size(0) == query_in.size(0) &&
+                  value_in.size(1) == query_in.size(1),
+              op, ": expected query, key [N, H, S] and value [N, H, P]");
+  const auto in = check_dag_inputs(level_ptr, order, rowptr, col, weight, query_in, op);
+  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
+  const int64_t num_nodes = query.size(0), heads = query.size(1), S = query.size(2), P = value.size(2);
+  auto state = at::empty({num_nodes, heads, S * P}, query.options());
+  auto y = at::empty({num_nodes, heads, P}, query.options());
+  if (num_nodes == 0 || heads == 0) return {y, state};
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "chimera_dag_attention_cpu", [&] {
+    AT_DISPATCH_INDEX_TYPES(in.col.scalar_type(), "chimera_dag_attention_cpu_index", [&] {
+      const scalar_t *qp = query.data_ptr<scalar_t>(), *kp = key.data_ptr<scalar_t>(), *vp = value.data_ptr<scalar_t>();
+      scalar_t *hp = state.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
+      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {  // rhs k_i v_i^T
+        for (int64_t nh = begin; nh < end; ++nh)
+          for (int64_t s = 0; s < S; ++s)
+            for (int64_t p = 0; p < P; ++p) hp[nh * S * P + s * P + p] = kp[nh * S + s] * vp[nh * P + p];
+      });
+      dag_levels(in.level_ptr.data_ptr<int64_t>(), in.level_ptr.size(0) - 1, in.order.data_ptr<int64_t>(),
+                 in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.weight.data_ptr<scalar_t>(), hp,
+                 num_nodes, heads, S * P, false, in.position);
+      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {  // y_i = h_i^T q_i
+        for (int64_t nh = begin; nh < end; ++nh) {
+          scalar_t* yi = yp + nh * P;
+          for (int64_t p = 0; p < P; ++p) yi[p] = scalar_t(0);
+          for (int64_t s = 0; s < S; ++s) axpy(yi, hp + nh * S * P + s * P, qp[nh * S + s], P);
+        }
+      });
+    });
+  });
+  return {y, state};
+}
+
+std::vector<at::Tensor> dag_attention_backward_cpu(const at::Tensor& level_ptr, const at::Tensor& order,
+                                                   const at::Tensor& rowptr_t, const at::Tensor& col_t,
+                                                   const at::Tensor& weight_t, const at::Tensor& query_in,
+                                                   const at::Tensor& key_in, const at::Tensor& value_in,
+                                                   const at::Tensor& state_in, const at::Tensor& grad_y_in,
+                                                   const c10::optional<at::Tensor>& grad_state_in) {
+  const char* op = "chimera::dag_attention_backward";
+  for (const auto& [t, name] : {std::pair{&key_in, "key"}, {&value_in, "value"}, {&state_in, "state"},
+                                {&grad_y_in, "grad_y"}})
+    check_features(*t, query_in, op, name);
+  check_features(query_in, query_in, op, "query");
+  const int64_t num_nodes = query_in.size(0), heads = query_in.size(1), S = query_in.size(2), P = value_in.size(2);
+  TORCH_CHECK(key_in.sizes() == query_in.sizes() && value_in.sizes() == grad_y_in.sizes() &&
+                  state_in.size(2) == S * P && value_in.size(0) == num_nodes && state_in.size(0) == num_nodes,
+              op, ": inconsistent shapes");
+  const auto in = check_dag_inputs(level_ptr, order, rowptr_t, col_t, weight_t, query_in, op);
+  const bool has_grad_state = grad_state_in.has_value() && grad_state_in->defined();
+  at::Tensor extra_state;
+  if (has_grad_state) {
+    check_features(*grad_state_in, query_in, op, "grad_state");
+    TORCH_CHECK(grad_state_in->sizes() == state_in.sizes(), op, ": grad_state must have the shape of state");
+    extra_state = grad_state_in->contiguous();
+  }
+  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
+  const auto state = state_in.contiguous(), grad_y = grad_y_in.contiguous();
+  auto grad_query = at::empty_like(query), grad_key = at::empty_like(key), grad_value = at::zeros_like(value);
+  auto grad_state = at::empty_like(state);
+  if (num_nodes == 0 || heads == 0) return {grad_query, grad_key, grad_value, grad_state};
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "chimera_dag_attention_backward_cpu", [&] {
+    AT_DISPATCH_INDEX_TYPES(in.col.scalar_type(), "chimera_dag_attention_backward_cpu_index", [&] {
+      const scalar_t *qp = query.data_ptr<scalar_t>(), *kp = key.data_ptr<scalar_t>(), *vp = value.data_ptr<scalar_t>(),
+                     *hp = state.data_ptr<scalar_t>(), *dyp = grad_y.data_ptr<scalar_t>();
+      const scalar_t* extra = has_grad_state ? extra_state.data_ptr<scalar_t>() : nullptr;
+      scalar_t *dqp = grad_query.data_ptr<scalar_t>(), *dkp = grad_key.data_ptr<scalar_t>(),
+               *dvp = grad_value.data_ptr<scalar_t>(), *gp = grad_state.data_ptr<scalar_t>();
+      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {  // dq, rhs q_i dy_i^T
+        for (int64_t nh = begin; nh < end; ++nh) {
+          const scalar_t* dy = dyp + nh * P;
+          for (int64_t s = 0; s < S; ++s) {
+            const scalar_t* h = hp + nh * S * P + s * P;
+            scalar_t acc = 0;
+            for (int64_t p = 0; p < P; ++p) acc += h[p] * dy[p];
+            dqp[nh * S + s] = acc;
+            scalar_t* gr = gp + nh * S * P + s * P;
+            for (int64_t p = 0; p < P; ++p) gr[p] = qp[nh * S + s] * dy[p];
+            if (extra != nullptr) axpy(gr, extra + nh * S * P + s * P, scalar_t(1), P);
+          }
+        }
+      });
+      dag_levels(in.level_ptr.data_ptr<int64_t>(), in.level_ptr.size(0) - 1, in.order.data_ptr<int64_t>(),
+                 in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.weight.data_ptr<scalar_t>(), gp,
+                 num_nodes, heads, S * P, true, in.position);
+      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {  // dk, dv
+        for (int64_t nh = begin; nh < end; ++nh) {
+          const scalar_t* v = vp + nh * P;
+          for (int64_t s = 0; s < S; ++s) {
+            const scalar_t* gr = gp + nh * S * P + s * P;
+            scalar_t acc = 0;
+            for (int64_t p = 0; p < P; ++p) acc += gr[p] * v[p];
+            dkp[nh * S + s] = acc;
+            axpy(dvp + nh * P, gr, kp[nh * S + s], P);
+          }
+        }
+      });
+    });
+  });
+  return {grad_query, grad_key, grad_value, grad_state};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(chimera, CPU, m) { m.impl("dag_solve", &dag_solve_cpu); }
+TORCH_LIBRARY_IMPL(chimera, CPU, m) {
+  m.impl("dag_solve", &dag_solve_cpu);
+  m.impl("dag_attention", &dag_attention_cpu);
+  m.impl("dag_attention_backward", &dag_attention_backward_cpu);
+}
 
 }  // namespace chimera

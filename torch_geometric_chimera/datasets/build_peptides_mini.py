@@ -124,7 +124,7 @@ def build(num: int, seed: int, workers: int = 1):
     with Pool(workers) as pool:
         while len(ys) < num:
             # Draw a few extra sequences per round; failed embeddings are simply redrawn.
-            batch = _sequences(num - len(ys) + 8, seed + 7919 * draws)
+            batch = _sequences(num - len(ys) + max(2, num // 250), seed + 7919 * draws)
             draws += 1
             targets = pool.starmap(structural_targets, [(s, seed) for s in batch], chunksize=4)
             for sequence, target in zip(batch, targets):
@@ -140,9 +140,9 @@ def build(num: int, seed: int, workers: int = 1):
                     attr += [f, f]
                 ys.append(target)
                 xs.append(torch.tensor(x, dtype=torch.uint8))
-        edge_indices.append(torch.tensor([src, dst], dtype=torch.int16))
-        edge_attrs.append(torch.tensor(attr, dtype=torch.uint8))
-        sequences.append(sequence)
+                edge_indices.append(torch.tensor([src, dst], dtype=torch.int16))
+                edge_attrs.append(torch.tensor(attr, dtype=torch.uint8))
+                sequences.append(sequence)
     y = torch.tensor(ys, dtype=torch.float64)
     mean, std = y.mean(0), y.std(0)
     return {

@@ -1,4 +1,4 @@
-"""``PeptidesMini``: 2,000 real peptide molecules with RDKit-computed targets, shipped in the wheel."""
+"""``PeptidesMini``: 2,000 real peptide molecules with peptides-struct's targets, shipped in the wheel."""
 import os
 from typing import Callable, Dict, Optional
 
@@ -11,20 +11,24 @@ DATA_FILE = os.path.join(os.path.dirname(__file__), "data", "peptides_mini.pt")
 class PeptidesMini(InMemoryDataset):
     r"""Peptides of 4 to 16 residues as molecular graphs: heavy atoms with 9 categorical OGB-style
     features (``x``, int64), bonds in both directions with 3 categorical features (``edge_attr``,
-    int64), and 4 regression targets (``y``, ``[1, 4]``): Crippen logP, TPSA / 100, topological
-    diameter / 10 and rotatable bonds / 10. About 85 atoms per graph. Built by
-    :mod:`torch_geometric_chimera.datasets.build_peptides_mini`; needs no download.
+    int64), and the 11 structural targets of LRGB's peptides-struct (``y``, ``[1, 11]``), computed
+    by RDKit from a 3D conformer and standardized: principal moments of inertia (mass- and
+    valence-weighted), extents along the principal axes, spherocity and plane of best fit (names
+    in ``target_names``; the means and standard deviations in ``target_mean`` / ``target_std``).
+    About 85 atoms per graph. Built by :mod:`torch_geometric_chimera.datasets.build_peptides_mini`;
+    needs no download.
 
     Args:
         transform (callable, optional): applied to every :class:`~torch_geometric.data.Data`.
     """
 
-    num_targets = 4
+    num_targets = 11
 
     def __init__(self, transform: Optional[Callable] = None):
         super().__init__(root=None, transform=transform)
         raw = torch.load(DATA_FILE, weights_only=False)
         self.target_names = raw["targets"]
+        self.target_mean, self.target_std = raw["target_mean"], raw["target_std"]
         node_ptr, edge_ptr = raw["node_ptr"].tolist(), raw["edge_ptr"].tolist()
         data_list = []
         for g in range(len(node_ptr) - 1):

@@ -150,8 +150,38 @@ if HAS_EXTENSION:
         return None, None, None, None, grad_query, grad_key, grad_value
 
     def _band_attention_backward_backward(ctx, *grads):
-        raise NotImplementedError("chimera::band_attention_backward: double backward is not supported")
+        raise NotImplementedError("chimera::band_attention_backward / dag_attention_backward: double backward is "
+                                  "not supported")
 
+    @torch.library.register_fake("chimera::dag_attention")
+    def _dag_attention_fake(level_ptr, order, rowptr, col, weight, query, key, value):
+        num_nodes, heads, state_dim = query.shape
+        return [value.new_empty(value.shape), query.new_empty((num_nodes, heads, state_dim * value.shape[2]))]
+
+    @torch.library.register_fake("chimera::dag_attention_backward")
+    def _dag_attention_backward_fake(level_ptr, order, rowptr_t, col_t, weight_t, query, key, value, state, grad_y,
+                                     grad_state=None):
+        return [query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+                state.new_empty(state.shape)]
+
+    def _dag_attention_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1])
+
+    def _dag_attention_backward(ctx, grads):
+        grad_y, grad_state = grads
+        level_ptr, order, rowptr, col, weight, query, key, value, state = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = value.new_zeros(value.shape)
+        rowptr_t, col_t, perm = transpose_csr(rowptr, col, query.shape[0])
+        grad_query, grad_key, grad_value, g = torch.ops.chimera.dag_attention_backward(
+            level_ptr, order, rowptr_t, col_t, weight[perm], query, key, value, state, grad_y, grad_state)
+        grad_weight = torch.ops.chimera.edge_dot(rowptr, col, g, state) if ctx.needs_input_grad[4] else None
+        return None, None, None, None, grad_weight, grad_query, grad_key, grad_value
+
+    torch.library.register_autograd("chimera::dag_attention", _dag_attention_backward,
+                                    setup_context=_dag_attention_setup_context)
+    torch.library.register_autograd("chimera::dag_attention_backward", _band_attention_backward_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
     torch.library.register_autograd("chimera::band_attention", _band_attention_backward,
                                     setup_context=_band_attention_setup_context)
     torch.library.register_autograd("chimera::band_attention_backward", _band_attention_backward_backward,
@@ -216,6 +246,20 @@ def dag_solve(level_ptr: Tensor, order: Tensor, rowptr: Tensor, col: Tensor, wei
     level = torch.empty_like(order)
     level[order] = torch.repeat_interleave(torch.arange(level_ptr.numel() - 1, device=x.device), level_ptr.diff())
     return reference.DagSolve.apply(torch.stack([col.long(), row]), level, weight, x)
+
+
+def dag_attention(level_ptr: Tensor, order: Tensor, rowptr: Tensor, col: Tensor, weight: Tensor, query: Tensor,
+                  key: Tensor, value: Tensor) -> Tensor:
+    r"""Resolvent attention on a DAG, :math:`y_i = Q_i^\top H_i` with :math:`H = (I - A)^{-1} X`,
+    :math:`X_j = K_j V_j^\top`, by levels with the state contraction fused in
+    (``chimera::dag_attention``, CPU). Differentiable in ``weight`` (CSR order), query, key and
+    value; float16 / bfloat16 run in float32. The reference is :func:`dag_solve` on
+    :func:`.reference.to_state` followed by :func:`.reference.read_state`."""
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return dag_attention(level_ptr, order, rowptr, col, weight.float(), query.float(), key.float(),
+                             value.float()).to(dtype)
+    return torch.ops.chimera.dag_attention(level_ptr, order, rowptr, col, weight, query, key, value)[0]
 
 
 class BandSchedule(NamedTuple):

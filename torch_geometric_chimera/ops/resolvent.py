@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ..utils.topology import diameter_bound, is_directed_paths, raise_if_cyclic, topological_levels
 from . import reference
-from ._kernels import HAS_EXTENSION, CsrOperator, band_resolvent_attention, band_schedule, dag_solve
+from ._kernels import (HAS_EXTENSION, CsrOperator, band_resolvent_attention, band_schedule, dag_attention,
+                       dag_solve)
 
 METHODS = ("auto", "dense", "band", "dag", "line", "neumann", "iterative")
 
@@ -312,14 +313,18 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         return band_resolvent_attention(topology.band_schedule, csr.rowptr, csr.col, edge_weight[csr.perm], query,
                                         key, value)
 
-    state = reference.to_state(key, value)
     if method == "dag":
         if not topology.is_dag:  # cached: no host read once the topology is known
             raise_if_cyclic(topology.levels)
         level_ptr, order = topology.level_schedule
         csr = topology.operator
-        state = dag_solve(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], state)
-    elif method == "neumann":
+        if HAS_EXTENSION and query.device.type == "cpu":  # state contraction fused into the solve
+            return dag_attention(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], query, key, value)
+        state = dag_solve(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], reference.to_state(key, value))
+        return reference.read_state(query, state, value.size(-1))
+
+    state = reference.to_state(key, value)
+    if method == "neumann":
         schedule = topology.neumann_schedule if num_terms is None else num_terms
         state = reference.checkpointed_neumann(topology.operator, edge_weight, state, schedule)
     else:  # iterative
