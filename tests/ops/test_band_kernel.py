@@ -145,6 +145,10 @@ def test_opcheck_band_ops():
     assert torch.autograd.gradcheck(
         lambda q, k, v: torch.ops.chimera.band_attention(s.node_ptr, s.order, s.bandwidth, factors, q, k, v)[0],
         qkv)
+    # a gradient that reaches the returned state directly (grad_state) is handled too
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.chimera.band_attention(s.node_ptr, s.order, s.bandwidth, factors, q, k,
+                                                         v)[1].sin().sum(), qkv)
 
 
 def test_non_contiguous_inputs_and_low_precision():
