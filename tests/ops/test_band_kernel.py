@@ -202,3 +202,12 @@ def test_band_kernels_check_their_inputs():
     with pytest.raises(RuntimeError, match="factors must have"):
         torch.ops.chimera.band_solve(s.node_ptr, s.order, s.bandwidth, torch.zeros(3, 1, dtype=torch.float64),
                                      torch.zeros(n, 1, 2, dtype=torch.float64), False)
+
+
+def test_band_where_its_kernels_do_not_run_is_refused(monkeypatch):
+    from torch_geometric_chimera.ops import reference
+    monkeypatch.setattr(reference, "host_reads_allowed", lambda t: False)  # as on a GPU
+    edge_index, batch, n = molecules((3,))
+    q, k, v, w = inputs(n, edge_index.size(1))
+    with pytest.raises(ValueError, match="method: 'band' runs on CPU"):
+        resolvent_attention(q, k, v, edge_index, w, method="band", batch=batch)
