@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "state_contraction.h"
 
 namespace chimera {
 namespace {
@@ -320,18 +321,9 @@ std::vector<at::Tensor> band_attention_cpu(const at::Tensor& node_ptr, const at:
                    *kp = key.data_ptr<scalar_t>(), *vp = value.data_ptr<scalar_t>();
     scalar_t *hp = state.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     for_each_graph_head(num_graphs, heads, [&](int64_t g, int64_t hd) {
-      for (int64_t k = np[g]; k < np[g + 1]; ++k) {  // rhs: k_i v_i^T
-        const int64_t i = opp[k], nh = i * heads + hd;
-        for (int64_t s = 0; s < S; ++s)
-          for (int64_t p = 0; p < P; ++p) hp[nh * S * P + s * P + p] = kp[nh * S + s] * vp[nh * P + p];
-      }
+      for (int64_t k = np[g]; k < np[g + 1]; ++k) outer_state(opp[k] * heads + hd, kp, vp, hp, S, P);
       band_substitute(fp, opp, in.offset[g], np[g], np[g + 1] - np[g], bw[g], hd, heads, hp, S * P, false);
-      for (int64_t k = np[g]; k < np[g + 1]; ++k) {  // y_i = h_i^T q_i
-        const int64_t i = opp[k], nh = i * heads + hd;
-        scalar_t* yi = yp + nh * P;
-        for (int64_t p = 0; p < P; ++p) yi[p] = scalar_t(0);
-        for (int64_t s = 0; s < S; ++s) axpy(yi, hp + nh * S * P + s * P, qp[nh * S + s], P);
-      }
+      for (int64_t k = np[g]; k < np[g + 1]; ++k) read_out(opp[k] * heads + hd, qp, hp, yp, S, P);
     });
   });
   return {y, state};
@@ -379,33 +371,10 @@ std::vector<at::Tensor> band_attention_backward_cpu(const at::Tensor& node_ptr, 
              *dvp = grad_value.data_ptr<scalar_t>(), *gp = grad_state.data_ptr<scalar_t>();
     const scalar_t* extra = has_grad_state ? grad_state_extra.data_ptr<scalar_t>() : nullptr;
     for_each_graph_head(num_graphs, heads, [&](int64_t g, int64_t hd) {
-      for (int64_t k = np[g]; k < np[g + 1]; ++k) {  // dq_i = h_i dy_i, rhs q_i dy_i^T
-        const int64_t i = opp[k], nh = i * heads + hd;
-        const scalar_t* dy = dyp + nh * P;
-        for (int64_t s = 0; s < S; ++s) {
-          const scalar_t* h = hp + nh * S * P + s * P;
-          scalar_t acc = 0;
-          for (int64_t p = 0; p < P; ++p) acc += h[p] * dy[p];
-          dqp[nh * S + s] = acc;
-          scalar_t* gr = gp + nh * S * P + s * P;
-          const scalar_t qs = qp[nh * S + s];
-          for (int64_t p = 0; p < P; ++p) gr[p] = qs * dy[p];
-          if (has_grad_state) axpy(gr, extra + nh * S * P + s * P, scalar_t(1), P);
-        }
-      }
+      for (int64_t k = np[g]; k < np[g + 1]; ++k)
+        adjoint_rhs(opp[k] * heads + hd, qp, hp, dyp, extra, dqp, gp, S, P);
       band_substitute(fp, opp, in.offset[g], np[g], np[g + 1] - np[g], bw[g], hd, heads, gp, S * P, true);
-      for (int64_t k = np[g]; k < np[g + 1]; ++k) {  // dk_i = g_i v_i, dv_i = g_i^T k_i
-        const int64_t i = opp[k], nh = i * heads + hd;
-        const scalar_t* v = vp + nh * P;
-        scalar_t* dv = dvp + nh * P;
-        for (int64_t s = 0; s < S; ++s) {
-          const scalar_t* gr = gp + nh * S * P + s * P;
-          scalar_t acc = 0;
-          for (int64_t p = 0; p < P; ++p) acc += gr[p] * v[p];
-          dkp[nh * S + s] = acc;
-          axpy(dv, gr, kp[nh * S + s], P);
-        }
-      }
+      for (int64_t k = np[g]; k < np[g + 1]; ++k) key_value_grads(opp[k] * heads + hd, gp, kp, vp, dkp, dvp, S, P);
     });
   });
   return {grad_query, grad_key, grad_value, grad_state};

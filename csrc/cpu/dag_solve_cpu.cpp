@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "state_contraction.h"
 
 namespace chimera {
 namespace {
@@ -176,20 +177,14 @@ std::vector<at::Tensor> dag_attention_cpu(const at::Tensor& level_ptr, const at:
     AT_DISPATCH_INDEX_TYPES(in.col.scalar_type(), "chimera_dag_attention_cpu_index", [&] {
       const scalar_t *qp = query.data_ptr<scalar_t>(), *kp = key.data_ptr<scalar_t>(), *vp = value.data_ptr<scalar_t>();
       scalar_t *hp = state.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
-      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {  // rhs k_i v_i^T
-        for (int64_t nh = begin; nh < end; ++nh)
-          for (int64_t s = 0; s < S; ++s)
-            for (int64_t p = 0; p < P; ++p) hp[nh * S * P + s * P + p] = kp[nh * S + s] * vp[nh * P + p];
+      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t nh = begin; nh < end; ++nh) outer_state(nh, kp, vp, hp, S, P);
       });
       dag_levels(in.level_ptr.data_ptr<int64_t>(), in.level_ptr.size(0) - 1, in.order.data_ptr<int64_t>(),
                  in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.weight.data_ptr<scalar_t>(), hp,
                  num_nodes, heads, S * P, false, in.position);
-      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {  // y_i = h_i^T q_i
-        for (int64_t nh = begin; nh < end; ++nh) {
-          scalar_t* yi = yp + nh * P;
-          for (int64_t p = 0; p < P; ++p) yi[p] = scalar_t(0);
-          for (int64_t s = 0; s < S; ++s) axpy(yi, hp + nh * S * P + s * P, qp[nh * S + s], P);
-        }
+      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t nh = begin; nh < end; ++nh) read_out(nh, qp, hp, yp, S, P);
       });
     });
   });
@@ -231,34 +226,14 @@ std::vector<at::Tensor> dag_attention_backward_cpu(const at::Tensor& level_ptr, 
       const scalar_t* extra = has_grad_state ? extra_state.data_ptr<scalar_t>() : nullptr;
       scalar_t *dqp = grad_query.data_ptr<scalar_t>(), *dkp = grad_key.data_ptr<scalar_t>(),
                *dvp = grad_value.data_ptr<scalar_t>(), *gp = grad_state.data_ptr<scalar_t>();
-      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {  // dq, rhs q_i dy_i^T
-        for (int64_t nh = begin; nh < end; ++nh) {
-          const scalar_t* dy = dyp + nh * P;
-          for (int64_t s = 0; s < S; ++s) {
-            const scalar_t* h = hp + nh * S * P + s * P;
-            scalar_t acc = 0;
-            for (int64_t p = 0; p < P; ++p) acc += h[p] * dy[p];
-            dqp[nh * S + s] = acc;
-            scalar_t* gr = gp + nh * S * P + s * P;
-            for (int64_t p = 0; p < P; ++p) gr[p] = qp[nh * S + s] * dy[p];
-            if (extra != nullptr) axpy(gr, extra + nh * S * P + s * P, scalar_t(1), P);
-          }
-        }
+      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t nh = begin; nh < end; ++nh) adjoint_rhs(nh, qp, hp, dyp, extra, dqp, gp, S, P);
       });
       dag_levels(in.level_ptr.data_ptr<int64_t>(), in.level_ptr.size(0) - 1, in.order.data_ptr<int64_t>(),
                  in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.weight.data_ptr<scalar_t>(), gp,
                  num_nodes, heads, S * P, true, in.position);
-      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {  // dk, dv
-        for (int64_t nh = begin; nh < end; ++nh) {
-          const scalar_t* v = vp + nh * P;
-          for (int64_t s = 0; s < S; ++s) {
-            const scalar_t* gr = gp + nh * S * P + s * P;
-            scalar_t acc = 0;
-            for (int64_t p = 0; p < P; ++p) acc += gr[p] * v[p];
-            dkp[nh * S + s] = acc;
-            axpy(dvp + nh * P, gr, kp[nh * S + s], P);
-          }
-        }
+      at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t nh = begin; nh < end; ++nh) key_value_grads(nh, gp, kp, vp, dkp, dvp, S, P);
       });
     });
   });

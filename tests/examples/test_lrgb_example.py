@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from torch_geometric_chimera.lrgb import LRGB_TASKS, write_fixture
+from torch_geometric_chimera.lrgb import LRGB_TASKS
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 EXAMPLE = os.path.join(REPO, "examples", "lrgb.py")
@@ -22,16 +22,9 @@ def load_example():
     return module
 
 
-@pytest.fixture(scope="module")
-def fixture_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("lrgb"))
-    for name in LRGB_TASKS:
-        write_fixture(root, name)
-    return root
 
-
-def test_every_task_and_model_runs_one_epoch(fixture_root, tmp_path):
-    summary = load_example().main(["--root", fixture_root, "--epochs", "1", "--seeds", "0,1", *SMALL,
+def test_every_task_and_model_runs_one_epoch(lrgb_root, tmp_path):
+    summary = load_example().main(["--root", lrgb_root, "--epochs", "1", "--seeds", "0,1", *SMALL,
                                    "--out", str(tmp_path)])
     assert set(summary["runs"]) == set(LRGB_TASKS)
     for dataset, per_model in summary["runs"].items():
@@ -49,9 +42,9 @@ def test_every_task_and_model_runs_one_epoch(fixture_root, tmp_path):
     assert history["epoch"] == 1 and len(history["history"]) == 1
 
 
-def test_resumed_run_equals_uninterrupted_run(fixture_root, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(lrgb_root, tmp_path):
     example = load_example()
-    common = ["--root", fixture_root, "--dataset", "peptides-func", "--model", "chimera", "--seeds", "0",
+    common = ["--root", lrgb_root, "--dataset", "peptides-func", "--model", "chimera", "--seeds", "0",
               "--epochs", "3", "--dropout", "0.2", *SMALL]
     example.main(common + ["--out", str(tmp_path / "straight")])
     example.main(common + ["--out", str(tmp_path / "resumed"), "--stop-after", "1"])
@@ -72,9 +65,9 @@ def test_resumed_run_equals_uninterrupted_run(fixture_root, tmp_path):
         example.main(common + ["--layers", "1", "--out", str(tmp_path / "resumed")])
 
 
-def test_refuses_to_run_over_budget(fixture_root, tmp_path):
+def test_refuses_to_run_over_budget(lrgb_root, tmp_path):
     example = load_example()
-    args = ["--root", fixture_root, "--dataset", "peptides-struct", "--model", "chimera", "--epochs", "1",
+    args = ["--root", lrgb_root, "--dataset", "peptides-struct", "--model", "chimera", "--epochs", "1",
             "--seeds", "0", "--layers", "1", "--hidden", "512", "--heads", "2", "--quiet", "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="over the --budget of 500,000; pass --allow-over-budget"):
         example.main(args)
@@ -88,9 +81,9 @@ def test_main_job_on_the_shipped_dataset(tmp_path):
     assert set(summary["runs"]["peptides-mini"]) == {"chimera", "gps", "gcn"}
 
 
-def test_torchrun_with_two_gloo_processes(fixture_root, tmp_path):
+def test_torchrun_with_two_gloo_processes(lrgb_root, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               EXAMPLE, "--root", fixture_root, "--dataset", "peptides-struct", "--model", "chimera",
+               EXAMPLE, "--root", lrgb_root, "--dataset", "peptides-struct", "--model", "chimera",
                "--epochs", "2", "--seeds", "0", "--device", "cpu", *SMALL, "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

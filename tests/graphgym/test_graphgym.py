@@ -16,7 +16,7 @@ from torch_geometric.graphgym.loader import create_loader  # noqa: E402
 from torch_geometric.graphgym.model_builder import create_model  # noqa: E402
 
 from torch_geometric_chimera import ChimeraConv, ChimeraGPSConv  # noqa: E402
-from torch_geometric_chimera.lrgb import LRGB_TASKS, TASKS, write_fixture  # noqa: E402
+from torch_geometric_chimera.lrgb import LRGB_TASKS, TASKS  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 CONFIGS = os.path.join(REPO, "examples", "graphgym")
@@ -31,13 +31,6 @@ def load_runner():
     return module
 
 
-@pytest.fixture(scope="module")
-def fixture_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("lrgb"))
-    for name in LRGB_TASKS:
-        write_fixture(root, name)
-    return root
-
 
 def test_names_are_registered():
     assert register.network_dict["ChimeraGPSModel"] is torch_geometric_chimera.graphgym.ChimeraGPSModel
@@ -49,8 +42,8 @@ def test_names_are_registered():
 
 
 @pytest.mark.parametrize("name", LRGB_TASKS)
-def test_yaml_trains_one_epoch_with_graphgym(fixture_root, tmp_path, name):
-    out_dir = load_runner().main(["--cfg", os.path.join(CONFIGS, f"{name}.yaml"), "dataset.dir", fixture_root,
+def test_yaml_trains_one_epoch_with_graphgym(lrgb_root, tmp_path, name):
+    out_dir = load_runner().main(["--cfg", os.path.join(CONFIGS, f"{name}.yaml"), "dataset.dir", lrgb_root,
                                   "out_dir", str(tmp_path), "train.enable_ckpt", "False", *SMALL])
     assert cfg.dataset.name == name and cfg.model.type == "ChimeraGPSModel"
     metric = {"ap": "lrgb_ap", "mae": "lrgb_mae", "f1": "lrgb_f1"}[TASKS[name].metric]
@@ -72,11 +65,11 @@ def test_yaml_hyperparameters_are_the_papers():
     assert (cfg.optim.base_lr, cfg.gt.n_heads, cfg.chimera.state_dim, cfg.optim.max_epoch) == (0.0035, 4, 64, 200)
 
 
-def test_full_size_model_is_within_the_500k_budget(fixture_root):
+def test_full_size_model_is_within_the_500k_budget(lrgb_root):
     for name in LRGB_TASKS:
         set_cfg(cfg)
         cfg.merge_from_file(os.path.join(CONFIGS, f"{name}.yaml"))
-        cfg.dataset.dir, cfg.accelerator = fixture_root, "cpu"
+        cfg.dataset.dir, cfg.accelerator = lrgb_root, "cpu"
         cfg.share.dim_in, cfg.share.dim_out = 1, 1  # the network takes the task's own output width
         model = create_model()
         assert sum(p.numel() for p in model.parameters()) <= 500_000
@@ -84,10 +77,10 @@ def test_full_size_model_is_within_the_500k_budget(fixture_root):
         assert len(layers) == 8 and layers[0].chimera.state_dim == cfg.chimera.state_dim
 
 
-def test_chimera_layer_in_graphgyms_stock_gnn(fixture_root):
+def test_chimera_layer_in_graphgyms_stock_gnn(lrgb_root):
     set_cfg(cfg)
     cfg.merge_from_file(os.path.join(CONFIGS, "peptides-struct.yaml"))
-    cfg.merge_from_list(["dataset.dir", fixture_root, "model.type", "gnn", "gnn.layer_type", "chimera",
+    cfg.merge_from_list(["dataset.dir", lrgb_root, "model.type", "gnn", "gnn.layer_type", "chimera",
                          "gnn.layers_mp", "2", "gnn.dim_inner", "16", "gt.n_heads", "2", "chimera.state_dim", "8",
                          "accelerator", "cpu", "gnn.stage_type", "skipsum"])
     loaders = create_loader()
@@ -98,7 +91,7 @@ def test_chimera_layer_in_graphgyms_stock_gnn(fixture_root):
     assert torch.isfinite(pred).all()
 
 
-def test_bad_layer_type(fixture_root):
+def test_bad_layer_type(lrgb_root):
     set_cfg(cfg)
     cfg.merge_from_file(os.path.join(CONFIGS, "peptides-func.yaml"))
     cfg.merge_from_list(["gt.layer_type", "GCN+Transformer", "accelerator", "cpu"])

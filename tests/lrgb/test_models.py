@@ -5,20 +5,13 @@ from torch_geometric.datasets import LRGBDataset
 
 from torch_geometric_chimera import ChimeraGPSConv
 from torch_geometric_chimera.lrgb import (LRGB_TASKS, MODELS, TASKS, LRGBModel, count_parameters, load_splits,
-                                          width_for_budget, write_fixture)
+                                          width_for_budget)
 
-
-@pytest.fixture(scope="module")
-def fixture_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("lrgb"))
-    for name in LRGB_TASKS:
-        write_fixture(root, name)
-    return root
 
 
 @pytest.mark.parametrize("name", LRGB_TASKS)
-def test_fixture_is_read_by_pyg_lrgb_dataset(fixture_root, name):
-    splits = load_splits(name, fixture_root)
+def test_fixture_is_read_by_pyg_lrgb_dataset(lrgb_root, name):
+    splits = load_splits(name, lrgb_root)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [12, 6, 6]
     assert all(isinstance(d, LRGBDataset) for d in splits.values())
     data = splits["train"][0]
@@ -33,9 +26,9 @@ def test_fixture_is_read_by_pyg_lrgb_dataset(fixture_root, name):
 
 @pytest.mark.parametrize("name", LRGB_TASKS)
 @pytest.mark.parametrize("model", MODELS)
-def test_models_output_the_task_shape_and_train(fixture_root, name, model):
+def test_models_output_the_task_shape_and_train(lrgb_root, name, model):
     task = TASKS[name]
-    data = Batch.from_data_list(list(load_splits(name, fixture_root)["train"][:3]))
+    data = Batch.from_data_list(list(load_splits(name, lrgb_root)["train"][:3]))
     net = LRGBModel(task, model, hidden=16, layers=2, heads=2, state_dim=8)
     out = net(data)
     rows = data.num_graphs if task.level == "graph" else data.num_nodes
