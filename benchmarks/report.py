@@ -124,6 +124,20 @@ def scaling_section(r):
     return lines
 
 
+def band_section(r):
+    lines = ["## Exact small-graph paths: band vs dense, and the cost model of `auto` (issue 3)", "", header(r), "",
+             "Mixer alone (`resolvent_attention`), forward + backward, 64 graphs, row-normalized weights; band and "
+             "dense timed interleaved. `auto` compares estimated costs with band flops weighted by "
+             f"`BAND_FLOP_COST` = {r['band_flop_cost']:g} (the ratio of the per-flop costs below).", "",
+             "| graphs | H, S, P | dense | band | dense ns/flop | band ns/flop | faster | auto picks |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['graphs']} | {row['heads']}, {row['S']}, {row['P']} | {row['dense_s'] * 1e3:.0f} ms | "
+                     f"{row['band_s'] * 1e3:.0f} ms | {row['dense_ns_per_flop']:.3f} | {row['band_ns_per_flop']:.3f} | "
+                     f"{row['faster']} | {row['auto']} |")
+    return lines
+
+
 def lrgb_step_section(r):
     lines = ["## Full LRGB models, one training step (issue 4)", "", header(r), "",
              "The models of `examples/lrgb.py` at their default (paper) configuration, baselines widened to "
@@ -160,7 +174,7 @@ def main():
            "compare ratios, not milliseconds. No GPU was lent to the sessions that produced these figures: "
            "every number here is CPU, and the CUDA kernels are compiled but untested on a GPU.", ""]
     for name, section in (("layer_cpu.json", layer_section), ("layer_peptides_cpu.json", layer_section),
-                          ("lrgb_step_cpu.json", lrgb_step_section), ("main_job_cpu.json", main_job_section),
+                          ("band_vs_dense_cpu.json", band_section), ("lrgb_step_cpu.json", lrgb_step_section), ("main_job_cpu.json", main_job_section),
                           ("line_cpu.json", line_section),
                           ("dag_cpu.json", dag_section), ("neumann_cpu.json", neumann_section),
                           ("scaling_cpu.json", scaling_section)):

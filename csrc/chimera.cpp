@@ -28,7 +28,8 @@ TORCH_LIBRARY(chimera, m) {
   m.def("dag_attention_backward(Tensor level_ptr, Tensor order, Tensor rowptr_t, Tensor col_t, Tensor weight_t, "
         "Tensor query, Tensor key, Tensor value, Tensor state, Tensor grad_y, Tensor? grad_state=None) -> Tensor[]");
   // Banded exact path (CPU). band_order: reverse Cuthill-McKee order of the nodes of every graph
-  // (nodes[node_ptr[g]:node_ptr[g+1]], sorted) in a symmetric pattern, and each graph's bandwidth.
+  // (nodes[node_ptr[g]:node_ptr[g+1]], sorted) in a symmetric pattern, each graph's bandwidth and the
+  // off-diagonal nonzeros of its LU factors (fill included).
   m.def("band_order(Tensor node_ptr, Tensor nodes, Tensor rowptr, Tensor col) -> Tensor[]");
   // band_factor: LU factors of I - A per graph and head in band storage (band_size rows, H columns).
   m.def("band_factor(Tensor node_ptr, Tensor order, Tensor bandwidth, Tensor rowptr, Tensor col, Tensor weight, "

@@ -39,7 +39,8 @@ std::vector<int64_t> band_offsets(const int64_t* np, const int64_t* bw, int64_t 
 }
 
 // Reverse Cuthill-McKee within every graph of a symmetric pattern (rowptr, col); `nodes` lists the
-// nodes grouped by graph (node_ptr). Returns the new order and each graph's bandwidth under it.
+// nodes grouped by graph (node_ptr). Returns the new order, each graph's bandwidth under it and the
+// number of off-diagonal structural nonzeros of its LU factors.
 std::vector<at::Tensor> band_order_cpu(const at::Tensor& node_ptr_in, const at::Tensor& nodes_in,
                                        const at::Tensor& rowptr_in, const at::Tensor& col_in) {
   check_csr(rowptr_in, col_in, "chimera::band_order");
@@ -57,8 +58,10 @@ std::vector<at::Tensor> band_order_cpu(const at::Tensor& node_ptr_in, const at::
   const int64_t* cp = col.data_ptr<int64_t>();
   auto order = at::empty({num_nodes}, node_ptr.options());
   auto bandwidth = at::zeros({num_graphs}, node_ptr.options());
+  auto factor_nnz = at::zeros({num_graphs}, node_ptr.options());
   int64_t* op = order.data_ptr<int64_t>();
   int64_t* bp = bandwidth.data_ptr<int64_t>();
+  int64_t* zp = factor_nnz.data_ptr<int64_t>();
   std::vector<int64_t> graph_of(num_nodes, -1);
   for (int64_t g = 0; g < num_graphs; ++g)
     for (int64_t k = np[g]; k < np[g + 1]; ++k) graph_of[nd[k]] = g;
@@ -114,9 +117,30 @@ std::vector<at::Tensor> band_order_cpu(const at::Tensor& node_ptr_in, const at::
           width = std::max<int64_t>(width, std::abs(position[local_index(cp[e])] - k));
       }
       bp[g] = width;
+      // Symbolic elimination inside the band: the structural nonzeros of L and U (fill included)
+      // are what the solves touch, which is what the cost model needs (trees fill little of the band).
+      const int64_t w = 2 * width + 1;
+      std::vector<char> pattern(n * w, 0);
+      auto at_ = [&](int64_t p, int64_t q) -> char& { return pattern[p * w + (q - p + width)]; };
+      for (int64_t k = 0; k < n; ++k) {
+        at_(k, k) = 1;
+        const int64_t u = local_order[k];
+        for (int64_t e = rp[u]; e < rp[u + 1]; ++e) at_(k, position[local_index(cp[e])]) = 1;
+      }
+      int64_t nonzeros = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t last = std::min(n - 1, k + width);
+        for (int64_t p = k + 1; p <= last; ++p) {
+          if (!at_(p, k)) continue;
+          for (int64_t q = k + 1; q <= last; ++q)
+            if (at_(k, q)) at_(p, q) = 1;
+        }
+        for (int64_t q = std::max<int64_t>(0, k - width); q <= last; ++q) nonzeros += at_(k, q) && q != k;
+      }
+      zp[g] = nonzeros;
     }
   });
-  return {order, bandwidth};
+  return {order, bandwidth, factor_nnz};
 }
 
 // LU factors of M = I - A (no pivoting) for every graph and head, in band storage:

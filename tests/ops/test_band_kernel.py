@@ -211,3 +211,26 @@ def test_band_where_its_kernels_do_not_run_is_refused(monkeypatch):
     q, k, v, w = inputs(n, edge_index.size(1))
     with pytest.raises(ValueError, match="method: 'band' runs on CPU"):
         resolvent_attention(q, k, v, edge_index, w, method="band", batch=batch)
+
+
+@pytest.mark.parametrize("undirected", [True, False])
+def test_symbolic_factor_nonzeros_match_the_numeric_factors(undirected):
+    cyclic = random_graph(14, 40)
+    if undirected:
+        cyclic = torch.cat([cyclic, cyclic.flip(0)], 1)
+    edge_index, batch, n = batch_graphs([chain_molecule(9), (14, cyclic)])
+    topology = GraphTopology(edge_index, n, batch)
+    s, csr = topology.band_schedule, topology.operator
+    weight = row_normalize(edge_index, torch.rand(edge_index.size(1), 1, dtype=torch.float64), n)
+    factors = torch.ops.chimera.band_factor(s.node_ptr, s.order, s.bandwidth, csr.rowptr, csr.col, weight[csr.perm],
+                                            s.band_size)
+    width = 2 * s.bandwidth + 1
+    offset = torch.cat([width.new_zeros(1), ((s.node_ptr[1:] - s.node_ptr[:-1]) * width).cumsum(0)])
+    for g in range(2):
+        numeric = int((factors[offset[g]:offset[g + 1], 0] != 0).sum()) - int(s.node_ptr[g + 1] - s.node_ptr[g])
+        if undirected:  # random weights: no entry cancels to zero
+            assert numeric == int(s.factor_nnz[g])
+        else:  # the count is of the symmetrized pattern: an upper bound for a directed graph
+            assert numeric <= int(s.factor_nnz[g])
+    path = torch.stack([torch.arange(9), torch.arange(1, 10)])
+    assert int(band_schedule(torch.cat([path, path.flip(0)], 1), 10).factor_nnz) == 2 * 9

@@ -94,7 +94,8 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("chimera::band_order")
     def _band_order_fake(node_ptr, nodes, rowptr, col):
-        return [nodes.new_empty(nodes.shape), node_ptr.new_empty((node_ptr.shape[0] - 1,))]
+        num_graphs = node_ptr.shape[0] - 1
+        return [nodes.new_empty(nodes.shape), node_ptr.new_empty((num_graphs,)), node_ptr.new_empty((num_graphs,))]
 
     @torch.library.register_fake("chimera::band_factor")
     def _band_factor_fake(node_ptr, order, bandwidth, rowptr, col, weight, band_size):
@@ -264,11 +265,13 @@ def dag_attention(level_ptr: Tensor, order: Tensor, rowptr: Tensor, col: Tensor,
 
 class BandSchedule(NamedTuple):
     """Banded layout of a batch of graphs: nodes ``order[node_ptr[g]:node_ptr[g+1]]`` of graph ``g``
-    in reverse Cuthill-McKee order, its bandwidth ``bandwidth[g]``, the total band storage
-    ``band_size`` and where every pivot sits in it (``pivot_index``)."""
+    in reverse Cuthill-McKee order, its bandwidth ``bandwidth[g]``, the off-diagonal nonzeros of
+    its LU factors ``factor_nnz[g]`` (fill included), the total band storage ``band_size`` and
+    where every pivot sits in it (``pivot_index``)."""
     node_ptr: Tensor
     order: Tensor
     bandwidth: Tensor
+    factor_nnz: Tensor
     band_size: int
     pivot_index: Tensor
 
@@ -291,13 +294,13 @@ def band_schedule(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = 
         nodes = torch.argsort(batch, stable=True)
         sizes = torch.bincount(batch, minlength=int(batch.max()) + 1 if num_nodes else 0)
     node_ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-    order, bandwidth = torch.ops.chimera.band_order(node_ptr, nodes, rowptr, sym_col)
+    order, bandwidth, factor_nnz = torch.ops.chimera.band_order(node_ptr, nodes, rowptr, sym_col)
     width = 2 * bandwidth + 1
     offset = torch.cat([width.new_zeros(1), (sizes * width).cumsum(0)])
     graph = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
     local = torch.arange(num_nodes, device=device) - node_ptr[graph]
     pivot_index = offset[graph] + local * width[graph] + bandwidth[graph]
-    return BandSchedule(node_ptr, order, bandwidth, int(offset[-1]), pivot_index)
+    return BandSchedule(node_ptr, order, bandwidth, factor_nnz, int(offset[-1]), pivot_index)
 
 
 class BandResolventSolve(torch.autograd.Function):

@@ -17,10 +17,13 @@ METHODS = ("auto", "dense", "band", "dag", "line", "neumann", "iterative")
 #: ``method="auto"`` solves graphs with at most this many nodes exactly (dense or band).
 DENSE_MAX_NODES = 768  # measured crossover with iterative on CPU: about 1,000 nodes
 
-#: A band-solve flop costs about this many dense-path flops on CPU. Measured on the 2-core CPU
-#: (64 random trees, S = 16): band / dense solver time was 0.55 at P = 16 and 1.11 at P = 32 for
-#: flop ratios of 0.70 and 1.21, i.e. about 0.85; 0.9 keeps the choice on the safe side.
-BAND_FLOP_COST = 0.9
+#: A band-solve flop costs about this many dense-path flops on CPU: the dense path runs batched
+#: GEMMs on n x n blocks that stay in cache, the band path streams the S x P state through memory
+#: with axpys. Measured on the 2-core CPU, mixer forward + backward on 64 real peptides and on 64
+#: random trees, (H, S, P) in (4, 16, 16), (4, 16, 32), (2, 96, 32) and (4, 64, 16), row-normalized
+#: weights: dense 0.05-0.13 ns per counted flop, band 0.6-1.0 ns, about 10x; with 10 the model
+#: picks the faster path in all 8 cases.
+BAND_FLOP_COST = 10.0
 
 
 class GraphTopology:
@@ -120,8 +123,10 @@ class GraphTopology:
         """Estimated forward + backward flops of ``dense`` and ``band`` (in dense-flop units)."""
         n = self.graph_sizes.double()
         dense = float((3 * n ** 3 + 6 * n ** 2 * (state_dim + head_dim)).sum())
-        b = self.band_schedule.bandwidth.double()
-        band = float((8 * n * (b + 1) * state_dim * head_dim + 2 * n * b ** 2).sum()) * BAND_FLOP_COST
+        # Forward and backward each: one solve (every factor nonzero and pivot: an axpy over the
+        # S * P state) plus building and contracting the state, two multiply-adds per entry.
+        nonzeros = self.band_schedule.factor_nnz.double()
+        band = float((4 * (nonzeros + 3 * n) * state_dim * head_dim).sum()) * BAND_FLOP_COST
         return dense, band
 
     @cached_property
@@ -148,8 +153,9 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, stat
     2. directed paths (sequences): ``"line"``;
     3. every graph has at most :data:`DENSE_MAX_NODES` nodes: ``"band"`` on CPU when the state
        sizes are given and its estimated cost (:meth:`GraphTopology.exact_costs`: about
-       :math:`8 n (b + 1) S P` for bandwidth :math:`b`) is below the dense path's
-       (:math:`3 n^3 + 6 n^2 (S + P)`), which is the case for molecules (b ≈ 5); else ``"dense"``;
+       :math:`4 (\mathrm{nnz}(LU) + 3n) S P` times :data:`BAND_FLOP_COST`) is below the dense
+       path's (:math:`3 n^3 + 6 n^2 (S + P)`): molecules (bandwidth about 5) with a small state,
+       e.g. :math:`S = P = 16`, take ``"band"``, a state of :math:`96 \times 32` takes ``"dense"``;
     4. the graph is a DAG: ``"dag"``;
     5. otherwise ``"iterative"``.
     """
