@@ -219,9 +219,17 @@ at::Tensor band_factor_cpu(const at::Tensor& node_ptr_in, const at::Tensor& orde
 
 // Forward / backward substitution of one graph and head, in place on rows of `state` (order[base + p] is
 // the node at local position p).
-template <typename scalar_t>
+struct NoRowHook {
+  void operator()(int64_t) const {}
+};
+
+// Two sweeps: L then U (or U^T then L^T). `first(p)` runs just before row p's first-sweep update
+// (to build its right-hand side in place) and `last(p)` right after row p is final in the second
+// sweep (to contract it), so the state crosses memory once less in each direction.
+template <typename scalar_t, typename First = NoRowHook, typename Last = NoRowHook>
 void band_substitute(const scalar_t* fp, const int64_t* op, int64_t offset_g, int64_t base, int64_t n, int64_t b,
-                     int64_t hd, int64_t heads, scalar_t* state, int64_t feat, bool transpose) {
+                     int64_t hd, int64_t heads, scalar_t* state, int64_t feat, bool transpose, First first = {},
+                     Last last = {}) {
   const int64_t width = 2 * b + 1;
   auto entry = [&](int64_t p, int64_t q) { return fp[(offset_g + p * width + (q - p + b)) * heads + hd]; };
   auto row = [&](int64_t p) { return state + (op[base + p] * heads + hd) * feat; };
@@ -230,23 +238,29 @@ void band_substitute(const scalar_t* fp, const int64_t* op, int64_t offset_g, in
     for (int64_t f = 0; f < feat; ++f) r[f] *= s;
   };
   if (!transpose) {  // L (unit lower) then U
-    for (int64_t p = 1; p < n; ++p)
+    for (int64_t p = 0; p < n; ++p) {
+      first(p);
       for (int64_t k = std::max<int64_t>(0, p - b); k < p; ++k)
         if (const scalar_t l = entry(p, k)) axpy(row(p), row(k), -l, feat);
+    }
     for (int64_t p = n - 1; p >= 0; --p) {
       for (int64_t k = p + 1; k <= std::min(n - 1, p + b); ++k)
         if (const scalar_t u = entry(p, k)) axpy(row(p), row(k), -u, feat);
       scale(p, scalar_t(1) / entry(p, p));
+      last(p);
     }
   } else {  // U^T (lower) then L^T (unit upper)
     for (int64_t p = 0; p < n; ++p) {
+      first(p);
       for (int64_t k = std::max<int64_t>(0, p - b); k < p; ++k)
         if (const scalar_t u = entry(k, p)) axpy(row(p), row(k), -u, feat);
       scale(p, scalar_t(1) / entry(p, p));
     }
-    for (int64_t p = n - 2; p >= 0; --p)
+    for (int64_t p = n - 1; p >= 0; --p) {
       for (int64_t k = p + 1; k <= std::min(n - 1, p + b); ++k)
         if (const scalar_t l = entry(k, p)) axpy(row(p), row(k), -l, feat);
+      last(p);
+    }
   }
 }
 
@@ -345,9 +359,11 @@ std::vector<at::Tensor> band_attention_cpu(const at::Tensor& node_ptr, const at:
                    *kp = key.data_ptr<scalar_t>(), *vp = value.data_ptr<scalar_t>();
     scalar_t *hp = state.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     for_each_graph_head(num_graphs, heads, [&](int64_t g, int64_t hd) {
-      for (int64_t k = np[g]; k < np[g + 1]; ++k) outer_state(opp[k] * heads + hd, kp, vp, hp, S, P);
-      band_substitute(fp, opp, in.offset[g], np[g], np[g + 1] - np[g], bw[g], hd, heads, hp, S * P, false);
-      for (int64_t k = np[g]; k < np[g + 1]; ++k) read_out(opp[k] * heads + hd, qp, hp, yp, S, P);
+      const int64_t base = np[g];
+      band_substitute(
+          fp, opp, in.offset[g], base, np[g + 1] - base, bw[g], hd, heads, hp, S * P, false,
+          [&](int64_t p) { outer_state(opp[base + p] * heads + hd, kp, vp, hp, S, P); },
+          [&](int64_t p) { read_out(opp[base + p] * heads + hd, qp, hp, yp, S, P); });
     });
   });
   return {y, state};
@@ -395,10 +411,11 @@ std::vector<at::Tensor> band_attention_backward_cpu(const at::Tensor& node_ptr, 
              *dvp = grad_value.data_ptr<scalar_t>(), *gp = grad_state.data_ptr<scalar_t>();
     const scalar_t* extra = has_grad_state ? grad_state_extra.data_ptr<scalar_t>() : nullptr;
     for_each_graph_head(num_graphs, heads, [&](int64_t g, int64_t hd) {
-      for (int64_t k = np[g]; k < np[g + 1]; ++k)
-        adjoint_rhs(opp[k] * heads + hd, qp, hp, dyp, extra, dqp, gp, S, P);
-      band_substitute(fp, opp, in.offset[g], np[g], np[g + 1] - np[g], bw[g], hd, heads, gp, S * P, true);
-      for (int64_t k = np[g]; k < np[g + 1]; ++k) key_value_grads(opp[k] * heads + hd, gp, kp, vp, dkp, dvp, S, P);
+      const int64_t base = np[g];
+      band_substitute(
+          fp, opp, in.offset[g], base, np[g + 1] - base, bw[g], hd, heads, gp, S * P, true,
+          [&](int64_t p) { adjoint_rhs(opp[base + p] * heads + hd, qp, hp, dyp, extra, dqp, gp, S, P); },
+          [&](int64_t p) { key_value_grads(opp[base + p] * heads + hd, gp, kp, vp, dkp, dvp, S, P); });
     });
   });
   return {grad_query, grad_key, grad_value, grad_state};
