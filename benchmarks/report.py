@@ -65,8 +65,11 @@ def line_section(r):
             "| path | time (median) | ratio |", "|---|---|---|",
             f"| pure-PyTorch chunked SSD, chunk 64 (baseline) | {ms(r['chunked_ssd'])} | 1.00x |",
             f"| `method=\"line\"` (chunk 64) | {ms(r['line'])} | **{r['line_vs_ssd']:.2f}x** (target <= 1.5x) |",
-            f"| `method=\"dag\"` (generic level-by-level `chimera::dag_solve`) | {ms(r['dag'])} | line is "
-            f"**{r['dag_vs_line_speedup']:.0f}x faster** (target >= 10x) |"]
+            f"| `method=\"dag\"` (generic level-by-level path; on CPU the fused `chimera::dag_attention`) | "
+            f"{ms(r['dag'])} | line is **{r['dag_vs_line_speedup']:.1f}x faster** (target >= 10x"
+            f"{'' if r['dag_vs_line_speedup'] >= 10 else ': missed'}) |", "",
+            "The DAG side got faster when its state contraction was fused into the solve, which is what brought "
+            "the speed-up under 10x (10.7x and 19x with the unfused DAG path before)."]
 
 
 def dag_section(r):
@@ -88,9 +91,10 @@ def neumann_section(r):
             f"| {r['baseline']} (baseline) | {ms(r['sparse_mm_calls'])} | 1.00x |",
             f"| `neumann` (checkpointed Horner, `chimera::spmm` with fused `X + A H`) | {ms(r['chimera_neumann'])} | "
             f"**{r['ratio']:.2f}x** (target <= 1.2x: missed) |", "",
-            "One `chimera::spmm` call alone runs at 1.0x to 1.2x of `torch.sparse.mm` at this width; the rest "
-            "is the allocation of a fresh 20 MB state per step (first-touch page faults) that a multi-step "
-            "kernel with reused buffers would avoid."]
+            "One `chimera::spmm` call alone runs at 1.0x to 1.2x of `torch.sparse.mm` at this width. A Horner "
+            "step `H <- X + A H` streams three arrays (reads X and H, writes H) where the bare chain of products "
+            "streams two, so on this memory-bound machine the series sits near 1.5x or above (1.75x to 2.2x "
+            "measured); beating that needs a multi-step kernel with cache blocking."]
 
 
 def scaling_section(r):
@@ -161,7 +165,8 @@ def main_job_section(r):
              "`python examples/lrgb.py` with its defaults: PeptidesMini (shipped; 11 structural targets from "
              "RDKit 3D conformers), Chimera-GPS, GraphGPS Transformer and GCN at equal parameter budget, test MAE "
              "at the best validation epoch (standardized targets; lower is better).", "", r["table"], "",
-             f"Training time (s): {r['seconds']}"]
+             f"Training time (s): {r['seconds']}", "",
+             "![PeptidesMini learning curves](benchmarks/results/main_job_learning_curves.png)"]
     return lines
 
 
