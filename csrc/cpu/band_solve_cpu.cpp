@@ -338,12 +338,7 @@ std::vector<at::Tensor> band_attention_cpu(const at::Tensor& node_ptr, const at:
                                            const at::Tensor& query_in, const at::Tensor& key_in,
                                            const at::Tensor& value_in) {
   const char* op = "chimera::band_attention";
-  check_features(query_in, query_in, op, "query");
-  check_features(key_in, query_in, op, "key");
-  check_features(value_in, query_in, op, "value");
-  TORCH_CHECK(key_in.sizes() == query_in.sizes() && value_in.size(0) == query_in.size(0) &&
-                  value_in.size(1) == query_in.size(1),
-              op, ": expected query, key [N, H, S] and value [N, H, P]");
+  check_attention_inputs(query_in, key_in, value_in, op);
   const auto in = check_band_inputs(node_ptr, order, bandwidth, factors, query_in, op);
   const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
   const int64_t num_nodes = query.size(0), heads = query.size(1), S = query.size(2), P = value.size(2);

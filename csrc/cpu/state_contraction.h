@@ -8,6 +8,16 @@
 
 namespace chimera {
 
+// query, key [N, H, S] and value [N, H, P] on one device with one dtype.
+inline void check_attention_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                   const char* op) {
+  check_features(query, query, op, "query");
+  check_features(key, query, op, "key");
+  check_features(value, query, op, "value");
+  TORCH_CHECK(key.sizes() == query.sizes() && value.size(0) == query.size(0) && value.size(1) == query.size(1), op,
+              ": expected query, key [N, H, S] and value [N, H, P]");
+}
+
 // h = k v^T  (the right-hand side X_i = K_i V_i^T)
 template <typename scalar_t>
 inline void outer_state(int64_t nh, const scalar_t* k, const scalar_t* v, scalar_t* h, int64_t S, int64_t P) {

@@ -124,16 +124,22 @@ if HAS_EXTENSION:
         raise NotImplementedError("chimera::band_factor is not differentiable; use band_resolvent_solve, which "
                                   "differentiates the solve with respect to the edge weights")
 
-    @torch.library.register_fake("chimera::band_attention")
-    def _band_attention_fake(node_ptr, order, bandwidth, factors, query, key, value):
+    def _attention_outputs(query, value):  # (y [N, H, P], state [N, H, S * P])
         num_nodes, heads, state_dim = query.shape
         return [value.new_empty(value.shape), query.new_empty((num_nodes, heads, state_dim * value.shape[2]))]
+
+    def _attention_gradients(query, key, value, state):  # (dq, dk, dv, g)
+        return [query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+                state.new_empty(state.shape)]
+
+    @torch.library.register_fake("chimera::band_attention")
+    def _band_attention_fake(node_ptr, order, bandwidth, factors, query, key, value):
+        return _attention_outputs(query, value)
 
     @torch.library.register_fake("chimera::band_attention_backward")
     def _band_attention_backward_fake(node_ptr, order, bandwidth, factors, query, key, value, state, grad_y,
                                       grad_state=None):
-        return [query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
-                state.new_empty(state.shape)]
+        return _attention_gradients(query, key, value, state)
 
     def _band_attention_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs, output[1])
@@ -156,14 +162,12 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("chimera::dag_attention")
     def _dag_attention_fake(level_ptr, order, rowptr, col, weight, query, key, value):
-        num_nodes, heads, state_dim = query.shape
-        return [value.new_empty(value.shape), query.new_empty((num_nodes, heads, state_dim * value.shape[2]))]
+        return _attention_outputs(query, value)
 
     @torch.library.register_fake("chimera::dag_attention_backward")
     def _dag_attention_backward_fake(level_ptr, order, rowptr_t, col_t, weight_t, query, key, value, state, grad_y,
                                      grad_state=None):
-        return [query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
-                state.new_empty(state.shape)]
+        return _attention_gradients(query, key, value, state)
 
     def _dag_attention_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs, output[1])
