@@ -25,11 +25,11 @@ from torch_geometric.graphgym import register
 from torch_geometric.graphgym.config import cfg
 from torch_geometric.graphgym.models.gnn import FeatureEncoder, GNNPreMP
 from torch_geometric.graphgym.models.layer import MLP, new_layer_config
-from torch_geometric.nn import GCNConv, GINConv, GINEConv
+from torch_geometric.nn import GINConv, GINEConv
 
 from ..lrgb import TASKS, average_precision, macro_f1, mean_absolute_error
 from ..lrgb.data import load_splits
-from ..lrgb.models import ATOM_VOCAB, BOND_VOCAB, CategoricalEncoder
+from ..lrgb.models import ATOM_VOCAB, BOND_VOCAB, CategoricalEncoder, GCNLocal
 from ..nn import ChimeraConv, ChimeraGPSConv
 
 try:
@@ -145,11 +145,6 @@ class ChimeraLayer(nn.Module):
         return batch
 
 
-class _GCNLocal(GCNConv):
-    def forward(self, x, edge_index, edge_attr=None):
-        return super().forward(x, edge_index)
-
-
 class _GINLocal(GINConv):
     def forward(self, x, edge_index, edge_attr=None):
         return super().forward(x, edge_index)
@@ -157,7 +152,7 @@ class _GINLocal(GINConv):
 
 def _local_model(name: str, dim: int):
     if name == "GCN":
-        return _GCNLocal(dim, dim)
+        return GCNLocal(dim, dim)
     mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
     if name == "GINE":
         return GINEConv(mlp, edge_dim=_edge_dim())

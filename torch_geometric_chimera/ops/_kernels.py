@@ -115,13 +115,13 @@ if HAS_EXTENSION:
         node_ptr, order, bandwidth, factors = ctx.saved_tensors
         if ctx.needs_input_grad[3]:
             raise NotImplementedError("chimera::band_solve: no gradient with respect to the factors; differentiate "
-                                      "through band_resolvent_solve, which gives the gradient of the edge weights")
+                                      "through band_resolvent_attention, which gives the gradient of the edge weights")
         grad_x = torch.ops.chimera.band_solve(node_ptr, order, bandwidth, factors, grad_h.contiguous(),
                                               not ctx.transpose)
         return None, None, None, None, grad_x, None
 
     def _band_factor_backward(ctx, grad_factors):
-        raise NotImplementedError("chimera::band_factor is not differentiable; use band_resolvent_solve, which "
+        raise NotImplementedError("chimera::band_factor is not differentiable; use band_resolvent_attention, which "
                                   "differentiates the solve with respect to the edge weights")
 
     def _attention_outputs(query, value):  # (y [N, H, P], state [N, H, S * P])
@@ -270,14 +270,12 @@ def dag_attention(level_ptr: Tensor, order: Tensor, rowptr: Tensor, col: Tensor,
 class BandSchedule(NamedTuple):
     """Banded layout of a batch of graphs: nodes ``order[node_ptr[g]:node_ptr[g+1]]`` of graph ``g``
     in reverse Cuthill-McKee order, its bandwidth ``bandwidth[g]``, the off-diagonal nonzeros of
-    its LU factors ``factor_nnz[g]`` (fill included), the total band storage ``band_size`` and
-    where every pivot sits in it (``pivot_index``)."""
+    its LU factors ``factor_nnz[g]`` (fill included) and the total band storage ``band_size``."""
     node_ptr: Tensor
     order: Tensor
     bandwidth: Tensor
     factor_nnz: Tensor
     band_size: int
-    pivot_index: Tensor
 
 
 def band_schedule(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None) -> BandSchedule:
@@ -299,47 +297,8 @@ def band_schedule(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = 
         sizes = torch.bincount(batch, minlength=int(batch.max()) + 1 if num_nodes else 0)
     node_ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
     order, bandwidth, factor_nnz = torch.ops.chimera.band_order(node_ptr, nodes, rowptr, sym_col)
-    width = 2 * bandwidth + 1
-    offset = torch.cat([width.new_zeros(1), (sizes * width).cumsum(0)])
-    graph = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
-    local = torch.arange(num_nodes, device=device) - node_ptr[graph]
-    pivot_index = offset[graph] + local * width[graph] + bandwidth[graph]
-    return BandSchedule(node_ptr, order, bandwidth, factor_nnz, int(offset[-1]), pivot_index)
-
-
-class BandResolventSolve(torch.autograd.Function):
-    r""":math:`H = (I - A)^{-1} X` by band LU (``chimera::band_factor`` + ``chimera::band_solve``).
-    The backward solves :math:`(I - A)^\top G = \partial H` with the same factors and reads
-    :math:`\partial A_{ij} = \langle G_i, H_j\rangle` at the edges (``chimera::edge_dot``)."""
-
-    @staticmethod
-    def forward(ctx, schedule: BandSchedule, rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
-        node_ptr, order, bandwidth = schedule.node_ptr, schedule.order, schedule.bandwidth
-        factors = torch.ops.chimera.band_factor(node_ptr, order, bandwidth, rowptr, col, weight, schedule.band_size)
-        h = torch.ops.chimera.band_solve(node_ptr, order, bandwidth, factors, x, False)
-        ctx.save_for_backward(rowptr, col, factors, h)
-        ctx.schedule = schedule
-        ctx.pivots = factors[schedule.pivot_index]
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h: Tensor):
-        rowptr, col, factors, h = ctx.saved_tensors
-        s = ctx.schedule
-        g = torch.ops.chimera.band_solve(s.node_ptr, s.order, s.bandwidth, factors, grad_h.contiguous(), True)
-        grad_weight = torch.ops.chimera.edge_dot(rowptr, col, g, h) if ctx.needs_input_grad[3] else None
-        return None, None, None, grad_weight, g
-
-
-def band_resolvent_solve(schedule: BandSchedule, rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor) -> Tensor:
-    r"""Exact :math:`(I - A)^{-1} X` for a batch of graphs by band LU without pivoting (stable when
-    every row of :math:`|A|` sums to less than 1). ``weight`` ``[E, H]`` in the CSR order of
-    ``(rowptr, col)`` (by target), ``x`` ``[N, H, F]``; float16 / bfloat16 are solved in float32.
-    Differentiable in ``weight`` and ``x``. CPU only."""
-    dtype = x.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        return band_resolvent_solve(schedule, rowptr, col, weight.float(), x.float()).to(dtype)
-    return BandResolventSolve.apply(schedule, rowptr, col, weight, x.contiguous())
+    band_size = int((sizes * (2 * bandwidth + 1)).sum())  # graph g stores n_g rows of 2 b_g + 1
+    return BandSchedule(node_ptr, order, bandwidth, factor_nnz, band_size)
 
 
 class BandResolventAttention(torch.autograd.Function):
