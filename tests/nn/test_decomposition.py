@@ -1,0 +1,115 @@
+"""Canonical DAG decompositions (paper Figs. 2 and 3) and their mixer, against the dense oracle."""
+import pytest
+import torch
+
+from torch_geometric_chimera.nn.adjacency import dag_adjacency
+from torch_geometric_chimera.nn.decomposition import (batched_grid_dags, batched_line_dags,
+                                                      decomposed_resolvent_attention, decomposition_dags,
+                                                      sharing_groups)
+from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
+from torch_geometric_chimera.utils import grid_graph_dags, is_dag, line_graph_dags
+
+
+def edge_set(edge_index):
+    return set(map(tuple, edge_index.t().tolist()))
+
+
+def test_batched_grid_dags_are_each_images_grid_dags_after_its_offset():
+    sizes = [(2, 3), (1, 4), (3, 3), (1, 1)]
+    dags = batched_grid_dags(torch.tensor(sizes))
+    offset = 0
+    expected = [set(), set(), set(), set()]
+    for h, w in sizes:
+        for d, dag in enumerate(grid_graph_dags(h, w)):
+            expected[d] |= edge_set(dag + offset)
+        offset += h * w
+    assert [edge_set(dag) for dag in dags] == expected
+    assert all(is_dag(dag, offset) for dag in dags)
+
+
+def test_batched_line_dags_follow_the_sequence_lengths():
+    seq_len = torch.tensor([3, 1, 4])
+    batch = torch.repeat_interleave(torch.arange(3), seq_len)
+    forward, backward = batched_line_dags(seq_len)
+    ref_forward, ref_backward = line_graph_dags(8, batch)
+    assert edge_set(forward) == edge_set(ref_forward) and edge_set(backward) == edge_set(ref_backward)
+    # without seq_len, the batch vector gives the same sequences
+    assert [edge_set(d) for d in decomposition_dags("line", 8, batch=batch)] == [edge_set(forward),
+                                                                                 edge_set(backward)]
+    assert [edge_set(d) for d in decomposition_dags("fwd", 8, seq_len=seq_len)] == [edge_set(forward)]
+
+
+def test_decomposition_dags_checks_its_geometry():
+    with pytest.raises(ValueError, match="grid_size: decomposition='grid' needs"):
+        decomposition_dags("grid", 4)
+    with pytest.raises(ValueError, match="grid_size: the graphs it describes have 6 nodes in all, but x has 5"):
+        decomposition_dags("grid", 5, grid_size=torch.tensor([[2, 3]]))
+    with pytest.raises(ValueError, match="seq_len: the graphs it describes have 3 nodes in all, but x has 4"):
+        decomposition_dags("line", 4, seq_len=torch.tensor([3]))
+    with pytest.raises(ValueError, match="decomposition: expected one of"):
+        decomposition_dags("ring", 4)
+    with pytest.raises(ValueError, match="sharing: expected one of"):
+        sharing_groups("grid", "columns")
+
+
+def test_sharing_modes_group_the_grid_dags_as_documented():
+    # DAG order: (down, right), (down, left), (up, right), (up, left)
+    assert sharing_groups("grid", "none") == (0, 1, 2, 3)
+    assert sharing_groups("grid", "complete") == (0, 0, 0, 0)
+    assert sharing_groups("grid", "row") == (0, 0, 1, 1)            # same vertical direction
+    assert sharing_groups("grid", "diagonal") == (0, 1, 1, 0)       # a DAG with its reverse
+    # "diagonal" pairs each DAG with its exact reverse
+    dags = grid_graph_dags(3, 4)
+    for d, e in [(0, 3), (1, 2)]:
+        assert edge_set(dags[d]) == edge_set(dags[e].flip(0))
+
+
+@pytest.mark.parametrize("decomposition, geometry, sharing", [
+    ("grid", dict(grid_size=torch.tensor([[3, 4], [2, 2]])), "none"),
+    ("grid", dict(grid_size=torch.tensor([[3, 4], [2, 2]])), "diagonal"),
+    ("line", dict(seq_len=torch.tensor([5, 3])), "none"),
+    ("fwd", dict(seq_len=torch.tensor([5, 3])), "complete"),
+])
+def test_decomposed_mixer_equals_the_sum_of_dense_resolvents_of_its_dags(decomposition, geometry, sharing):
+    torch.manual_seed(0)
+    sizes = geometry["grid_size"].prod(-1) if "grid_size" in geometry else geometry["seq_len"]
+    num_nodes, heads, state, head_dim = int(sizes.sum()), 2, 3, 4
+    batch = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    groups = sharing_groups(decomposition, sharing)
+    sets = max(groups) + 1
+    query = torch.randn(num_nodes, sets, heads, state, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(num_nodes, sets, heads, state, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(num_nodes, heads, head_dim, dtype=torch.float64, requires_grad=True)
+    delta = torch.rand(num_nodes, heads, dtype=torch.float64).requires_grad_()
+    dags = decomposition_dags(decomposition, num_nodes, batch=batch, **geometry)
+
+    out = decomposed_resolvent_attention(query, key, value, delta, dags, groups, batch=batch)
+    expected = 0
+    for dag, g in zip(dags, groups):
+        weight, key_scale = dag_adjacency(delta, dag)
+        expected = expected + inverse_resolvent_attention(query[:, g], key[:, g] * key_scale.unsqueeze(-1), value,
+                                                          dag, weight)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (query, key, value, delta), grad)
+    want = torch.autograd.grad(expected, (query, key, value, delta), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def dense_resolvent(dag, weight, n):
+    adj = torch.zeros(n, n, dtype=weight.dtype)
+    adj.index_put_((dag[1], dag[0]), weight, accumulate=True)
+    return torch.linalg.inv(torch.eye(n, dtype=weight.dtype) - adj)
+
+
+def test_grid_decomposition_reaches_every_pair_of_pixels():
+    # Figure 3: with positive weights the four DAGs' resolvents add up to L > 0 everywhere.
+    h, w = 4, 5
+    n = h * w
+    delta = torch.rand(n, 1, dtype=torch.float64)
+    resolvents = [dense_resolvent(dag, dag_adjacency(delta, dag)[0][:, 0], n)
+                  for dag in batched_grid_dags(torch.tensor([[h, w]]))]
+    assert bool((sum(resolvents) > 0).all())
+    # no single DAG does: down-right never reaches a pixel above or to the left
+    assert not any(bool((resolvent > 0).all()) for resolvent in resolvents)

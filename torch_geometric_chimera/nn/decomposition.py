@@ -1,0 +1,235 @@
+r"""Canonical DAG decompositions of line and grid graphs (paper §4.1, Figures 2 and 3, App. B.2).
+
+An undirected line graph is the union of two directed lines, an undirected grid graph the union
+of four directed grid DAGs, one flowing towards each corner. Chimera runs its mixer on every DAG,
+each with the DAG normalization of Prop. 4.3, and sums the results. The geometry (sequence
+lengths or grid sizes, as :class:`~torch_geometric_chimera.transforms.SequenceToLine` and
+:class:`~torch_geometric_chimera.transforms.ImageToGrid` record them) says where the DAGs are,
+so nothing is inferred from ``edge_index``.
+
+Nodes of every graph are numbered consecutively, graph after graph, as PyG's ``DataLoader``
+batches them; inside a sequence in order, inside an image in raster order (row by row).
+"""
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops.reference import host_reads_allowed
+
+#: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line
+#: alone: causal, Mamba-2's SSD) and ``"grid"`` (four directed grid DAGs, Fig. 3).
+DECOMPOSITIONS = ("line", "fwd", "grid")
+
+#: How many DAGs each decomposition has, in the order :func:`decomposition_dags` returns them.
+#: Grid DAGs: (down, right), (down, left), (up, right), (up, left).
+NUM_DAGS = {"line": 2, "fwd": 1, "grid": 4}
+
+#: Which set of ``B, C`` parameters each DAG uses (App. B.2). Picture the grid DAGs as the
+#: 2 x 2 table ``[[down-right, down-left], [up-right, up-left]]``:
+#:
+#: - ``"none"``: every DAG has its own ``B, C``;
+#: - ``"complete"``: all DAGs share one ``B, C``;
+#: - ``"row"``: DAGs in one row of the table (same vertical direction) share;
+#: - ``"diagonal"``: DAGs on one diagonal of the table (a DAG and its reverse: down-right with
+#:   up-left, down-left with up-right) share.
+#:
+#: A line has two DAGs, a forward and its reverse: ``"none"`` gives each its own ``B, C``,
+#: every other mode shares one.
+SHARING = ("none", "complete", "row", "diagonal")
+_GROUPS = {
+    "grid": {"none": (0, 1, 2, 3), "complete": (0, 0, 0, 0), "row": (0, 0, 1, 1), "diagonal": (0, 1, 1, 0)},
+    "line": {"none": (0, 1), "complete": (0, 0), "row": (0, 0), "diagonal": (0, 0)},
+    "fwd": {mode: (0,) for mode in SHARING},
+}
+
+
+def sharing_groups(decomposition: str, sharing: str) -> Tuple[int, ...]:
+    """The ``B, C`` parameter set of every DAG of ``decomposition`` under ``sharing``."""
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS}, got {decomposition!r}")
+    if sharing not in SHARING:
+        raise ValueError(f"sharing: expected one of {SHARING}, got {sharing!r}")
+    return _GROUPS[decomposition][sharing]
+
+
+def _node_coordinates(sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(node, graph, local)`` of every node of graphs with ``sizes`` nodes, numbered in order."""
+    num_nodes = int(sizes.sum())
+    graph = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes, output_size=num_nodes)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    node = torch.arange(num_nodes, device=sizes.device)
+    return node, graph, node - offsets[graph]
+
+
+def batched_line_dags(seq_len: Tensor) -> List[Tensor]:
+    r"""Forward (``t -> t + 1``) and backward (``t + 1 -> t``) chains of every sequence of a batch
+    with lengths ``seq_len`` (``[G]``), nodes numbered sequence after sequence."""
+    seq_len = seq_len.view(-1).long()
+    node, graph, local = _node_coordinates(seq_len)
+    has_next = local < seq_len[graph] - 1
+    forward = torch.stack([node[has_next], node[has_next] + 1])
+    return [forward, forward.flip(0)]
+
+
+def batched_grid_dags(grid_size: Tensor) -> List[Tensor]:
+    r"""The four directed grid DAGs of every image of a batch with ``grid_size`` (``[G, 2]``:
+    height and width), nodes numbered image after image in raster order: (down, right),
+    (down, left), (up, right), (up, left), as :func:`~torch_geometric_chimera.utils.grid_graph_dags`
+    gives for one image."""
+    grid_size = grid_size.view(-1, 2).long()
+    height, width = grid_size[:, 0], grid_size[:, 1]
+    node, graph, local = _node_coordinates(height * width)
+    row_width = width[graph]
+    row, column = local // row_width, local % row_width
+    has_right = column < row_width - 1
+    has_down = row < height[graph] - 1
+    right = torch.stack([node[has_right], node[has_right] + 1])
+    down = torch.stack([node[has_down], node[has_down] + row_width[has_down]])
+    left, up = right.flip(0), down.flip(0)
+    return [torch.cat([down, right], 1), torch.cat([down, left], 1),
+            torch.cat([up, right], 1), torch.cat([up, left], 1)]
+
+
+class _DagCache:
+    """The DAGs of the last few geometry tensors, so every layer of a model on one mini-batch
+    reuses the same edge tensors (and with them the cached :class:`GraphTopology`). Entries hold
+    weak references and version counters, as :meth:`GraphTopology.get` does."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: List[Tuple] = []
+
+    def get(self, decomposition: str, geometry: Tensor) -> List[Tensor]:
+        if geometry.is_inference():
+            return _build(decomposition, geometry)
+        for ref, version, kind, dags in self.entries:
+            if ref() is geometry and version == geometry._version and kind == decomposition:
+                return dags
+        dags = _build(decomposition, geometry)
+        self.entries = ([(weakref.ref(geometry), geometry._version, decomposition, dags)]
+                        + [e for e in self.entries if e[0]() is not None][:self.size - 1])
+        return dags
+
+
+def _build(decomposition: str, geometry: Tensor) -> List[Tensor]:
+    if decomposition == "grid":
+        return batched_grid_dags(geometry)
+    dags = batched_line_dags(geometry)
+    return dags[:1] if decomposition == "fwd" else dags
+
+
+_CACHE = _DagCache()
+
+
+def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optional[Tensor] = None,
+                       seq_len: Optional[Tensor] = None, batch: Optional[Tensor] = None) -> List[Tensor]:
+    r"""The DAGs of ``decomposition`` over a batch of ``num_nodes`` nodes.
+
+    Args:
+        decomposition (str): ``"line"``, ``"fwd"`` or ``"grid"``.
+        num_nodes (int): total number of nodes; checked against the geometry.
+        grid_size (LongTensor, optional): ``[G, 2]`` height and width of every image (``"grid"``).
+        seq_len (LongTensor, optional): ``[G]`` length of every sequence (``"line"``, ``"fwd"``);
+            when :obj:`None`, every graph of ``batch`` (or the whole input) is one sequence.
+        batch (LongTensor, optional): ``[N]`` graph of every node, used only without ``seq_len``.
+
+    :rtype: list of :class:`LongTensor` ``[2, E_d]``, one per DAG (:data:`NUM_DAGS`).
+    """
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS}, got {decomposition!r}")
+    if decomposition == "grid":
+        if grid_size is None:
+            raise ValueError("grid_size: decomposition='grid' needs the [num_graphs, 2] grid size of every image "
+                             "(ImageToGrid records it as data.grid_size)")
+        if grid_size.dim() not in (1, 2) or grid_size.size(-1) != 2 or grid_size.is_floating_point():
+            raise ValueError(f"grid_size: expected an integer tensor of shape [num_graphs, 2], got "
+                             f"{list(grid_size.shape)} of dtype {grid_size.dtype}")
+        geometry = grid_size
+        total = grid_size.view(-1, 2).long().prod(-1).sum()
+        name = "grid_size"
+    else:
+        if seq_len is None:
+            if batch is None:
+                seq_len = torch.tensor([num_nodes])
+            else:
+                seq_len = _CACHE_SEQ.get(batch)
+        if seq_len.dim() > 1 or seq_len.is_floating_point():
+            raise ValueError(f"seq_len: expected an integer tensor of shape [num_graphs], got "
+                             f"{list(seq_len.shape)} of dtype {seq_len.dtype}")
+        geometry = seq_len
+        total = seq_len.long().sum()
+        name = "seq_len"
+    if host_reads_allowed(geometry):  # CPU, or torch_geometric.debug() on accelerators
+        if int(total) != num_nodes or bool((geometry < 0).any()):
+            raise ValueError(f"{name}: the graphs it describes have {int(total)} nodes in all, but x has "
+                             f"{num_nodes} (sizes must be non-negative)")
+    return _CACHE.get(decomposition, geometry)
+
+
+class _SequenceLengths:
+    """Sequence lengths from a sorted ``batch`` vector, cached per tensor like the DAGs."""
+
+    def __init__(self):
+        self.entries: Dict[int, Tuple] = {}
+
+    def get(self, batch: Tensor) -> Tensor:
+        key = id(batch)
+        entry = self.entries.get(key)
+        if entry is not None and entry[0]() is batch and entry[1] == batch._version:
+            return entry[2]
+        num_graphs = int(batch.max()) + 1 if batch.numel() else 0
+        lengths = torch.bincount(batch.long(), minlength=num_graphs)
+        if not batch.is_inference():
+            self.entries = {k: v for k, v in self.entries.items() if v[0]() is not None}
+            self.entries[key] = (weakref.ref(batch), batch._version, lengths)
+        return lengths
+
+
+_CACHE_SEQ = _SequenceLengths()
+
+
+def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, delta: Tensor, dags: List[Tensor],
+                                   groups: Tuple[int, ...], *, batch: Optional[Tensor] = None,
+                                   method: str = "auto", **solver_options) -> Tensor:
+    r"""The Chimera mixer summed over the DAGs of a decomposition:
+
+    .. math::
+        \mathbf{y} = \sum_{d} \left((\mathbf{I} - \mathbf{A}_d)^{-1} \odot
+            \mathbf{C}_{g(d)} \bar{\mathbf{B}}_{g(d), d}^\top\right) \mathbf{V},
+
+    where :math:`\mathbf{A}_d` and :math:`\bar{\mathbf{B}}_{g(d), d}` follow the DAG normalization
+    of Prop. 4.3 (:func:`~torch_geometric_chimera.nn.adjacency.dag_adjacency`) on DAG :math:`d`,
+    and :math:`g(d)` = ``groups[d]`` picks the parameter set of ``B, C`` (:data:`SHARING`).
+
+    Args:
+        query (Tensor): :math:`\mathbf{C}`, ``[N, num_sets, H, S]``.
+        key (Tensor): :math:`\mathbf{B}`, ``[N, num_sets, H, S]``.
+        value (Tensor): :math:`\mathbf{V}`, ``[N, H, P]``.
+        delta (Tensor): selectivity :math:`\Delta \ge 0`, ``[N, H]``, shared by the DAGs.
+        dags (list of LongTensor): the DAGs, ``[2, E_d]`` each (:func:`decomposition_dags`).
+        groups (tuple of int): parameter set of every DAG.
+        batch (LongTensor, optional): ``[N]``, so exact solvers work graph by graph.
+        method (str, optional): solver of every DAG, see
+            :func:`~torch_geometric_chimera.ops.resolvent_attention`. (default: ``"auto"``, which
+            takes ``"line"`` on directed lines)
+        **solver_options: passed on to :func:`~torch_geometric_chimera.ops.resolvent_attention`.
+
+    :rtype: :class:`Tensor` ``[N, H, P]``.
+    """
+    from ..ops import resolvent_attention
+    from .adjacency import dag_adjacency
+
+    if len(groups) != len(dags):
+        raise ValueError(f"groups: expected one parameter set per DAG ({len(dags)}), got {len(groups)}")
+    if query.dim() != 4 or key.shape != query.shape or max(groups) >= query.size(1):
+        raise ValueError(f"query: expected shape [N, num_sets, H, S] with num_sets > {max(groups)}, like key, got "
+                         f"{list(query.shape)} and {list(key.shape)}")
+    out = None
+    for dag, group in zip(dags, groups):
+        edge_weight, key_scale = dag_adjacency(delta, dag)
+        y = resolvent_attention(query[:, group], key[:, group] * key_scale.unsqueeze(-1), value, dag, edge_weight,
+                                method=method, batch=batch, **solver_options)
+        out = y if out is None else out + y
+    return out
