@@ -113,3 +113,100 @@ def test_grid_decomposition_reaches_every_pair_of_pixels():
     assert bool((sum(resolvents) > 0).all())
     # no single DAG does: down-right never reaches a pixel above or to the left
     assert not any(bool((resolvent > 0).all()) for resolvent in resolvents)
+
+
+# --- the layer ------------------------------------------------------------------------------------
+
+from torch_geometric.data import Data  # noqa: E402
+from torch_geometric.loader import DataLoader  # noqa: E402
+
+from torch_geometric_chimera import ChimeraConv  # noqa: E402
+from torch_geometric_chimera.transforms import ImageToGrid, SequenceToLine  # noqa: E402
+
+
+def image_batch(sizes=((4, 4), (2, 6)), channels=8):
+    return next(iter(DataLoader([ImageToGrid()(torch.randn(channels, h, w)) for h, w in sizes],
+                                batch_size=len(sizes))))
+
+
+def test_fwd_decomposition_is_the_dag_layer_on_the_forward_line():
+    seq_len = torch.tensor([6, 3])
+    x = torch.randn(9, 8)
+    batch = torch.repeat_interleave(torch.arange(2), seq_len)
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="fwd")
+    plain = ChimeraConv(8, heads=2, state_dim=4, adjacency="dag")
+    plain.load_state_dict(conv.state_dict())
+    forward, _ = batched_line_dags(seq_len)
+    torch.testing.assert_close(conv(x, torch.empty(2, 0, dtype=torch.long), batch=batch, seq_len=seq_len),
+                               plain(x, forward, batch=batch))
+
+
+def test_fwd_decomposition_is_causal():
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="fwd")
+    x = torch.randn(7, 8)
+    seq_len = torch.tensor([7])
+    edge_index = SequenceToLine()(x).edge_index  # the undirected line: the layer must not use it
+    out = conv(x, edge_index, seq_len=seq_len)
+    x2 = x.clone()
+    x2[5:] += 1.0
+    out2 = conv(x2, edge_index, seq_len=seq_len)
+    torch.testing.assert_close(out[:5], out2[:5])
+    assert not torch.allclose(out[5:], out2[5:])
+
+
+@pytest.mark.parametrize("sharing", ["row", "diagonal", "none"])
+def test_sharing_modes_with_equal_parameter_sets_equal_complete_sharing(sharing):
+    data = image_batch()
+    state, width = 4, 8
+    complete = ChimeraConv(width, heads=2, state_dim=state, decomposition="grid", sharing="complete")
+    shared = ChimeraConv(width, heads=2, state_dim=state, decomposition="grid", sharing=sharing)
+    inner, sets = complete.inner, shared.num_sets
+    assert sets == {"row": 2, "diagonal": 2, "none": 4}[sharing]
+
+    def spread(t, before):  # rows: [..., x (before), B (state), C (state), rest]; copy B and C into every set
+        head, b, c, rest = t.split([before, state, state, t.size(0) - before - 2 * state])
+        return torch.cat([head] + [b] * sets + [c] * sets + [rest])
+
+    state_dict = complete.state_dict()
+    state_dict["in_proj.weight"] = spread(state_dict["in_proj.weight"], 2 * inner)  # z, x, B, C, dt, psi
+    for name in ("conv_self", "conv_neighbors", "conv_bias"):
+        state_dict[name] = spread(state_dict[name], inner)  # x, B, C
+    shared.load_state_dict(state_dict)
+    args = (data.x, data.edge_index)
+    kwargs = dict(batch=data.batch, grid_size=data.grid_size)
+    torch.testing.assert_close(shared(*args, **kwargs), complete(*args, **kwargs))
+    # and distinct sets give another layer
+    with torch.no_grad():
+        shared.in_proj.weight[2 * inner:2 * inner + state] += 0.5
+    assert not torch.allclose(shared(*args, **kwargs), complete(*args, **kwargs))
+
+
+def test_grid_layer_batches_images_like_one_by_one():
+    data = image_batch()
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid")
+    out = conv(data.x, data.edge_index, batch=data.batch, grid_size=data.grid_size)
+    for g in range(2):
+        mask = data.batch == g
+        single = conv(data.x[mask], torch.empty(2, 0, dtype=torch.long), grid_size=data.grid_size[g:g + 1])
+        torch.testing.assert_close(out[mask], single)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in conv.parameters())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(decomposition="ring"), "decomposition: expected one of"),
+    (dict(decomposition="grid", adjacency="general"), "adjacency: decomposition='grid' normalizes every DAG"),
+    (dict(decomposition="line", edge_dim=3), "edge_dim: the DAGs of a decomposition"),
+    (dict(sharing="row"), "sharing: only applies with a decomposition"),
+    (dict(decomposition="grid", sharing="rows"), "sharing: expected one of"),
+])
+def test_decomposition_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ChimeraConv(8, **kwargs)
+
+
+def test_grid_layer_needs_the_grid_size():
+    data = image_batch()
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid")
+    with pytest.raises(ValueError, match="grid_size: decomposition='grid' needs"):
+        conv(data.x, data.edge_index, batch=data.batch)

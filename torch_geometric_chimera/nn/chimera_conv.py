@@ -13,6 +13,7 @@ from torch_geometric.utils import is_sparse, to_edge_index
 from ..ops import METHODS, resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
+from .decomposition import DECOMPOSITIONS, decomposed_resolvent_attention, decomposition_dags, sharing_groups
 
 
 class ChimeraConv(MessagePassing):
@@ -67,6 +68,23 @@ class ChimeraConv(MessagePassing):
         local_conv (bool, optional): apply the local graph convolution. (default: :obj:`True`)
         dt_min (float, optional): smallest initial :math:`\Delta`. (default: ``0.001``)
         dt_max (float, optional): largest initial :math:`\Delta`. (default: ``0.1``)
+        decomposition (str, optional): run the mixer on a canonical DAG decomposition instead
+            of ``edge_index`` (paper §4.1; :mod:`~torch_geometric_chimera.nn.decomposition`) and
+            sum the results: ``"line"`` (the forward and the backward line of every sequence,
+            Fig. 2), ``"fwd"`` (the forward line alone: causal, Mamba-2's SSD) or ``"grid"``
+            (the four directed grid DAGs of every image, Fig. 3). Each DAG uses the DAG
+            normalization of Prop. 4.3 (``adjacency`` must be ``"dag"``, the default then), and
+            the local convolution runs on the union of the DAGs (causal for ``"fwd"``). The
+            geometry comes from :meth:`forward`'s ``grid_size`` or ``seq_len``, as
+            :class:`~torch_geometric_chimera.transforms.ImageToGrid` and
+            :class:`~torch_geometric_chimera.transforms.SequenceToLine` record it. (default:
+            :obj:`None`: the mixer runs on ``edge_index``)
+        sharing (str, optional): which DAGs of the decomposition share their :math:`\mathbf{B},
+            \mathbf{C}` projections (paper App. B.2): ``"none"`` (each DAG its own),
+            ``"complete"`` (one for all), ``"row"`` (grid DAGs of one vertical direction share)
+            or ``"diagonal"`` (a grid DAG shares with its reverse: down-right with up-left,
+            down-left with up-right). (default: ``"diagonal"`` for ``"grid"``, ``"none"`` for
+            ``"line"``)
         **kwargs (optional): additional arguments of :class:`torch_geometric.nn.conv.MessagePassing`.
 
     Shapes:
@@ -78,12 +96,32 @@ class ChimeraConv(MessagePassing):
     """
 
     def __init__(self, channels: int, heads: int = 4, state_dim: int = 16, expand: int = 2,
-                 edge_dim: Optional[int] = None, adjacency: str = "general", method: str = "auto",
+                 edge_dim: Optional[int] = None, adjacency: Optional[str] = None, method: str = "auto",
                  num_terms: Optional[int] = None, gamma: float = 0.9, local_conv: bool = True,
                  dt_min: float = 0.001, dt_max: float = 0.1, tol: Optional[float] = None, max_iter: int = 1000,
-                 **kwargs):
+                 decomposition: Optional[str] = None, sharing: Optional[str] = None, **kwargs):
         kwargs.setdefault("aggr", "mean")
         super().__init__(**kwargs)
+        if decomposition is not None and decomposition not in DECOMPOSITIONS:
+            raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS} or None, got {decomposition!r}")
+        if adjacency is None:
+            adjacency = "general" if decomposition is None else "dag"
+        if decomposition is not None:
+            if adjacency != "dag":
+                raise ValueError(f"adjacency: decomposition={decomposition!r} normalizes every DAG as Prop. 4.3 "
+                                 f"does, so adjacency must be 'dag' (or None), got {adjacency!r}")
+            if edge_dim is not None:
+                raise ValueError("edge_dim: the DAGs of a decomposition come from the geometry, not from "
+                                 "edge_index, so they carry no edge features; use edge_dim=None")
+            if sharing is None:
+                sharing = "diagonal" if decomposition == "grid" else "none"
+            self.groups = sharing_groups(decomposition, sharing)
+        elif sharing is not None:
+            raise ValueError("sharing: only applies with a decomposition; pass decomposition='line', 'fwd' or 'grid'")
+        else:
+            self.groups = (0,)
+        self.decomposition, self.sharing = decomposition, sharing
+        self.num_sets = max(self.groups) + 1
         if adjacency not in ADJACENCIES:
             raise ValueError(f"adjacency: expected one of {ADJACENCIES}, got {adjacency!r}")
         if method not in METHODS:
@@ -102,7 +140,8 @@ class ChimeraConv(MessagePassing):
         self.dt_min, self.dt_max = dt_min, dt_max
         self.tol, self.max_iter = tol, max_iter
 
-        conv_width = inner + 2 * state_dim
+        # x, then B and C for each of the num_sets parameter sets of the decomposition.
+        conv_width = inner + 2 * state_dim * self.num_sets
         # One projection for z, (x, B, C), delta and psi, as Mamba-2's in_proj.
         self.in_proj = Linear(channels, inner + conv_width + 2 * heads, bias=False)
         self.conv_self = Parameter(torch.empty(conv_width))
@@ -190,24 +229,46 @@ class ChimeraConv(MessagePassing):
         return resolvent_attention(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, method=self.method,
                                    num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter)
 
-    def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None) -> Tensor:
-        """Runs the layer; see the class docstring for shapes."""
+    def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None,
+                grid_size: OptTensor = None, seq_len: OptTensor = None) -> Tensor:
+        """Runs the layer; see the class docstring for shapes. ``grid_size`` (``[G, 2]``) and
+        ``seq_len`` (``[G]``) give the geometry of a ``decomposition``."""
         if x.dim() != 2 or x.size(-1) != self.channels:
             raise ValueError(f"x: expected shape [N, channels] = [N, {self.channels}], got {list(x.shape)}")
         edge_index = self._to_edge_index(edge_index)
         num_nodes, heads = x.size(0), self.heads
+        dags = None
+        if self.decomposition is not None:
+            if edge_attr is not None:
+                raise ValueError("edge_attr: a decomposition's DAGs carry no edge features; pass edge_attr=None")
+            dags = decomposition_dags(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len,
+                                      batch=batch)
+            # The local convolution sees what the mixer sees, every edge once: the forward line
+            # alone for "fwd" (causal), both lines for "line", and for "grid" the down-left and
+            # up-right DAGs, which together hold each of the four neighbour directions once.
+            edge_index = {1: dags[:1], 2: dags, 4: dags[1:3]}[len(dags)]
+            edge_index = torch.cat(edge_index, 1)
         delta_edge = self._edge_selectivity(edge_attr, edge_index.size(1))
 
-        z, xbc, dt, psi = self.in_proj(x).split(
-            [self.inner, self.inner + 2 * self.state_dim, heads, heads], dim=-1)
+        conv_width = self.inner + 2 * self.state_dim * self.num_sets
+        z, xbc, dt, psi = self.in_proj(x).split([self.inner, conv_width, heads, heads], dim=-1)
         if self.local_conv:
             neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
             xbc = xbc * self.conv_self + neighbors * self.conv_neighbors + self.conv_bias
-        values, B, C = F.silu(xbc).split([self.inner, self.state_dim, self.state_dim], dim=-1)
+        values, B, C = F.silu(xbc).split([self.inner, self.state_dim * self.num_sets,
+                                          self.state_dim * self.num_sets], dim=-1)
         values = values.view(num_nodes, heads, self.head_dim)
         delta = F.softplus(dt + self.dt_bias)
 
-        y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch)
+        if dags is None:
+            y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch)
+        else:
+            shape = (num_nodes, self.num_sets, 1, self.state_dim)
+            B = B.view(shape).expand(-1, -1, heads, -1)
+            C = C.view(shape).expand(-1, -1, heads, -1)
+            y = decomposed_resolvent_attention(C, B, values, delta, dags, self.groups, batch=batch,
+                                               method=self.method, num_terms=self.num_terms, tol=self.tol,
+                                               max_iter=self.max_iter)
         y = (y + values * self.D.view(1, -1, 1)).reshape(num_nodes, self.inner)
         y = y * F.silu(z)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm_weight  # gated RMSNorm
@@ -219,4 +280,5 @@ class ChimeraConv(MessagePassing):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.channels}, heads={self.heads}, state_dim={self.state_dim}, "
                 f"expand={self.expand}, edge_dim={self.edge_dim}, adjacency={self.adjacency!r}, "
-                f"method={self.method!r}, num_terms={self.num_terms})")
+                f"method={self.method!r}, num_terms={self.num_terms}"
+                + (f", decomposition={self.decomposition!r}, sharing={self.sharing!r})" if self.decomposition else ")"))
