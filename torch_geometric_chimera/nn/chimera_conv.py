@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.nn import Linear, Parameter
 from torch_geometric.nn import MessagePassing
 from torch_geometric.typing import Adj, OptTensor
-from torch_geometric.utils import is_sparse, to_edge_index
+from torch_geometric.utils import is_sparse, is_torch_sparse_tensor, to_edge_index
 
 from ..ops import METHODS, resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
@@ -43,6 +43,37 @@ class ChimeraConv(MessagePassing):
 
     for every edge :math:`j \to i`, and :math:`\bar{\mathbf{B}}_i = \Delta_i \mathbf{B}_i`.
 
+    .. note::
+
+        With a sparse adjacency (:class:`torch.sparse.Tensor` or :class:`torch_sparse.SparseTensor`,
+        transposed as everywhere in PyG), ``edge_attr`` must follow the adjacency's *stored* order,
+        as for :class:`~torch_geometric.nn.conv.TransformerConv`: the order of ``indices()`` for a
+        COO tensor, row-major (by target) for CSR and :class:`SparseTensor`, column-major (by
+        source) for CSC. An ``edge_attr`` in the order of some other ``edge_index`` gives other
+        numbers; only a wrong number of rows is detected.
+
+    .. note::
+
+        The resolvent needs a square adjacency over one node set: bipartite inputs (a pair
+        ``(x_src, x_dst)``, as :func:`~torch_geometric.nn.to_hetero` passes for relations between
+        two node types, or a rectangular sparse adjacency) raise a :class:`ValueError`. Relations
+        within one node type work under :func:`~torch_geometric.nn.to_hetero`.
+
+    .. note::
+
+        PyG's explainers (*e.g.*, :class:`~torch_geometric.explain.algorithm.GNNExplainer`) mask
+        the local messages *and* the selective adjacency :math:`\mathbf{A}` (see
+        :mod:`torch_geometric_chimera.nn.adjacency`): an edge masked to zero has no global
+        influence either. The local convolution follows PyG's convention (its mean still counts
+        the masked message), so the output equals that of the graph without the edge when
+        ``local_conv=False``.
+
+    .. note::
+
+        :func:`torch.jit.script` compiles the layer, but the resolvent solve stays a Python call
+        (its topology cache and autograd functions are not TorchScript): the scripted module runs
+        in Python and gives the eager outputs, but :func:`torch.jit.save` refuses it.
+
     Args:
         channels (int): size of every input and output node feature.
         heads (int, optional): number of SSM heads :math:`H`. (default: ``4``)
@@ -72,8 +103,8 @@ class ChimeraConv(MessagePassing):
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices :math:`(2, |\mathcal{E}|)`
           or a sparse adjacency :math:`(|\mathcal{V}|, |\mathcal{V}|)` (``adj_t``: row = target),
-          *(optional)* edge features :math:`(|\mathcal{E}|, D)` (for a sparse adjacency, in the
-          order of its row-major entries), *(optional)* batch vector :math:`(|\mathcal{V}|)`
+          *(optional)* edge features :math:`(|\mathcal{E}|, D)` (for a sparse adjacency, in its
+          stored order), *(optional)* batch vector :math:`(|\mathcal{V}|)`
         - **output:** node features :math:`(|\mathcal{V}|, F)`
     """
 
@@ -84,6 +115,19 @@ class ChimeraConv(MessagePassing):
                  **kwargs):
         kwargs.setdefault("aggr", "mean")
         super().__init__(**kwargs)
+        # Sizes first: heads=0 would otherwise surface as a modulo by zero or an empty reshape.
+        for name, value in (("channels", channels), ("heads", heads), ("state_dim", state_dim), ("expand", expand),
+                            ("edge_dim", edge_dim), ("max_iter", max_iter)):
+            if name == "edge_dim" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if num_terms is not None and (not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 0):
+            raise ValueError(f"num_terms: expected a non-negative int or None, got {num_terms!r}")
+        if tol is not None and not tol >= 0:
+            raise ValueError(f"tol: expected a non-negative float or None, got {tol!r}")
+        if not 0.0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min: expected 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if adjacency not in ADJACENCIES:
             raise ValueError(f"adjacency: expected one of {ADJACENCIES}, got {adjacency!r}")
         if method not in METHODS:
@@ -135,11 +179,38 @@ class ChimeraConv(MessagePassing):
             self.norm_weight.fill_(1.0)
 
     @staticmethod
-    def _to_edge_index(edge_index: Adj) -> Tensor:
-        if is_sparse(edge_index):
-            # PyG passes sparse adjacencies transposed (adj_t[target, source]).
-            return to_edge_index(edge_index)[0].flip(0)
-        return edge_index
+    def _to_edge_index(edge_index: Adj, num_nodes: int) -> Tensor:
+        # Union refinement by isinstance keeps this scriptable (Adj = Union[Tensor, SparseTensor]).
+        if isinstance(edge_index, Tensor):
+            if not is_torch_sparse_tensor(edge_index):
+                return edge_index
+            rows, cols = edge_index.size(0), edge_index.size(1)
+        else:
+            rows, cols = edge_index.size(0), edge_index.size(1)
+        # Shapes only, no host sync: the resolvent (I - A)^-1 needs A square over the nodes of x.
+        if rows != num_nodes or cols != num_nodes:
+            raise ValueError(f"edge_index: expected a square sparse adjacency of size [N, N] = [{num_nodes}, "
+                             f"{num_nodes}] (the resolvent (I - A)^-1 needs one node set), got [{rows}, {cols}]")
+        # PyG passes sparse adjacencies transposed (adj_t[target, source]); the edge order is the
+        # adjacency's stored order, which edge_attr must follow.
+        return to_edge_index(edge_index)[0].flip(0)
+
+    def _explain_edge_mask(self, num_edges: int) -> OptTensor:
+        # PyG's explainers (GNNExplainer, ...) set these through set_masks(); propagate() applies the
+        # mask to the local messages, and the selective adjacency applies it to A, so that a masked
+        # edge also loses its global influence.
+        if not self._explain:
+            return None
+        edge_mask = self._edge_mask
+        if edge_mask is None:
+            raise ValueError("edge_mask: explain is on but no edge mask is set (set it with "
+                             "torch_geometric.explain.algorithm.utils.set_masks)")
+        if self._apply_sigmoid:
+            edge_mask = edge_mask.sigmoid()
+        if edge_mask.numel() != num_edges:
+            raise ValueError(f"edge_mask: expected one entry per edge, [E] = [{num_edges}], got "
+                             f"{list(edge_mask.shape)}")
+        return edge_mask.view(-1)
 
     def _edge_selectivity(self, edge_attr: OptTensor, num_edges: int) -> OptTensor:
         if edge_attr is None:
@@ -150,23 +221,28 @@ class ChimeraConv(MessagePassing):
         if edge_attr.dim() == 1:
             edge_attr = edge_attr.unsqueeze(-1)
         if edge_attr.shape != (num_edges, self.edge_dim):
-            raise ValueError(f"edge_attr: expected shape [E, edge_dim] = [{num_edges}, {self.edge_dim}], "
-                             f"got {list(edge_attr.shape)}")
+            raise ValueError(f"edge_attr: expected shape [E, edge_dim] = [{num_edges}, {self.edge_dim}] (with a "
+                             f"sparse adjacency, one row per stored entry, in the stored order), got "
+                             f"{list(edge_attr.shape)}")
         return F.softplus(self.edge_proj(edge_attr.to(self.edge_proj.weight.dtype)))
 
     def selective_adjacency(self, delta: Tensor, edge_index: Tensor, psi: Optional[Tensor] = None,
-                            delta_edge: OptTensor = None) -> Tuple[Tensor, Tensor]:
-        """``(edge_weight [E, H], key_scale [N, H])`` of this layer's ``adjacency``."""
+                            delta_edge: OptTensor = None, edge_mask: OptTensor = None) -> Tuple[Tensor, Tensor]:
+        """``(edge_weight [E, H], key_scale [N, H])`` of this layer's ``adjacency``; ``edge_mask``
+        (``[E]``) is an explainer's edge mask (``0``: as if the edge were absent)."""
+        if edge_mask is not None:
+            edge_mask = edge_mask.to(delta.dtype)
         if self.adjacency == "general":
-            return general_adjacency(delta, edge_index, psi, self.gamma, delta_edge)
+            assert psi is not None
+            return general_adjacency(delta, edge_index, psi, self.gamma, delta_edge, edge_mask)
         if self.adjacency == "dag":
-            return dag_adjacency(delta, edge_index, delta_edge)
+            return dag_adjacency(delta, edge_index, delta_edge, edge_mask)
         if self.adjacency == "undirected_line":
-            return undirected_line_adjacency(delta, edge_index, delta_edge)
-        return mamba2_adjacency(delta, edge_index)
+            return undirected_line_adjacency(delta, edge_index, delta_edge, edge_mask)
+        return mamba2_adjacency(delta, edge_index, edge_mask)
 
     def mix(self, x: Tensor, B: Tensor, C: Tensor, delta: Tensor, edge_index: Tensor, psi: OptTensor = None,
-            delta_edge: OptTensor = None, batch: OptTensor = None) -> Tensor:
+            delta_edge: OptTensor = None, batch: OptTensor = None, edge_mask: OptTensor = None) -> Tensor:
         r"""The selective resolvent mixer alone, :math:`((I - A)^{-1} \odot C\bar B^\top) x` per head.
 
         Args:
@@ -178,6 +254,8 @@ class ChimeraConv(MessagePassing):
             psi (Tensor, optional): normalizer :math:`\Psi`, ``[N, H]`` (``"general"`` only).
             delta_edge (Tensor, optional): edge selectivity :math:`\Delta'`, ``[E, H]``.
             batch (LongTensor, optional): ``[N]``.
+            edge_mask (Tensor, optional): an explainer's edge mask ``[E]`` in :math:`[0, 1]`, applied to
+                :math:`\mathbf{A}` (see :mod:`torch_geometric_chimera.nn.adjacency`).
         """
         heads = x.size(1)
         if B.dim() == 2:
@@ -186,17 +264,31 @@ class ChimeraConv(MessagePassing):
             C = C.unsqueeze(1).expand(-1, heads, -1)
         if self.adjacency == "general" and psi is None:
             psi = torch.zeros_like(delta)
-        edge_weight, key_scale = self.selective_adjacency(delta, edge_index, psi, delta_edge)
-        return resolvent_attention(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, method=self.method,
+        edge_weight, key_scale = self.selective_adjacency(delta, edge_index, psi, delta_edge, edge_mask)
+        return self._resolvent(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, batch)
+
+    @torch.jit.ignore
+    def _resolvent(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
+                   batch: OptTensor) -> Tensor:
+        # Python-only (topology cache, autograd Functions): a scripted ChimeraConv calls back into Python here.
+        return resolvent_attention(query, key, value, edge_index, edge_weight, method=self.method,
                                    num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter)
 
     def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None) -> Tensor:
         """Runs the layer; see the class docstring for shapes."""
+        if isinstance(x, (tuple, list)):  # to_hetero passes (x_src, x_dst) for a bipartite relation
+            raise ValueError("x: expected one node feature tensor [N, channels], got a pair (x_src, x_dst) of a "
+                             "bipartite graph; the resolvent (I - A)^-1 needs a square adjacency over one node set, "
+                             "so ChimeraConv supports only relations whose source and target node types are the "
+                             "same (with to_hetero, give bipartite relations another layer)")
         if x.dim() != 2 or x.size(-1) != self.channels:
             raise ValueError(f"x: expected shape [N, channels] = [N, {self.channels}], got {list(x.shape)}")
-        edge_index = self._to_edge_index(edge_index)
         num_nodes, heads = x.size(0), self.heads
+        edge_index = self._to_edge_index(edge_index, num_nodes)
         delta_edge = self._edge_selectivity(edge_attr, edge_index.size(1))
+        edge_mask: OptTensor = None
+        if not torch.jit.is_scripting():  # PyG's explain masks exist on the Python module only
+            edge_mask = self._explain_edge_mask(edge_index.size(1))
 
         z, xbc, dt, psi = self.in_proj(x).split(
             [self.inner, self.inner + 2 * self.state_dim, heads, heads], dim=-1)
@@ -207,7 +299,7 @@ class ChimeraConv(MessagePassing):
         values = values.view(num_nodes, heads, self.head_dim)
         delta = F.softplus(dt + self.dt_bias)
 
-        y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch)
+        y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch, edge_mask)
         y = (y + values * self.D.view(1, -1, 1)).reshape(num_nodes, self.inner)
         y = y * F.silu(z)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm_weight  # gated RMSNorm
