@@ -36,7 +36,14 @@ class ChimeraGPSConv(torch.nn.Module):
             \mathbf{h} = \mathbf{h}_{\mathrm{local}} + \mathbf{h}_{\mathrm{global}}.
 
     Unlike attention, the global model sees the graph: it receives ``edge_index`` and, when it is
-    passed, ``edge_attr`` (the same keyword the local MPNN gets).
+    passed, ``edge_attr`` (the same keyword the local MPNN gets). With a sparse adjacency,
+    ``edge_attr`` follows its stored order (see :class:`ChimeraConv`).
+
+    .. note::
+
+        As :class:`~torch_geometric.nn.conv.GPSConv`, whose call it keeps, the layer cannot be
+        compiled by :func:`torch.jit.script`: its ``forward`` takes ``**kwargs`` for the local MPNN,
+        which TorchScript does not support. :class:`ChimeraConv` alone can be scripted.
 
     Args:
         channels (int): size of every input and output node feature.
