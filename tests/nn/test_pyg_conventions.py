@@ -4,15 +4,15 @@ reset_parameters."""
 import pytest
 import torch
 from torch.jit.frontend import NotSupportedError
+from torch.nn import Linear, ReLU, Sequential
 from torch_geometric.data import HeteroData
 from torch_geometric.explain import Explainer
 from torch_geometric.explain.algorithm import GNNExplainer
 from torch_geometric.explain.algorithm.utils import clear_masks, set_masks
-from torch.nn import Linear, ReLU, Sequential
 from torch_geometric.nn import GINEConv, GPSConv, SAGEConv, to_hetero
 from torch_geometric.typing import WITH_TORCH_SPARSE, SparseTensor
-from torch_geometric.utils import (to_torch_coo_tensor, to_torch_csc_tensor, to_torch_csr_tensor,
-                                   to_undirected)
+from torch_geometric.utils import (add_self_loops, remove_self_loops, to_torch_coo_tensor, to_torch_csc_tensor,
+                                   to_torch_csr_tensor, to_undirected)
 
 from torch_geometric_chimera.nn import ChimeraConv, ChimeraGPSConv
 
@@ -183,6 +183,27 @@ def test_explain_masked_edge_has_no_influence_with_the_local_conv():
     x.grad = None
     conv(x, edge_index)[3].sum().backward()
     assert bool(x.grad[0].abs().sum() > 0)  # three hops away: only the resolvent reaches it
+
+
+def test_explain_mask_with_self_loops_added_by_the_model():
+    # As for PyG's local messages: loops that the model adds (add_self_loops appends one per node,
+    # after dropping existing ones) are not explained and keep a mask of 1.
+    n = 8
+    edge_index = torch.cat([small_graph(n, 10), torch.tensor([[2], [2]])], 1)  # one loop already there
+    looped, _ = add_self_loops(remove_self_loops(edge_index)[0], num_nodes=n)
+    conv = ChimeraConv(16, heads=2, state_dim=4).double()
+    x = torch.randn(n, 16).double()
+    mask = torch.ones(edge_index.size(1), dtype=torch.float64)
+    mask[0] = 0.0
+    set_masks(conv, mask, edge_index, apply_sigmoid=False)
+    masked = conv(x, looped)
+    clear_masks(conv)
+    local_mask = torch.ones(looped.size(1), dtype=torch.float64)
+    local_mask[0] = 0.0
+    set_masks(conv, local_mask, looped, apply_sigmoid=False)
+    torch.testing.assert_close(masked, conv(x, looped))
+    clear_masks(conv)
+    assert not torch.allclose(masked, conv(x, looped))
 
 
 def test_explain_mask_of_the_wrong_length_raises():

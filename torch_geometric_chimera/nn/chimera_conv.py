@@ -160,6 +160,7 @@ class ChimeraConv(MessagePassing):
         self.reset_parameters()
 
     def reset_parameters(self):
+        r"""Resets all learnable parameters of the module."""
         super().reset_parameters()
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
@@ -195,7 +196,7 @@ class ChimeraConv(MessagePassing):
         # adjacency's stored order, which edge_attr must follow.
         return to_edge_index(edge_index)[0].flip(0)
 
-    def _explain_edge_mask(self, num_edges: int) -> OptTensor:
+    def _explain_edge_mask(self, num_edges: int, num_nodes: int) -> OptTensor:
         # PyG's explainers (GNNExplainer, ...) set these through set_masks(); propagate() applies the
         # mask to the local messages, and the selective adjacency applies it to A, so that a masked
         # edge also loses its global influence.
@@ -207,6 +208,11 @@ class ChimeraConv(MessagePassing):
                              "torch_geometric.explain.algorithm.utils.set_masks)")
         if self._apply_sigmoid:
             edge_mask = edge_mask.sigmoid()
+        loop_mask = self._loop_mask
+        if edge_mask.numel() != num_edges and loop_mask is not None and loop_mask.numel() == edge_mask.numel():
+            # As PyG's explain_message: the model replaced self-loops by one per node (add_self_loops),
+            # which are not explained and keep a mask of 1.
+            edge_mask = torch.cat([edge_mask[loop_mask], edge_mask.new_ones(num_nodes)])
         if edge_mask.numel() != num_edges:
             raise ValueError(f"edge_mask: expected one entry per edge, [E] = [{num_edges}], got "
                              f"{list(edge_mask.shape)}")
@@ -288,7 +294,7 @@ class ChimeraConv(MessagePassing):
         delta_edge = self._edge_selectivity(edge_attr, edge_index.size(1))
         edge_mask: OptTensor = None
         if not torch.jit.is_scripting():  # PyG's explain masks exist on the Python module only
-            edge_mask = self._explain_edge_mask(edge_index.size(1))
+            edge_mask = self._explain_edge_mask(edge_index.size(1), num_nodes)
 
         z, xbc, dt, psi = self.in_proj(x).split(
             [self.inner, self.inner + 2 * self.state_dim, heads, heads], dim=-1)
