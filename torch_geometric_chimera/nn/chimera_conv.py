@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.nn import Linear, Parameter
 from torch_geometric.nn import MessagePassing
 from torch_geometric.typing import Adj, OptTensor
-from torch_geometric.utils import is_sparse, is_torch_sparse_tensor, to_edge_index
+from torch_geometric.utils import is_torch_sparse_tensor, to_edge_index
 
 from ..ops import METHODS, resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
@@ -239,7 +239,8 @@ class ChimeraConv(MessagePassing):
         if edge_mask is not None:
             edge_mask = edge_mask.to(delta.dtype)
         if self.adjacency == "general":
-            assert psi is not None
+            if psi is None:
+                psi = torch.zeros_like(delta)
             return general_adjacency(delta, edge_index, psi, self.gamma, delta_edge, edge_mask)
         if self.adjacency == "dag":
             return dag_adjacency(delta, edge_index, delta_edge, edge_mask)
@@ -268,8 +269,6 @@ class ChimeraConv(MessagePassing):
             B = B.unsqueeze(1).expand(-1, heads, -1)
         if C.dim() == 2:
             C = C.unsqueeze(1).expand(-1, heads, -1)
-        if self.adjacency == "general" and psi is None:
-            psi = torch.zeros_like(delta)
         edge_weight, key_scale = self.selective_adjacency(delta, edge_index, psi, delta_edge, edge_mask)
         return self._resolvent(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, batch)
 
