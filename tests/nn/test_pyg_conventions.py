@@ -271,6 +271,17 @@ def test_edge_attr_follows_the_sparse_adjacency_stored_order():
         assert not torch.allclose(conv(x, adj_t, edge_attr), expected), name
 
 
+def test_uncoalesced_coo_adjacency_is_left_as_it_was():
+    # Duplicate entries add up (DEVELOPERS.md); the caller's tensor must stay uncoalesced.
+    adj_t = torch.sparse_coo_tensor(torch.tensor([[1, 0, 1], [0, 1, 0]]), torch.ones(3), (2, 2))
+    conv = ChimeraConv(16, heads=2, state_dim=4)
+    x = torch.randn(2, 16)
+    out = conv(x, adj_t)
+    assert not adj_t.is_coalesced()
+    torch.testing.assert_close(adj_t.coalesce().values(), torch.tensor([1.0, 2.0]))  # (0, 1) once, (1, 0) twice
+    torch.testing.assert_close(out, conv(x, torch.tensor([[0, 1, 0], [1, 0, 1]])))
+
+
 @needs_torch_sparse
 def test_edge_attr_follows_the_sparse_tensor_order():
     n = 14

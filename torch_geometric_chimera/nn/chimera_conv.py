@@ -194,6 +194,9 @@ class ChimeraConv(MessagePassing):
                              f"{num_nodes}] (the resolvent (I - A)^-1 needs one node set), got [{rows}, {cols}]")
         # PyG passes sparse adjacencies transposed (adj_t[target, source]); the edge order is the
         # adjacency's stored order, which edge_attr must follow.
+        if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo:
+            # Not to_edge_index: it flags an uncoalesced COO tensor as coalesced, in place.
+            return edge_index._indices().flip(0).long()
         return to_edge_index(edge_index)[0].flip(0)
 
     def _explain_edge_mask(self, num_edges: int, num_nodes: int) -> OptTensor:
