@@ -135,3 +135,40 @@ def test_layer_mixer_is_resolvent_attention_with_the_parameterization():
     Bh, Ch = B.unsqueeze(1).expand(-1, H, -1), C.unsqueeze(1).expand(-1, H, -1)
     expected = inverse_resolvent_attention(Ch, Bh * key_scale.unsqueeze(-1), x, edge_index, weight)
     torch.testing.assert_close(conv.mix(x, B, C, delta, edge_index, psi), expected)
+
+
+@pytest.mark.parametrize("name", ["general", "dag", "undirected_line", "mamba2"])
+def test_edge_mask_interpolates_between_kept_and_removed(name):
+    """An explainer's edge mask: 1 keeps the edge, 0 is the graph without it, continuous between."""
+    n = 9
+    edge_index = torch.tensor([[0, 1, 2, 3, 0, 5, 6, 4], [1, 2, 3, 4, 4, 6, 7, 8]])  # a DAG, node 4 has 2 parents
+    num_edges = edge_index.size(1)
+    delta = torch.rand(n, 2, dtype=torch.float64)
+    psi = torch.randn(n, 2, dtype=torch.float64)
+
+    def adjacency(ei, mask=None):
+        if name == "general":
+            return general_adjacency(delta, ei, psi, 0.9, None, mask)
+        if name == "dag":
+            return dag_adjacency(delta, ei, None, mask)
+        if name == "undirected_line":
+            return undirected_line_adjacency(delta, ei, None, mask)
+        return mamba2_adjacency(delta, ei, mask)
+
+    plain = adjacency(edge_index)
+    for got, expected in zip(adjacency(edge_index, torch.ones(num_edges, dtype=torch.float64)), plain):
+        torch.testing.assert_close(got, expected, rtol=1e-15, atol=0)
+    for dropped in (3, 7):  # node 4 keeps one of its two parents; node 8 loses its only one
+        mask = torch.ones(num_edges, dtype=torch.float64)
+        mask[dropped] = 0
+        keep = mask.bool()
+        weight, key_scale = adjacency(edge_index, mask)
+        removed_weight, removed_key_scale = adjacency(edge_index[:, keep])
+        torch.testing.assert_close(weight[keep], removed_weight, rtol=1e-15, atol=0)
+        assert bool((weight[~keep] == 0).all())
+        torch.testing.assert_close(key_scale, removed_key_scale, rtol=1e-15, atol=0)
+    # Node 8 has a single parent (edge 7): the mask -> 0 limit is the mask = 0 value.
+    near, zero = torch.ones(num_edges, dtype=torch.float64), torch.ones(num_edges, dtype=torch.float64)
+    near[7], zero[7] = 1e-9, 0.0
+    for got, expected in zip(adjacency(edge_index, near), adjacency(edge_index, zero)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-8)

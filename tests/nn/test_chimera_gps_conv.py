@@ -125,7 +125,7 @@ def test_attn_kwargs_reach_chimera_and_reset_and_repr():
     layer.reset_parameters()
     changed = [k for k, v in layer.state_dict().items() if not torch.equal(v, before[k])]
     assert any("chimera.in_proj" in k for k in changed) and any("mlp" in k for k in changed)
-    assert repr(layer).startswith("ChimeraGPSConv(32, conv=None, heads=4, global=ChimeraConv(32")
+    assert repr(layer) == "ChimeraGPSConv(32, conv=None, heads=4, adjacency=general, method=neumann)"
     assert torch_geometric_chimera.ChimeraGPSConv is ChimeraGPSConv
 
 

@@ -210,3 +210,11 @@ def test_grid_layer_needs_the_grid_size():
     conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid")
     with pytest.raises(ValueError, match="grid_size: decomposition='grid' needs"):
         conv(data.x, data.edge_index, batch=data.batch)
+
+
+def test_scripted_grid_layer_gives_the_eager_outputs():
+    data = image_batch()
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid")
+    kwargs = dict(batch=data.batch, grid_size=data.grid_size)
+    torch.testing.assert_close(torch.jit.script(conv)(data.x, data.edge_index, **kwargs),
+                               conv(data.x, data.edge_index, **kwargs))

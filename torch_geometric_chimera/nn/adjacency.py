@@ -7,6 +7,11 @@ selectivity :math:`\Delta'` (``[E, H]``) and a per-node normalizer :math:`\Psi`,
 * ``key_scale`` (``[N, H]``): the factor with which :math:`\bar B_i = \mathrm{key\_scale}_i B_i`.
 
 Node ``i`` is always the edge's target (``edge_index[1]``) and ``j`` its source.
+
+Every one also takes an optional ``edge_mask`` (``[E]``, values in :math:`[0, 1]`), the edge
+mask of an explainer such as :class:`torch_geometric.explain.algorithm.GNNExplainer`: a mask of
+``1`` keeps the edge, a mask of ``0`` gives exactly the adjacency of the graph without it
+(normalizations and parent counts included), and values in between interpolate.
 """
 from typing import Optional, Tuple
 
@@ -21,7 +26,8 @@ def _row_sum(values: Tensor, dst: Tensor, num_nodes: int) -> Tensor:
 
 
 def general_adjacency(delta: Tensor, edge_index: Tensor, psi: Tensor, gamma: float = 0.9,
-                      delta_edge: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                      delta_edge: Optional[Tensor] = None, edge_mask: Optional[Tensor] = None
+                      ) -> Tuple[Tensor, Tensor]:
     r"""General graphs (paper Eq. 12 and the row normalization of §3.3):
 
     .. math::
@@ -37,11 +43,14 @@ def general_adjacency(delta: Tensor, edge_index: Tensor, psi: Tensor, gamma: flo
     if delta_edge is not None:
         logit = logit + delta_edge
     raw = torch.exp(-logit / 3)
+    if edge_mask is not None:  # before the normalization, so that a masked edge leaves its row's sum
+        raw = raw * edge_mask.view(-1, 1)
     denominator = _row_sum(raw, dst, delta.size(0)) + torch.exp(-psi)
     return gamma * raw / denominator[dst], delta
 
 
-def dag_adjacency(delta: Tensor, edge_index: Tensor, delta_edge: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def dag_adjacency(delta: Tensor, edge_index: Tensor, delta_edge: Optional[Tensor] = None,
+                  edge_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     r"""DAGs, normalized as in Prop. 4.3 (paper Eq. 17):
 
     .. math::
@@ -52,22 +61,33 @@ def dag_adjacency(delta: Tensor, edge_index: Tensor, delta_edge: Optional[Tensor
     with :math:`p(i)` the parents of ``i`` and :math:`\Delta_{ij} = (\Delta_i + \Delta_j +
     \Delta'_{ij}) / 3` when edge selectivity is given. A source node (no parents) keeps
     :math:`\bar B_i = \Delta_i B_i`, as the first token of Mamba-2 does; the formula itself
-    would give it no input at all.
+    would give it no input at all. With ``edge_mask`` :math:`m`, :math:`|p(i)| = \sum_{j} m_{ij}`,
+    the sum runs over :math:`m_{ij} \Delta_{ij}`, :math:`\bar A_{ij}` is scaled by :math:`m_{ij}`, and
+    a node with :math:`|p(i)| < 1` blends in :math:`(1 - |p(i)|) \Delta_i B_i` (continuous in
+    :math:`m`; the source-node rule at :math:`|p(i)| = 0`).
     """
     src, dst = edge_index[0].long(), edge_index[1].long()
     if delta_edge is None:
         delta_ij = (delta[dst] + delta[src]) / 2
     else:
         delta_ij = (delta[dst] + delta[src] + delta_edge) / 3
-    parents = torch.bincount(dst, minlength=delta.size(0)).to(delta.dtype).unsqueeze(-1)
+    if edge_mask is None:
+        parents = torch.bincount(dst, minlength=delta.size(0)).to(delta.dtype).unsqueeze(-1)
+        inv_sqrt = parents.clamp_min(1).rsqrt()
+        weight = torch.exp(-delta_ij) * inv_sqrt[dst]
+        key_scale = torch.where(parents > 0, _row_sum(delta_ij, dst, delta.size(0)) * inv_sqrt, delta)
+        return weight, key_scale
+    mask = edge_mask.view(-1, 1)
+    parents = _row_sum(mask, dst, delta.size(0))  # a soft parent count
     inv_sqrt = parents.clamp_min(1).rsqrt()
-    weight = torch.exp(-delta_ij) * inv_sqrt[dst]
-    key_scale = torch.where(parents > 0, _row_sum(delta_ij, dst, delta.size(0)) * inv_sqrt, delta)
+    weight = torch.exp(-delta_ij) * inv_sqrt[dst] * mask
+    # For integer counts this equals the torch.where above; in between it is continuous.
+    key_scale = _row_sum(mask * delta_ij, dst, delta.size(0)) * inv_sqrt + (1 - parents).clamp_min(0) * delta
     return weight, key_scale
 
 
-def undirected_line_adjacency(delta: Tensor, edge_index: Tensor,
-                              delta_edge: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def undirected_line_adjacency(delta: Tensor, edge_index: Tensor, delta_edge: Optional[Tensor] = None,
+                              edge_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     r"""Undirected line graphs (paper App. B.1): the per-cycle constraint
     :math:`A_{ij} A_{ji} \le \tfrac14` on every 2-cycle ``i <-> j``, met by
 
@@ -83,12 +103,18 @@ def undirected_line_adjacency(delta: Tensor, edge_index: Tensor,
     logit = delta[dst] + delta[src]
     if delta_edge is not None:
         logit = logit + delta_edge
-    return 0.5 * torch.exp(-logit / 3), delta
+    weight = 0.5 * torch.exp(-logit / 3)
+    if edge_mask is not None:
+        weight = weight * edge_mask.view(-1, 1)
+    return weight, delta
 
 
-def mamba2_adjacency(delta: Tensor, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+def mamba2_adjacency(delta: Tensor, edge_index: Tensor, edge_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     r"""Mamba-2 (paper §2, Prop. 3.3): :math:`A_{t, t-1} = \exp(-\Delta_t)` and
     :math:`\bar B_t = \Delta_t B_t`, no normalization. On the directed line graph
     ``t - 1 -> t`` this is exactly Mamba-2's SSD (with :math:`a_t = -\Delta_t`); on other graphs
     every edge into ``i`` gets :math:`\exp(-\Delta_i)`."""
-    return torch.exp(-delta[edge_index[1].long()]), delta
+    weight = torch.exp(-delta[edge_index[1].long()])
+    if edge_mask is not None:
+        weight = weight * edge_mask.view(-1, 1)
+    return weight, delta

@@ -1,6 +1,6 @@
 r"""``ChimeraConv``: a Mamba-2 block whose sequence mixer is resolvent attention on the graph."""
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.nn import Linear, Parameter
 from torch_geometric.nn import MessagePassing
 from torch_geometric.typing import Adj, OptTensor
-from torch_geometric.utils import is_sparse, to_edge_index
+from torch_geometric.utils import is_torch_sparse_tensor, to_edge_index
 
 from ..ops import METHODS, resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
@@ -43,6 +43,37 @@ class ChimeraConv(MessagePassing):
         \qquad \Delta'_{ij} = \mathrm{softplus}(\mathbf{e}_{ji}\mathbf{W}_e),
 
     for every edge :math:`j \to i`, and :math:`\bar{\mathbf{B}}_i = \Delta_i \mathbf{B}_i`.
+
+    .. note::
+
+        With a sparse adjacency (:class:`torch.sparse.Tensor` or :class:`torch_sparse.SparseTensor`,
+        transposed as everywhere in PyG), ``edge_attr`` must follow the adjacency's *stored* order,
+        as for :class:`~torch_geometric.nn.conv.TransformerConv`: the order of ``indices()`` for a
+        COO tensor, row-major (by target) for CSR and :class:`SparseTensor`, column-major (by
+        source) for CSC. An ``edge_attr`` in the order of some other ``edge_index`` gives other
+        numbers; only a wrong number of rows is detected.
+
+    .. note::
+
+        The resolvent needs a square adjacency over one node set: bipartite inputs (a pair
+        ``(x_src, x_dst)``, as :func:`~torch_geometric.nn.to_hetero` passes for relations between
+        two node types, or a rectangular sparse adjacency) raise a :class:`ValueError`. Relations
+        within one node type work under :func:`~torch_geometric.nn.to_hetero`.
+
+    .. note::
+
+        PyG's explainers (*e.g.*, :class:`~torch_geometric.explain.algorithm.GNNExplainer`) mask
+        the local messages *and* the selective adjacency :math:`\mathbf{A}` (see
+        :mod:`torch_geometric_chimera.nn.adjacency`): an edge masked to zero has no global
+        influence either. The local convolution follows PyG's convention (its mean still counts
+        the masked message), so the output equals that of the graph without the edge when
+        ``local_conv=False``.
+
+    .. note::
+
+        :func:`torch.jit.script` compiles the layer, but the resolvent solve stays a Python call
+        (its topology cache and autograd functions are not TorchScript): the scripted module runs
+        in Python and gives the eager outputs, but :func:`torch.jit.save` refuses it.
 
     Args:
         channels (int): size of every input and output node feature.
@@ -90,8 +121,8 @@ class ChimeraConv(MessagePassing):
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices :math:`(2, |\mathcal{E}|)`
           or a sparse adjacency :math:`(|\mathcal{V}|, |\mathcal{V}|)` (``adj_t``: row = target),
-          *(optional)* edge features :math:`(|\mathcal{E}|, D)` (for a sparse adjacency, in the
-          order of its row-major entries), *(optional)* batch vector :math:`(|\mathcal{V}|)`
+          *(optional)* edge features :math:`(|\mathcal{E}|, D)` (for a sparse adjacency, in its
+          stored order), *(optional)* batch vector :math:`(|\mathcal{V}|)`
         - **output:** node features :math:`(|\mathcal{V}|, F)`
     """
 
@@ -102,6 +133,19 @@ class ChimeraConv(MessagePassing):
                  decomposition: Optional[str] = None, sharing: Optional[str] = None, **kwargs):
         kwargs.setdefault("aggr", "mean")
         super().__init__(**kwargs)
+        # Sizes first: heads=0 would otherwise surface as a modulo by zero or an empty reshape.
+        for name, value in (("channels", channels), ("heads", heads), ("state_dim", state_dim), ("expand", expand),
+                            ("edge_dim", edge_dim), ("max_iter", max_iter)):
+            if name == "edge_dim" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if num_terms is not None and (not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 0):
+            raise ValueError(f"num_terms: expected a non-negative int or None, got {num_terms!r}")
+        if tol is not None and not tol >= 0:
+            raise ValueError(f"tol: expected a non-negative float or None, got {tol!r}")
+        if not 0.0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min: expected 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if decomposition is not None and decomposition not in DECOMPOSITIONS:
             raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS} or None, got {decomposition!r}")
         if adjacency is None:
@@ -155,6 +199,7 @@ class ChimeraConv(MessagePassing):
         self.reset_parameters()
 
     def reset_parameters(self):
+        r"""Resets all learnable parameters of the module."""
         super().reset_parameters()
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
@@ -174,11 +219,46 @@ class ChimeraConv(MessagePassing):
             self.norm_weight.fill_(1.0)
 
     @staticmethod
-    def _to_edge_index(edge_index: Adj) -> Tensor:
-        if is_sparse(edge_index):
-            # PyG passes sparse adjacencies transposed (adj_t[target, source]).
-            return to_edge_index(edge_index)[0].flip(0)
-        return edge_index
+    def _to_edge_index(edge_index: Adj, num_nodes: int) -> Tensor:
+        # Union refinement by isinstance keeps this scriptable (Adj = Union[Tensor, SparseTensor]).
+        if isinstance(edge_index, Tensor):
+            if not is_torch_sparse_tensor(edge_index):
+                return edge_index
+            rows, cols = edge_index.size(0), edge_index.size(1)
+        else:
+            rows, cols = edge_index.size(0), edge_index.size(1)
+        # Shapes only, no host sync: the resolvent (I - A)^-1 needs A square over the nodes of x.
+        if rows != num_nodes or cols != num_nodes:
+            raise ValueError(f"edge_index: expected a square sparse adjacency of size [N, N] = [{num_nodes}, "
+                             f"{num_nodes}] (the resolvent (I - A)^-1 needs one node set), got [{rows}, {cols}]")
+        # PyG passes sparse adjacencies transposed (adj_t[target, source]); the edge order is the
+        # adjacency's stored order, which edge_attr must follow.
+        if isinstance(edge_index, Tensor) and edge_index.layout == torch.sparse_coo:
+            # Not to_edge_index: it flags an uncoalesced COO tensor as coalesced, in place.
+            return edge_index._indices().flip(0).long()
+        return to_edge_index(edge_index)[0].flip(0)
+
+    def _explain_edge_mask(self, num_edges: int, num_nodes: int) -> OptTensor:
+        # PyG's explainers (GNNExplainer, ...) set these through set_masks(); propagate() applies the
+        # mask to the local messages, and the selective adjacency applies it to A, so that a masked
+        # edge also loses its global influence.
+        if not self._explain:
+            return None
+        edge_mask = self._edge_mask
+        if edge_mask is None:
+            raise ValueError("edge_mask: explain is on but no edge mask is set (set it with "
+                             "torch_geometric.explain.algorithm.utils.set_masks)")
+        if self._apply_sigmoid:
+            edge_mask = edge_mask.sigmoid()
+        loop_mask = self._loop_mask
+        if edge_mask.numel() != num_edges and loop_mask is not None and loop_mask.numel() == edge_mask.numel():
+            # As PyG's explain_message: the model replaced self-loops by one per node (add_self_loops),
+            # which are not explained and keep a mask of 1.
+            edge_mask = torch.cat([edge_mask[loop_mask], edge_mask.new_ones(num_nodes)])
+        if edge_mask.numel() != num_edges:
+            raise ValueError(f"edge_mask: expected one entry per edge, [E] = [{num_edges}], got "
+                             f"{list(edge_mask.shape)}")
+        return edge_mask.view(-1)
 
     def _edge_selectivity(self, edge_attr: OptTensor, num_edges: int) -> OptTensor:
         if edge_attr is None:
@@ -189,23 +269,29 @@ class ChimeraConv(MessagePassing):
         if edge_attr.dim() == 1:
             edge_attr = edge_attr.unsqueeze(-1)
         if edge_attr.shape != (num_edges, self.edge_dim):
-            raise ValueError(f"edge_attr: expected shape [E, edge_dim] = [{num_edges}, {self.edge_dim}], "
-                             f"got {list(edge_attr.shape)}")
+            raise ValueError(f"edge_attr: expected shape [E, edge_dim] = [{num_edges}, {self.edge_dim}] (with a "
+                             f"sparse adjacency, one row per stored entry, in the stored order), got "
+                             f"{list(edge_attr.shape)}")
         return F.softplus(self.edge_proj(edge_attr.to(self.edge_proj.weight.dtype)))
 
     def selective_adjacency(self, delta: Tensor, edge_index: Tensor, psi: Optional[Tensor] = None,
-                            delta_edge: OptTensor = None) -> Tuple[Tensor, Tensor]:
-        """``(edge_weight [E, H], key_scale [N, H])`` of this layer's ``adjacency``."""
+                            delta_edge: OptTensor = None, edge_mask: OptTensor = None) -> Tuple[Tensor, Tensor]:
+        """``(edge_weight [E, H], key_scale [N, H])`` of this layer's ``adjacency``; ``edge_mask``
+        (``[E]``) is an explainer's edge mask (``0``: as if the edge were absent)."""
+        if edge_mask is not None:
+            edge_mask = edge_mask.to(delta.dtype)
         if self.adjacency == "general":
-            return general_adjacency(delta, edge_index, psi, self.gamma, delta_edge)
+            if psi is None:
+                psi = torch.zeros_like(delta)
+            return general_adjacency(delta, edge_index, psi, self.gamma, delta_edge, edge_mask)
         if self.adjacency == "dag":
-            return dag_adjacency(delta, edge_index, delta_edge)
+            return dag_adjacency(delta, edge_index, delta_edge, edge_mask)
         if self.adjacency == "undirected_line":
-            return undirected_line_adjacency(delta, edge_index, delta_edge)
-        return mamba2_adjacency(delta, edge_index)
+            return undirected_line_adjacency(delta, edge_index, delta_edge, edge_mask)
+        return mamba2_adjacency(delta, edge_index, edge_mask)
 
     def mix(self, x: Tensor, B: Tensor, C: Tensor, delta: Tensor, edge_index: Tensor, psi: OptTensor = None,
-            delta_edge: OptTensor = None, batch: OptTensor = None) -> Tensor:
+            delta_edge: OptTensor = None, batch: OptTensor = None, edge_mask: OptTensor = None) -> Tensor:
         r"""The selective resolvent mixer alone, :math:`((I - A)^{-1} \odot C\bar B^\top) x` per head.
 
         Args:
@@ -217,38 +303,68 @@ class ChimeraConv(MessagePassing):
             psi (Tensor, optional): normalizer :math:`\Psi`, ``[N, H]`` (``"general"`` only).
             delta_edge (Tensor, optional): edge selectivity :math:`\Delta'`, ``[E, H]``.
             batch (LongTensor, optional): ``[N]``.
+            edge_mask (Tensor, optional): an explainer's edge mask ``[E]`` in :math:`[0, 1]`, applied to
+                :math:`\mathbf{A}` (see :mod:`torch_geometric_chimera.nn.adjacency`).
         """
         heads = x.size(1)
         if B.dim() == 2:
             B = B.unsqueeze(1).expand(-1, heads, -1)
         if C.dim() == 2:
             C = C.unsqueeze(1).expand(-1, heads, -1)
-        if self.adjacency == "general" and psi is None:
-            psi = torch.zeros_like(delta)
-        edge_weight, key_scale = self.selective_adjacency(delta, edge_index, psi, delta_edge)
-        return resolvent_attention(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, method=self.method,
+        edge_weight, key_scale = self.selective_adjacency(delta, edge_index, psi, delta_edge, edge_mask)
+        return self._resolvent(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, batch)
+
+    @torch.jit.ignore
+    def _resolvent(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
+                   batch: OptTensor) -> Tensor:
+        # Python-only (topology cache, autograd Functions): a scripted ChimeraConv calls back into Python here.
+        return resolvent_attention(query, key, value, edge_index, edge_weight, method=self.method,
                                    num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter)
+
+    @torch.jit.ignore
+    def _decomposition(self, num_nodes: int, grid_size: OptTensor, seq_len: OptTensor,
+                       batch: OptTensor) -> Tuple[List[Tensor], Tensor]:
+        """The DAGs of ``self.decomposition`` and the edges of the local convolution."""
+        dags = decomposition_dags(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch)
+        # The local convolution sees what the mixer sees, every edge once: the forward line
+        # alone for "fwd" (causal), both lines for "line", and for "grid" the down-left and
+        # up-right DAGs, which together hold each of the four neighbour directions once.
+        local = {1: dags[:1], 2: dags, 4: dags[1:3]}[len(dags)]
+        return dags, torch.cat(local, 1)
+
+    @torch.jit.ignore
+    def _decomposed_mix(self, values: Tensor, B: Tensor, C: Tensor, delta: Tensor, dags: List[Tensor],
+                        batch: OptTensor) -> Tensor:
+        # B, C: [N, num_sets * S] -> [N, num_sets, H, S], every head of a set sharing them as in mix().
+        shape = (values.size(0), self.num_sets, 1, self.state_dim)
+        B = B.reshape(shape).expand(-1, -1, self.heads, -1)
+        C = C.reshape(shape).expand(-1, -1, self.heads, -1)
+        return decomposed_resolvent_attention(C, B, values, delta, dags, self.groups, batch=batch,
+                                              method=self.method, num_terms=self.num_terms, tol=self.tol,
+                                              max_iter=self.max_iter)
 
     def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None,
                 grid_size: OptTensor = None, seq_len: OptTensor = None) -> Tensor:
         """Runs the layer; see the class docstring for shapes. ``grid_size`` (``[G, 2]``) and
         ``seq_len`` (``[G]``) give the geometry of a ``decomposition``."""
+        if isinstance(x, (tuple, list)):  # to_hetero passes (x_src, x_dst) for a bipartite relation
+            raise ValueError("x: expected one node feature tensor [N, channels], got a pair (x_src, x_dst) of a "
+                             "bipartite graph; the resolvent (I - A)^-1 needs a square adjacency over one node set, "
+                             "so ChimeraConv supports only relations whose source and target node types are the "
+                             "same (with to_hetero, give bipartite relations another layer)")
         if x.dim() != 2 or x.size(-1) != self.channels:
             raise ValueError(f"x: expected shape [N, channels] = [N, {self.channels}], got {list(x.shape)}")
-        edge_index = self._to_edge_index(edge_index)
         num_nodes, heads = x.size(0), self.heads
-        dags = None
+        edge_index = self._to_edge_index(edge_index, num_nodes)
+        dags: Optional[List[Tensor]] = None
         if self.decomposition is not None:
             if edge_attr is not None:
                 raise ValueError("edge_attr: a decomposition's DAGs carry no edge features; pass edge_attr=None")
-            dags = decomposition_dags(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len,
-                                      batch=batch)
-            # The local convolution sees what the mixer sees, every edge once: the forward line
-            # alone for "fwd" (causal), both lines for "line", and for "grid" the down-left and
-            # up-right DAGs, which together hold each of the four neighbour directions once.
-            edge_index = {1: dags[:1], 2: dags, 4: dags[1:3]}[len(dags)]
-            edge_index = torch.cat(edge_index, 1)
+            dags, edge_index = self._decomposition(num_nodes, grid_size, seq_len, batch)
         delta_edge = self._edge_selectivity(edge_attr, edge_index.size(1))
+        edge_mask: OptTensor = None
+        if dags is None and not torch.jit.is_scripting():  # PyG's explain masks exist on the Python module only
+            edge_mask = self._explain_edge_mask(edge_index.size(1), num_nodes)
 
         conv_width = self.inner + 2 * self.state_dim * self.num_sets
         z, xbc, dt, psi = self.in_proj(x).split([self.inner, conv_width, heads, heads], dim=-1)
@@ -261,14 +377,9 @@ class ChimeraConv(MessagePassing):
         delta = F.softplus(dt + self.dt_bias)
 
         if dags is None:
-            y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch)
+            y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch, edge_mask)
         else:
-            shape = (num_nodes, self.num_sets, 1, self.state_dim)
-            B = B.view(shape).expand(-1, -1, heads, -1)
-            C = C.view(shape).expand(-1, -1, heads, -1)
-            y = decomposed_resolvent_attention(C, B, values, delta, dags, self.groups, batch=batch,
-                                               method=self.method, num_terms=self.num_terms, tol=self.tol,
-                                               max_iter=self.max_iter)
+            y = self._decomposed_mix(values, B, C, delta, dags, batch)
         y = (y + values * self.D.view(1, -1, 1)).reshape(num_nodes, self.inner)
         y = y * F.silu(z)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm_weight  # gated RMSNorm

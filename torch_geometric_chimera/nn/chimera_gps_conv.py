@@ -36,7 +36,14 @@ class ChimeraGPSConv(torch.nn.Module):
             \mathbf{h} = \mathbf{h}_{\mathrm{local}} + \mathbf{h}_{\mathrm{global}}.
 
     Unlike attention, the global model sees the graph: it receives ``edge_index`` and, when it is
-    passed, ``edge_attr`` (the same keyword the local MPNN gets).
+    passed, ``edge_attr`` (the same keyword the local MPNN gets). With a sparse adjacency,
+    ``edge_attr`` follows its stored order (see :class:`ChimeraConv`).
+
+    .. note::
+
+        As :class:`~torch_geometric.nn.conv.GPSConv`, whose call it keeps, the layer cannot be
+        compiled by :func:`torch.jit.script`: its ``forward`` takes ``**kwargs`` for the local MPNN,
+        which TorchScript does not support. :class:`ChimeraConv` alone can be scripted.
 
     Args:
         channels (int): size of every input and output node feature.
@@ -77,6 +84,11 @@ class ChimeraGPSConv(torch.nn.Module):
                  attn_type: str = "chimera", attn_kwargs: Optional[Dict[str, Any]] = None,
                  norm_style: str = "post"):
         super().__init__()
+        for name, value in (("channels", channels), ("heads", heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
         if norm_style not in ("post", "pre"):
             raise ValueError(f"norm_style: expected 'post' or 'pre', got {norm_style!r}")
         if attn_type not in ("chimera", "multihead", "performer"):
@@ -90,6 +102,8 @@ class ChimeraGPSConv(torch.nn.Module):
         self.channels, self.conv, self.heads, self.dropout = channels, conv, heads, dropout
         self.attn_type, self.norm_style = attn_type, norm_style
         self.attn_dropout = float(chimera_kwargs.pop("dropout", 0.0))
+        if not 0.0 <= self.attn_dropout <= 1.0:
+            raise ValueError(f"attn_kwargs: 'dropout' must be a probability in [0, 1], got {self.attn_dropout}")
         chimera_kwargs.setdefault("edge_dim", channels)
         self.chimera = ChimeraConv(channels, heads=heads, **chimera_kwargs)
 
@@ -147,5 +161,7 @@ class ChimeraGPSConv(torch.nn.Module):
         return self._norm(self.norm3, out + self.mlp(out), batch)
 
     def __repr__(self) -> str:
+        # GPSConv's format; where it names the attention type, the global model here is always
+        # Chimera, so the repr names what selects a Chimera variant: its adjacency and solve method.
         return (f"{self.__class__.__name__}({self.channels}, conv={self.conv}, heads={self.heads}, "
-                f"global={self.chimera})")
+                f"adjacency={self.chimera.adjacency}, method={self.chimera.method})")
