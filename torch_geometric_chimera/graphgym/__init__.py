@@ -32,6 +32,7 @@ warning. Example YAMLs for the four LRGB tasks are in ``examples/graphgym/`` of 
 """
 import sys
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ _warned = set()
 
 
 def _is_ours(obj) -> bool:
-    return getattr(obj, "__module__", "").startswith(__name__)
+    return (getattr(obj, "__module__", None) or "").startswith(__name__)
 
 
 def _register(mapping: dict, kind: str, name: str, obj=None):
@@ -114,19 +115,29 @@ def _add_missing(node, defaults):
             node[key] = value
 
 
+_own_groups = []  # weak references to the ``gt`` groups this module created (``set_cfg`` resets those)
+
+
+def _is_own_group(node) -> bool:
+    _own_groups[:] = [ref for ref in _own_groups if ref() is not None]
+    return any(ref() is node for ref in _own_groups)
+
+
 def set_cfg_chimera(c):
-    """Adds the ``gt`` keys that are missing (never changing one that is set: GraphGPS owns the group
-    when it is installed) and the ``chimera`` group's missing keys."""
-    if "gt" not in c:
+    """Defaults of the ``chimera`` group, and of the ``gt`` group when no other module (GraphGPS)
+    owns it; in a ``gt`` group of another module only the missing keys are added, so that a key it
+    set is never changed."""
+    if "gt" not in c or _is_own_group(c.gt):
         c.gt = CfgNode()
+        _own_groups.append(weakref.ref(c.gt))
     _add_missing(c.gt, GT_DEFAULTS)
-    if "chimera" not in c:
-        c.chimera = CfgNode()
+    c.chimera = CfgNode()
     _add_missing(c.chimera, CHIMERA_DEFAULTS)
 
 
 _register(register.config_dict, "config", "chimera", set_cfg_chimera)
-set_cfg_chimera(cfg)  # graphgym.config built its global cfg before this registration
+if "chimera" not in cfg:  # graphgym.config built its global cfg before this registration
+    set_cfg_chimera(cfg)
 
 
 # ----------------------------------------------------------------------------- encoders

@@ -184,7 +184,7 @@ def _rmse_aware(mean_squared_error):
     def wrapped(y_true, y_pred, *args, squared=True, **kwargs):
         error = mean_squared_error(y_true, y_pred, *args, **kwargs)
         return error if squared else error ** 0.5
-    wrapped.__wrapped__ = mean_squared_error
+    wrapped.chimera_compat_fix = True
     return wrapped
 
 
@@ -221,7 +221,7 @@ def apply_compat_fixes(log=print) -> List[str]:
         applied.append("torch.load(weights_only=True) (the default since torch 2.6) rejects the processed "
                        "datasets GraphGPS saves: PyG's Data classes are added to torch's safe globals")
     logger = sys.modules.get("graphgps.logger")
-    if logger is not None and not hasattr(logger.mean_squared_error, "__wrapped__"):
+    if logger is not None and not hasattr(logger.mean_squared_error, "chimera_compat_fix"):
         import inspect
         if "squared" not in inspect.signature(logger.mean_squared_error).parameters:
             logger.mean_squared_error = _rmse_aware(logger.mean_squared_error)
