@@ -224,6 +224,12 @@ def test_chimera_loader_first_and_no_silent_missing_encodings(gt_cfg, monkeypatc
         gg.load_lrgb("ChimeraLRGB", "peptides-mini", None)
 
 
+def test_chimera_loader_takes_graphgps_names(lrgb_root, gt_cfg):
+    dataset = gg.load_lrgb("ChimeraLRGB", "peptides-functional", lrgb_root)
+    assert len(dataset) == 24 and dataset[0].y.shape == (1, 10)  # the 12 + 6 + 6 graphs of peptides-func
+    assert gg.load_lrgb("ChimeraLRGB", "peptides-structural", lrgb_root)[0].y.shape == (1, 11)
+
+
 def test_torch_scatter_standin_matches_reference():
     ts = ggps.torch_scatter_standin()
     src = torch.tensor([[1.0, -2.0], [3.0, 5.0], [-1.0, 0.5], [2.0, 2.0]])
