@@ -1,6 +1,6 @@
 r"""Run GraphGPS's own ``main.py`` with Chimera registered first.
 
-    python -m torch_geometric_chimera.graphgym.graphgps_main [--graphgps-dir DIR] --cfg FILE [--repeat N] [KEY VALUE ...]
+    python -m torch_geometric_chimera.graphgym.graphgps_main [--graphgps-dir DIR] --cfg FILE [KEY VALUE ...]
     python -m torch_geometric_chimera.graphgym.graphgps_main --write-fixtures ROOT
 
 The GraphGPS checkout (``rampasek/GraphGPS``) is ``--graphgps-dir``, else ``$GRAPHGPS_DIR``, else the
