@@ -344,3 +344,40 @@ def test_graphgps_main_one_epoch(tmp_path, task, overrides, local, metric):
             stats = [json.loads(line) for line in f]
         assert len(stats) == 1 and stats[0]["epoch"] == 0 and 0 <= stats[0][metric] < 10
         assert stats[0]["params"] > 0
+
+
+@pytest.mark.skipif(not GRAPHGPS_DIR, reason="GRAPHGPS_DIR is not set: this builds GraphGPS's GPSLayer from a checkout "
+                    "of rampasek/GraphGPS (not on PyPI)")
+def test_graphgps_layer_runs_chimera_on_the_graph():
+    code = textwrap.dedent('''
+        import sys, torch
+        from torch_geometric.data import Batch, Data
+        from torch_geometric.utils import to_dense_batch
+        from torch_geometric_chimera.graphgym.graphgps import apply_compat_fixes
+        sys.path.insert(0, sys.argv[1])
+        apply_compat_fixes(log=lambda line: None)
+        import graphgps  # noqa: F401
+        import torch_geometric_chimera.graphgym  # noqa: F401
+        from torch_geometric.graphgym.config import cfg, set_cfg
+        from torch_geometric_chimera.graphgym.graphgps import graphgps_chimera_layer
+        set_cfg(cfg)
+        cfg.gt.layer_type, cfg.gt.n_heads, cfg.chimera.state_dim = "CustomGatedGCN+Chimera", 2, 8
+        cfg.dataset.edge_encoder, cfg.gnn.dim_inner = True, 16
+        torch.manual_seed(0)
+        layer = graphgps_chimera_layer(16).eval()
+        graphs = [Data(x=torch.randn(n, 16), edge_index=torch.randint(0, n, (2, 2 * n)),
+                       edge_attr=torch.randn(2 * n, 16)) for n in (5, 3)]
+        batch = Batch.from_data_list(graphs)
+        direct = layer.self_attn(batch.x, batch.edge_index, batch.edge_attr, batch.batch)
+        dense, mask = to_dense_batch(batch.x, batch.batch)
+        layer._graph = (batch.edge_index, batch.edge_attr, batch.batch)
+        through_gps = layer._sa_block(dense, None, ~mask)[mask]
+        layer._graph = None
+        out = layer(batch.clone()).x
+        print(torch.allclose(direct, through_gps, atol=1e-6), tuple(out.shape), bool(torch.isfinite(out).all()),
+              type(layer).__mro__[1].__module__, "global_model_type=Chimera" in repr(layer))
+    ''')
+    result = subprocess.run([sys.executable, "-c", code, GRAPHGPS_DIR], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "(8,", "16)", "True", "graphgps.layer.gps_layer", "True"]
