@@ -4,7 +4,8 @@
     left alone, the GPS-layer / local-model choice, metric and loss names, the compatibility fixes
     and the fixtures in GraphGPS's format.
 (b) With a GraphGPS checkout in ``GRAPHGPS_DIR``: GraphGPS's own ``main.py`` for one epoch through
-    ``python -m torch_geometric_chimera.graphgym.graphgps_main`` (skipped otherwise).
+    ``python -m torch_geometric_chimera.graphgym.graphgps_main`` on fixtures in GraphGPS's format,
+    and GraphGPS's ``GPSLayer`` running Chimera on the graph (skipped otherwise, with the reason).
 """
 import importlib.util
 import json
