@@ -6,6 +6,9 @@
 GraphGym's own pipeline (config, create_model, its PyTorch Lightning training loop and logger):
 importing ``torch_geometric_chimera.graphgym`` is what makes ``ChimeraGPSModel``, ``GCN+Chimera``
 and the ``ChimeraLRGB`` loader known to it. Needs ``pip install yacs pytorch_lightning``.
+To run the GraphGPS repository's own ``main.py`` instead, see
+``python -m torch_geometric_chimera.graphgym.graphgps_main`` (README, "Using Chimera from the GraphGPS
+repository").
 """
 import argparse
 
