@@ -1,7 +1,7 @@
 r"""``resolvent_attention``: the one operation everything rests on (DESIGN.md §1)."""
 import weakref
 from functools import cached_property
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch_geometric
@@ -25,6 +25,10 @@ DENSE_MAX_NODES = 768  # measured crossover with iterative on CPU: about 1,000 n
 #: picks the faster path in all 8 cases.
 BAND_FLOP_COST = 10.0
 
+#: ``num_terms`` above this is refused: every term is one sparse product over all edges, and the
+#: exact resolvent is cheaper through ``"iterative"`` or ``"dense"`` long before.
+MAX_NUM_TERMS = 10_000
+
 
 class GraphTopology:
     r"""Everything about a batch of graphs that depends on ``edge_index`` and ``batch`` only
@@ -41,7 +45,19 @@ class GraphTopology:
     def __init__(self, edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None):
         self.edge_index = edge_index.long()
         self.num_nodes = num_nodes
-        self.batch = batch.long() if batch is not None else None
+        self._batch_ids = batch
+
+    @cached_property
+    def batch(self) -> Optional[Tensor]:
+        """Graph id of every node as given, or renumbered ``0 .. G - 1`` (same grouping, same order)
+        when some id is ``>= N``: such ids cannot all be in use, and every per-graph table would
+        otherwise be as long as the largest id."""
+        if self._batch_ids is None:
+            return None
+        batch = self._batch_ids.long()
+        if batch.numel() and int(batch.max()) >= self.num_nodes:
+            batch = torch.unique(batch, return_inverse=True)[1]
+        return batch
 
     _cache: List[Tuple] = []
     CACHE_SIZE = 8
@@ -267,13 +283,18 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         num_terms (int, optional): ``K`` for ``"neumann"``. When :obj:`None`, every graph uses its
             own :func:`~torch_geometric_chimera.utils.diameter_bound`. (default: :obj:`None`)
         batch (LongTensor, optional): ``[N]`` graph id of every node. (default: :obj:`None`)
-        tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks ``1e-12``
-            for float64 and ``1e-6`` for float32; ``0`` runs exactly ``max_iter`` iterations with no
+        tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks it by dtype
+            (:func:`~.reference.default_tolerance`: ``1e-12`` for float64, ``1e-6`` for float32,
+            ``eps / 16`` for float16 and bfloat16); ``0`` runs exactly ``max_iter`` iterations with no
             stopping test (nothing read on the host). (default: :obj:`None`)
-        max_iter (int, optional): iteration cap of ``"iterative"``. (default: ``1000``)
+        max_iter (int, optional): iteration cap of ``"iterative"``, at least 1. (default: ``1000``)
         chunk_size (int, optional): chunk length of ``"line"``. (default: ``64``)
         topology (GraphTopology, optional): topology of ``(edge_index, batch)`` to reuse; by default
             :meth:`GraphTopology.get` shares one between calls with the same, unchanged tensors.
+
+    float16 and bfloat16 inputs are computed in float32 (factorizations, series, iterations) and
+    the output is rounded to the input dtype. An output with no entries (``N``, ``H`` or ``P`` zero)
+    is returned as zeros of shape ``[N, H, P]``.
 
     :rtype: :class:`Tensor` of shape ``[N, H, P]``.
     """
@@ -281,22 +302,52 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if num_terms is not None and (not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 0):
         raise ValueError(f"num_terms: expected a non-negative int or None, got {num_terms!r}")
+    if num_terms is not None and num_terms > MAX_NUM_TERMS:
+        raise ValueError(f"num_terms: at most MAX_NUM_TERMS = {MAX_NUM_TERMS} terms (each one is a sparse product "
+                         f"over every edge), got {num_terms}; for the exact resolvent use method='iterative' or "
+                         f"'dense'")
     if tol is not None and not tol >= 0:
         raise ValueError(f"tol: expected a non-negative float or None, got {tol!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     edge_weight = _check_inputs(query, key, value, edge_index, edge_weight, batch)
     num_nodes = query.size(0)
     if topology is None:
         topology = GraphTopology.get(edge_index, num_nodes, batch)
+    elif not isinstance(topology, GraphTopology) or topology.num_nodes != num_nodes:
+        raise ValueError(f"topology: expected a GraphTopology of N = {num_nodes} nodes (like query), got "
+                         f"{getattr(topology, 'num_nodes', type(topology).__name__)}")
     if method == "auto":
         method = choose_method(topology, num_terms, query.size(-1), value.size(-1))
-    if num_nodes == 0:
-        return value.new_zeros(value.shape)
-
     if num_terms is not None and method != "neumann":
         raise ValueError(f"num_terms: only method='neumann' (or 'auto') truncates the series; method={method!r} "
                          f"is exact, got num_terms={num_terms}")
+    if value.numel() == 0:  # N, H or P is zero: nothing to compute (S = 0 gives zero scores, computed below)
+        return value.new_zeros(value.shape)
+    if tol is None:
+        tol = reference.default_tolerance(query.dtype)
+
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # Factorizations, inverses, series and iterations run in float32; the output is rounded once.
+        query, key, value, edge_weight = (t.float() for t in (query, key, value, edge_weight))
+    out = _dispatch(method, query, key, value, edge_weight, topology, num_terms, tol, max_iter, chunk_size)
+    return out.to(dtype)
+
+
+def _not_finite(named: Sequence[Tuple[str, Tensor]]) -> Optional[str]:
+    """The first name whose tensor holds a NaN or an Inf (read on the host: failure paths only)."""
+    for name, t in named:
+        if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            return name
+    return None
+
+
+def _dispatch(method: str, query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology,
+              num_terms: Optional[int], tol: float, max_iter: int, chunk_size: int) -> Tensor:
+    num_nodes = query.size(0)
     if method == "line":
         if not topology.is_line:
             raise ValueError("edge_index: method='line' needs a union of directed paths (every node with at most one "
@@ -304,8 +355,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         return reference.line_resolvent_attention(query, key, value, topology.edge_index, edge_weight, chunk_size,
                                                   order=topology.line_order)
     if method == "dense":
-        return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch,
-                                                   buckets=topology.dense_buckets)
+        return _dense(query, key, value, edge_weight, topology)
 
     if method == "band":
         if not band_available(topology):
@@ -315,8 +365,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         row_sum.index_add_(0, topology.edge_index[1], edge_weight.detach().abs())
         if edge_weight.numel() and float(row_sum.max()) >= 1.0:
             # No pivoting is safe only for diagonally dominant I - A; LU with pivoting otherwise.
-            return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight,
-                                                       topology.batch, buckets=topology.dense_buckets)
+            return _dense(query, key, value, edge_weight, topology)
         csr = topology.operator
         return band_resolvent_attention(topology.band_schedule, csr.rowptr, csr.col, edge_weight[csr.perm], query,
                                         key, value)
@@ -334,8 +383,25 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     state = reference.to_state(key, value)
     if method == "neumann":
         schedule = topology.neumann_schedule if num_terms is None else num_terms
+        if num_terms is None and schedule.max_terms > MAX_NUM_TERMS:
+            raise ValueError(f"num_terms: the default, each graph's diameter bound, reaches {schedule.max_terms} "
+                             f"terms, above MAX_NUM_TERMS = {MAX_NUM_TERMS}; pass num_terms or use "
+                             f"method='iterative'")
         state = reference.checkpointed_neumann(topology.operator, edge_weight, state, schedule)
     else:  # iterative
-        tol = reference.default_tolerance(query.dtype) if tol is None else tol
-        state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter)
+        state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter,
+                                          inputs=(("edge_weight", edge_weight), ("key", key), ("value", value)))
     return reference.read_state(query, state, value.size(-1))
+
+
+def _dense(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology) -> Tensor:
+    try:
+        return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight,
+                                                   topology.batch, buckets=topology.dense_buckets)
+    except torch.linalg.LinAlgError as error:
+        if _not_finite([("edge_weight", edge_weight)]):
+            raise ValueError("edge_weight: contains NaN or Inf, so I - A has no inverse") from error
+        raise torch.linalg.LinAlgError(
+            "edge_weight: I - A is singular (A has an eigenvalue 1, e.g. a self-loop of weight 1 or a cycle whose "
+            "weights multiply to 1), so the resolvent (I - A)^-1 does not exist; scale the weights so that every "
+            "row of |A| sums to less than 1 (e.g. the 'general' adjacency with gamma < 1)") from error
