@@ -268,3 +268,40 @@ def test_inference_mode_tensors_are_not_cached_and_give_the_same_result():
         assert GraphTopology.get(frozen, 12) is not first
         out = resolvent_attention(q, k, v, frozen, w, method="dense")
     torch.testing.assert_close(out, expected)
+
+
+WRITES_THAT_BYPASS_THE_VERSION_COUNTER = {
+    "data": lambda t: t.data.__setitem__((1, 4), 0),
+    "numpy": lambda t: t.numpy().__setitem__((1, 4), 0),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES_THAT_BYPASS_THE_VERSION_COUNTER))
+def test_topology_cache_sees_writes_that_bypass_the_version_counter(write):
+    q, k, v, w = inputs(6, 5)
+    edge_index = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])  # a path; the write turns it into a cycle
+    for method in ("auto", "dense", "neumann"):
+        ei = edge_index.clone()
+        resolvent_attention(q, k, v, ei, w, method=method)  # cached
+        version = ei._version
+        WRITES_THAT_BYPASS_THE_VERSION_COUNTER[write](ei)
+        assert ei._version == version and ei[1, 4] == 0
+        torch.testing.assert_close(resolvent_attention(q, k, v, ei, w, method=method),
+                                   resolvent_attention(q, k, v, ei.clone(), w, method=method))
+
+
+def test_explicit_topology_where_the_cache_cannot_see_such_writes(monkeypatch):
+    # On accelerators (outside debug mode) the cache checks version counters only; the explicit
+    # handle is the documented way to hold the topology of a graph that is written through .data.
+    from torch_geometric_chimera.ops import reference
+    monkeypatch.setattr(reference, "host_reads_allowed", lambda t: False)
+    q, k, v, w = inputs(6, 5)
+    ei = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    before = resolvent_attention(q, k, v, ei, w, method="dense")
+    ei.data[1, 4] = 0
+    expected = resolvent_attention(q, k, v, ei.clone(), w, method="dense")
+    stale = resolvent_attention(q, k, v, ei, w, method="dense")
+    torch.testing.assert_close(stale, before)  # documented: this write is not seen here
+    assert not torch.allclose(stale, expected)
+    held = GraphTopology(ei, 6)
+    torch.testing.assert_close(resolvent_attention(q, k, v, ei, w, method="dense", topology=held), expected)

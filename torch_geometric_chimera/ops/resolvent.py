@@ -3,6 +3,7 @@ import weakref
 from functools import cached_property
 from typing import List, Optional, Sequence, Tuple
 
+import numpy
 import torch
 import torch_geometric
 from torch import Tensor
@@ -34,7 +35,9 @@ class GraphTopology:
     r"""Everything about a batch of graphs that depends on ``edge_index`` and ``batch`` only
     (topological levels, DAG-ness, sizes, diameter bounds, CSR operator). Each property is
     computed on first use and kept, so one instance can serve every layer and step that shares
-    the graph.
+    the graph: pass it as ``resolvent_attention(..., topology=...)``. It reads the tensors when a
+    property is first computed and never checks them again, so do not modify them in place
+    while it is in use (:meth:`get` is the checked, cached way to obtain one).
 
     Args:
         edge_index (LongTensor): ``[2, E]`` edges, source first.
@@ -65,20 +68,35 @@ class GraphTopology:
     @classmethod
     def get(cls, edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None) -> "GraphTopology":
         """The topology of ``(edge_index, batch)``, shared by every call that passes the *same*
-        tensors unchanged (the layers of one model on one mini-batch): entries hold weak
-        references and the tensors' version counters, so a freed or modified tensor never hits.
-        Tensors made under ``torch.inference_mode`` have no version counter: they are not cached."""
+        tensors unchanged (the layers of one model on one mini-batch).
+
+        An entry holds weak references to the tensors, their version counters and, where values
+        may be read on the host (CPU tensors, or any device under ``torch_geometric.debug()``), a
+        copy of their values, compared on every hit (one pass over ``edge_index``; see
+        ``benchmarks/bench_topology_cache.py``). So on CPU every change is seen, including writes
+        that bypass the version counter (``t.data[...] = ...``, ``t.numpy()[...] = ...``, DLPack).
+        On accelerators outside debug mode only the version counter is checked (the comparison
+        would synchronize): in-place writes through ``t[...] = ...`` are seen, writes through
+        ``.data``, DLPack or foreign kernels are not; pass ``topology=GraphTopology(...)`` to
+        :func:`resolvent_attention` to hold the topology explicitly, or give the changed graph a
+        new tensor. Tensors made under ``torch.inference_mode`` have no version counter: they are
+        not cached."""
         if edge_index.is_inference() or (batch is not None and batch.is_inference()):
             return cls(edge_index, num_nodes, batch)
+        verify = reference.host_reads_allowed(edge_index)
         for entry in cls._cache:
-            ei_ref, ei_version, batch_ref, batch_version, n, topology = entry
+            ei_ref, ei_version, ei_copy, batch_ref, batch_version, batch_copy, n, topology = entry
             if (ei_ref() is edge_index and ei_version == edge_index._version and n == num_nodes
                     and (batch_ref is None) == (batch is None)
-                    and (batch is None or (batch_ref() is batch and batch_version == batch._version))):
+                    and (batch is None or (batch_ref() is batch and batch_version == batch._version))
+                    and (not verify or (_same_values(ei_copy, edge_index)
+                                        and (batch is None or _same_values(batch_copy, batch))))):
                 return topology
         topology = cls(edge_index, num_nodes, batch)
-        entry = (weakref.ref(edge_index), edge_index._version, None if batch is None else weakref.ref(batch),
-                 None if batch is None else batch._version, num_nodes, topology)
+        # The copy is what a later hit compares against (only where that comparison is free of syncs).
+        entry = (weakref.ref(edge_index), edge_index._version, edge_index.clone() if verify else None,
+                 None if batch is None else weakref.ref(batch), None if batch is None else batch._version,
+                 batch.clone() if verify and batch is not None else None, num_nodes, topology)
         cls._cache = [entry] + [e for e in cls._cache if e[0]() is not None][:cls.CACHE_SIZE - 1]
         return topology
 
@@ -159,6 +177,17 @@ class GraphTopology:
     def neumann_schedule(self) -> "reference.NeumannSchedule":
         """Horner schedule of ``neumann`` with each graph's own diameter bound as its term count."""
         return reference.neumann_schedule(self.diameter_bound, self.batch)
+
+
+def _same_values(kept: Tensor, current: Tensor) -> bool:
+    """Whether ``current`` still holds the values of ``kept`` (its copy). On CPU through NumPy: one
+    single-threaded pass, about 1000x faster than :func:`torch.equal` on a busy 2-core machine,
+    whose thread pool then waits (``benchmarks/bench_topology_cache.py``)."""
+    if kept.shape != current.shape or kept.dtype != current.dtype:
+        return False
+    if current.device.type == "cpu":
+        return bool(numpy.array_equal(kept.numpy(), current.numpy()))
+    return torch.equal(kept, current)
 
 
 def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, state_dim: Optional[int] = None,
