@@ -1,7 +1,7 @@
 r"""``resolvent_attention``: the one operation everything rests on (DESIGN.md §1)."""
 import weakref
 from functools import cached_property
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -18,13 +18,28 @@ METHODS = ("auto", "dense", "band", "dag", "line", "neumann", "iterative")
 #: ``method="auto"`` solves graphs with at most this many nodes exactly (dense or band).
 DENSE_MAX_NODES = 768  # measured crossover with iterative on CPU: about 1,000 nodes
 
-#: A band-solve flop costs about this many dense-path flops on CPU: the dense path runs batched
-#: GEMMs on n x n blocks that stay in cache, the band path streams the S x P state through memory
-#: with axpys. Measured on the 2-core CPU, mixer forward + backward on 64 real peptides and on 64
-#: random trees, (H, S, P) in (4, 16, 16), (4, 16, 32), (2, 96, 32) and (4, 64, 16), row-normalized
-#: weights: dense 0.05-0.13 ns per counted flop, band 0.6-1.0 ns, about 10x; with 10 the model
-#: picks the faster path in all 8 cases.
-BAND_FLOP_COST = 10.0
+#: The cost model of ``method="auto"`` on CPU: forward + backward seconds of each exact
+#: small-graph path, fitted (non-negative least squares on relative error) to the mixer timings of
+#: ``benchmarks/bench_auto_panel.py`` on the 2-core development CPU (one thread; 11 graph batches:
+#: rings with chords, molecule-like graphs, undirected and directed trees and grids, 8 to 128
+#: graphs of 30 to 600 nodes; (H, S, P) from (4, 16, 16) to (8, 16, 32) and (2, 64, 32)).
+#: ``dense``, per head: every graph padded to its bucket size ``m`` costs ``3 m^3`` (inverse and the
+#: two backward products) and ``6 m^2 (S + P)`` (scores and products), plus a fixed cost per graph.
+DENSE_CUBIC_S = 8.4e-11
+DENSE_SQUARE_S = 1.65e-10
+DENSE_GRAPH_S = 5.7e-5
+#: ``band``, per head: every node and every nonzero of the LU factors moves an ``S x P`` state in
+#: the solves, and the factorization costs ``n b^2`` per graph of bandwidth ``b``.
+BAND_NODE_S = 1.3e-8
+BAND_NONZERO_S = 2.7e-10
+BAND_FACTOR_S = 1.2e-9
+#: ``dag``, per head: every node and every edge moves an ``S x P`` state.
+DAG_ELEMENT_S = 5.4e-9
+#: ``band`` and ``dag`` time alike on small DAGs (within the noise of the panel); ``dag`` is taken
+#: only when its estimate is below this fraction of the others'.
+DAG_MARGIN = 0.85
+#: Kept for the benchmarks that report it: what a band-solve flop costs in dense-path flops.
+BAND_FLOP_COST = BAND_NONZERO_S / (DENSE_CUBIC_S / 3)
 
 #: ``num_terms`` above this is refused: every term is one sparse product over all edges, and the
 #: exact resolvent is cheaper through ``"iterative"`` or ``"dense"`` long before.
@@ -153,15 +168,28 @@ class GraphTopology:
         """Reverse Cuthill-McKee order and bandwidth of every graph (``band`` path, CPU)."""
         return band_schedule(self.edge_index, self.num_nodes, self.batch)
 
+    def path_costs(self, state_dim: int, head_dim: int) -> Dict[str, float]:
+        """Estimated forward + backward seconds per head of every exact small-graph path that
+        applies on CPU: ``"dense"`` always, ``"band"`` where its kernels run, ``"dag"`` on DAGs
+        (the constants above :func:`choose_method`)."""
+        padded = reference.bucket_size(self.graph_sizes).double() * (self.graph_sizes > 0)
+        state = state_dim * head_dim
+        costs = {"dense": float(DENSE_CUBIC_S * (3 * padded ** 3).sum()
+                                + DENSE_SQUARE_S * (6 * padded ** 2).sum() * (state_dim + head_dim)
+                                + DENSE_GRAPH_S * int((self.graph_sizes > 0).sum()))}
+        if band_available(self):
+            schedule = self.band_schedule
+            n = self.graph_sizes.double()
+            costs["band"] = float(state * (BAND_NODE_S * self.num_nodes + BAND_NONZERO_S * schedule.factor_nnz.sum())
+                                  + BAND_FACTOR_S * (n * schedule.bandwidth.double() ** 2).sum())
+        if self.is_dag:
+            costs["dag"] = DAG_ELEMENT_S * state * (self.num_nodes + self.edge_index.size(1))
+        return costs
+
     def exact_costs(self, state_dim: int, head_dim: int) -> Tuple[float, float]:
-        """Estimated forward + backward flops of ``dense`` and ``band`` (in dense-flop units)."""
-        n = self.graph_sizes.double()
-        dense = float((3 * n ** 3 + 6 * n ** 2 * (state_dim + head_dim)).sum())
-        # Forward and backward each: one solve (every factor nonzero and pivot: an axpy over the
-        # S * P state) plus building and contracting the state, two multiply-adds per entry.
-        nonzeros = self.band_schedule.factor_nnz.double()
-        band = float((4 * (nonzeros + 3 * n) * state_dim * head_dim).sum()) * BAND_FLOP_COST
-        return dense, band
+        """Estimated forward + backward seconds per head of ``dense`` and ``band`` (see :meth:`path_costs`)."""
+        costs = self.path_costs(state_dim, head_dim)
+        return costs["dense"], costs.get("band", float("inf"))
 
     @cached_property
     def line_order(self) -> Tuple[Tensor, Tensor]:
@@ -196,11 +224,14 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, stat
 
     1. ``num_terms`` given: ``"neumann"`` with that many terms;
     2. directed paths (sequences): ``"line"``;
-    3. every graph has at most :data:`DENSE_MAX_NODES` nodes: ``"band"`` on CPU when the state
-       sizes are given and its estimated cost (:meth:`GraphTopology.exact_costs`: about
-       :math:`4 (\mathrm{nnz}(LU) + 3n) S P` times :data:`BAND_FLOP_COST`) is below the dense
-       path's (:math:`3 n^3 + 6 n^2 (S + P)`): molecules (bandwidth about 5) with a small state,
-       e.g. :math:`S = P = 16`, take ``"band"``, a state of :math:`96 \times 32` takes ``"dense"``;
+    3. every graph has at most :data:`DENSE_MAX_NODES` nodes: on CPU, when the state sizes are
+       given, the exact path of least estimated time (:meth:`GraphTopology.path_costs`, a model
+       calibrated by ``benchmarks/bench_auto_panel.py``) among ``"dense"`` (per graph
+       :math:`O(n^3 + n^2 (S + P))`), ``"band"`` (:math:`O((n + \mathrm{nnz}(LU)) S P)`) and, on
+       DAGs, ``"dag"`` (:math:`O((n + E) S P)`, taken only when clearly cheaper, see
+       :data:`DAG_MARGIN`); otherwise ``"dense"``. On the panel the choice is within 1.2x of the
+       fastest exact path: e.g. 64 rings with chords of 150 nodes take ``"band"`` for
+       :math:`(H, S, P) = (4, 16, 32)`, a state of :math:`64 \times 32` takes ``"dense"``;
     4. the graph is a DAG: ``"dag"``;
     5. otherwise ``"iterative"``.
     """
@@ -209,10 +240,11 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, stat
     if topology.is_line:
         return "line"
     if topology.max_graph_size <= DENSE_MAX_NODES:
-        if state_dim is not None and head_dim is not None and band_available(topology):
-            dense_cost, band_cost = topology.exact_costs(state_dim, head_dim)
-            if band_cost < dense_cost:
-                return "band"
+        if state_dim is not None and head_dim is not None and topology.edge_index.device.type == "cpu":
+            costs = topology.path_costs(state_dim, head_dim)
+            dag = costs.pop("dag", None)
+            best = min(costs, key=costs.get)
+            return "dag" if dag is not None and dag < DAG_MARGIN * costs[best] else best
         return "dense"
     if topology.is_dag:
         return "dag"
