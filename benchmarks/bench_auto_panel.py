@@ -99,6 +99,10 @@ def main():
                 return step
             timing = time_interleaved({m: run(m) for m in methods}, "cpu", warmup=1, reps=args.reps)
             seconds = {m: timing[m]["min_s"] for m in methods}  # min: least disturbed by other load
+            ranked = sorted(seconds.values())
+            if ranked[1] < 1.3 * ranked[0]:  # a close race (whatever auto picks): time it 3x longer
+                timing = time_interleaved({m: run(m) for m in methods}, "cpu", warmup=0, reps=3 * args.reps)
+                seconds = {m: min(seconds[m], timing[m]["min_s"]) for m in methods}
             auto = choose_method(topology, None, state, head_dim)
             fastest = min(seconds, key=seconds.get)
             costs = topology.path_costs(state, head_dim)
