@@ -233,8 +233,9 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, stat
        calibrated by ``benchmarks/bench_auto_panel.py``) among ``"dense"`` (per graph
        :math:`O(n^3 + n^2 (S + P))`), ``"band"`` (:math:`O((n + \mathrm{nnz}(LU)) S P)`) and, on
        DAGs, ``"dag"`` (:math:`O((n + E) S P)`, taken only when clearly cheaper, see
-       :data:`DAG_MARGIN`); otherwise ``"dense"``. On the panel the choice is within 1.2x of the
-       fastest exact path: e.g. 64 rings with chords of 150 nodes take ``"band"`` for
+       :data:`DAG_MARGIN`); otherwise ``"dense"``. On the panel the choice is within 1.07x of the
+       fastest exact path on the mean of four runs, up to 1.21x in a single run where two paths
+       tie within the machine's noise (``benchmarks/results/auto_panel_cpu*.json``); e.g. 64 rings with chords of 150 nodes take ``"band"`` for
        :math:`(H, S, P) = (4, 16, 32)`, a state of :math:`64 \times 32` takes ``"dense"``;
     4. the graph is a DAG: ``"dag"``;
     5. otherwise ``"iterative"``.
