@@ -155,3 +155,111 @@ def test_duplicate_edges_add_up(method):
     split[:4] = w[:4] * 0.25
     split[-4:] = w[:4] * 0.75
     torch.testing.assert_close(call(q, k, v, doubled, split, method=method), call(q, k, v, edge_index, w, method=method))
+
+
+# ------------------------------------------------------------------ messages that name the cause
+def test_singular_system_names_edge_weight():
+    q, k, v, _ = inputs(2, 2, heads=1)
+    cycle = torch.tensor([[0, 1], [1, 0]])
+    w = torch.ones(2, 1, dtype=torch.float64)  # a 2-cycle of weight 1: A has the eigenvalue 1
+    for method in ("dense", "band", "auto"):
+        with pytest.raises(torch.linalg.LinAlgError, match=r"edge_weight: I - A is singular"):
+            call(q, k, v, cycle, w, method=method)
+
+
+@pytest.mark.parametrize("method", ["dense", "band"])
+def test_inf_weight_is_named_as_such_not_as_singular(method):
+    q, k, v, _ = inputs(2, 1, heads=1)
+    w = torch.tensor([[float("inf")]], dtype=torch.float64)  # LU meets a zero pivot on the Inf row
+    with pytest.raises(ValueError, match=r"edge_weight: contains NaN or Inf, so I - A has no inverse"):
+        call(q, k, v, torch.tensor([[0], [1]]), w, method=method)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_with_iterative_is_not_reported_as_divergence(good, bad):
+    q, k, v, edge_index, w = good
+    w = w.clone()
+    w[1, 0] = bad
+    with pytest.raises(ValueError, match=r"edge_weight: contains NaN or Inf, so method='iterative'"):
+        call(q, k, v, edge_index, w, method="iterative")
+
+
+def test_non_finite_gradient_with_iterative_is_named(good):
+    q, k, v, edge_index, w = good
+    w = w.clone().requires_grad_()
+    out = call(q, k, v, edge_index, w, method="iterative")
+    with pytest.raises(ValueError, match=r"grad_output: contains NaN or Inf"):
+        out.backward(torch.full_like(out, float("nan")))
+
+
+def test_iterative_divergence_reports_the_estimated_spectral_radius():
+    q, k, v, _ = inputs(2, 2, heads=1)
+    w = torch.full((2, 1), 1.5, dtype=torch.float64)  # a 2-cycle: spectral radius 1.5
+    with pytest.raises(RuntimeError, match=r"method='iterative': the forward solve did not converge.*"
+                                           r"did not shrink \(a factor of about 1\.(4[5-9]|5[0-5]?)\d* per step"):
+        call(q, k, v, torch.tensor([[0, 1], [1, 0]]), w, method="iterative", max_iter=40)
+
+
+def test_iterative_tolerance_below_the_dtype_resolution_is_reported_as_such():
+    q, k, v, _ = (t.float() for t in inputs(2, 2, heads=1))
+    w = torch.full((2, 1), 0.5)  # spectral radius 0.5: converges fast, then stalls at float32's resolution
+    with pytest.raises(RuntimeError, match=r"about 0\.(4[5-9]|5[0-5]?)\d* per step \(an estimate of the spectral radius of A\), then "
+                                           r"stalled .* the resolution of torch.float32"):
+        call(q, k, v, torch.tensor([[0, 1], [1, 0]]), w, method="iterative", tol=1e-12, max_iter=200)
+
+
+def test_iterative_too_few_steps_says_so():
+    q, k, v, _ = inputs(2, 2, heads=1)
+    w = torch.full((2, 1), 0.9, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"about 0\.(8[5-9]|9[0-5]?)\d* per step .* raise max_iter or tol"):
+        call(q, k, v, torch.tensor([[0, 1], [1, 0]]), w, method="iterative", max_iter=30)
+
+
+@pytest.mark.parametrize("max_iter", [0, -3, 2.5])
+def test_max_iter_must_be_positive(good, max_iter):
+    with pytest.raises(ValueError, match=r"max_iter: expected a positive int"):
+        call(*good, method="iterative", max_iter=max_iter)
+
+
+def test_num_terms_is_bounded():
+    from torch_geometric_chimera.ops.resolvent import MAX_NUM_TERMS
+    q, k, v, _ = inputs(3, 2)
+    edge_index = torch.tensor([[0, 1], [1, 2]])
+    w = 0.3 * torch.ones(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"num_terms: at most MAX_NUM_TERMS = 10000"):
+        call(q, k, v, edge_index, w, method="neumann", num_terms=10 ** 7)
+    call(q, k, v, edge_index, w, method="neumann", num_terms=MAX_NUM_TERMS)  # the cap itself is allowed
+
+
+def test_default_num_terms_above_the_cap_is_refused(monkeypatch):
+    from torch_geometric_chimera.ops import resolvent
+    monkeypatch.setattr(resolvent, "MAX_NUM_TERMS", 5)
+    n = 12
+    cycle = torch.stack([torch.arange(n), (torch.arange(n) + 1) % n])  # directed cycle: bound n - 1 = 11
+    q, k, v, w = inputs(n, n)
+    with pytest.raises(ValueError, match=r"num_terms: the default, each graph's diameter bound, reaches 11"):
+        call(q, k, v, cycle, w, method="neumann")
+
+
+@pytest.mark.parametrize("method", ["auto", "dense", "band", "dag", "line", "neumann", "iterative"])
+def test_zero_heads_give_an_empty_output(method):
+    q, k, v, w = inputs(4, 3, heads=0)
+    out = call(q, k, v, torch.tensor([[0, 1, 2], [1, 2, 3]]), w, method=method)
+    assert out.shape == (4, 0, 4)
+
+
+@pytest.mark.parametrize("method", ["auto", "dense", "dag", "neumann", "iterative"])
+def test_sparse_batch_ids_are_remapped_without_a_huge_allocation(method):
+    q, k, v, w = inputs(5, 2)
+    dense_ids = torch.tensor([0, 0, 1, 1, 2])
+    edge_index = torch.tensor([[0, 2], [1, 3]])
+    sparse_ids = torch.tensor([7, 7, 10 ** 12, 10 ** 12, 3])  # a bincount over these would need terabytes
+    expected = call(q, k, v, edge_index, w, method=method, batch=dense_ids)
+    torch.testing.assert_close(call(q, k, v, edge_index, w, method=method, batch=sparse_ids), expected)
+
+
+def test_topology_of_another_size_is_rejected(good):
+    from torch_geometric_chimera.ops import GraphTopology
+    q, k, v, edge_index, w = good
+    with pytest.raises(ValueError, match=r"topology: expected a GraphTopology of N = 4 nodes"):
+        call(q, k, v, edge_index, w, topology=GraphTopology(edge_index, 5))

@@ -268,3 +268,76 @@ def test_inference_mode_tensors_are_not_cached_and_give_the_same_result():
         assert GraphTopology.get(frozen, 12) is not first
         out = resolvent_attention(q, k, v, frozen, w, method="dense")
     torch.testing.assert_close(out, expected)
+
+
+WRITES_THAT_BYPASS_THE_VERSION_COUNTER = {
+    "data": lambda t: t.data.__setitem__((1, 4), 0),
+    "numpy": lambda t: t.numpy().__setitem__((1, 4), 0),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES_THAT_BYPASS_THE_VERSION_COUNTER))
+def test_topology_cache_sees_writes_that_bypass_the_version_counter(write):
+    q, k, v, w = inputs(6, 5)
+    edge_index = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])  # a path; the write turns it into a cycle
+    for method in ("auto", "dense", "neumann"):
+        ei = edge_index.clone()
+        resolvent_attention(q, k, v, ei, w, method=method)  # cached
+        version = ei._version
+        WRITES_THAT_BYPASS_THE_VERSION_COUNTER[write](ei)
+        assert ei._version == version and ei[1, 4] == 0
+        torch.testing.assert_close(resolvent_attention(q, k, v, ei, w, method=method),
+                                   resolvent_attention(q, k, v, ei.clone(), w, method=method))
+
+
+def test_explicit_topology_where_the_cache_cannot_see_such_writes(monkeypatch):
+    # On accelerators (outside debug mode) the cache checks version counters only; the explicit
+    # handle is the documented way to hold the topology of a graph that is written through .data.
+    from torch_geometric_chimera.ops import reference
+    monkeypatch.setattr(reference, "host_reads_allowed", lambda t: False)
+    q, k, v, w = inputs(6, 5)
+    ei = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    before = resolvent_attention(q, k, v, ei, w, method="dense")
+    ei.data[1, 4] = 0
+    expected = resolvent_attention(q, k, v, ei.clone(), w, method="dense")
+    stale = resolvent_attention(q, k, v, ei, w, method="dense")
+    torch.testing.assert_close(stale, before)  # documented: this write is not seen here
+    assert not torch.allclose(stale, expected)
+    held = GraphTopology(ei, 6)
+    torch.testing.assert_close(resolvent_attention(q, k, v, ei, w, method="dense", topology=held), expected)
+
+
+def rings_with_chords(num_graphs, n, chords):
+    graphs = []
+    for _ in range(num_graphs):
+        ring = torch.stack([torch.arange(n), (torch.arange(n) + 1) % n])
+        extra = torch.randint(0, n, (2, chords))
+        extra = extra[:, extra[0] != extra[1]]
+        edges = torch.cat([ring, extra], 1)
+        graphs.append((n, torch.cat([edges, edges.flip(0)], 1)))
+    return batch_graphs(graphs)
+
+
+def test_auto_cost_model_follows_the_panel():
+    # The choices bench_auto_panel.py measured as fastest (within 1.2x) on the 2-core CPU.
+    edge_index, batch, n = rings_with_chords(64, 150, 15)
+    rings = GraphTopology(edge_index, n, batch)
+    assert choose_method(rings, None, 16, 32) == "band"  # ChimeraConv(64, heads=4): expand 2, S = 16; dense was 3x slower
+    assert choose_method(rings, None, 16, 16) == "band"  # expand 1
+    assert choose_method(rings, None, 64, 32) == "dense"  # a large state: the n^3 inverse is the cheaper part
+    small = batch_graphs([(30, torch.cat([random_dag(30, 40), random_dag(30, 40).flip(0)], 1)) for _ in range(128)])
+    assert choose_method(GraphTopology(small[0], small[2], small[1]), None, 16, 32) == "dense"
+    side = 12
+    index = torch.arange(side * side).view(side, side)
+    grid = torch.cat([torch.stack([index[:, :-1].reshape(-1), index[:, 1:].reshape(-1)]),
+                      torch.stack([index[:-1].reshape(-1), index[1:].reshape(-1)])], 1)  # down-right: a DAG
+    grids = batch_graphs([(side * side, grid)] * 64)
+    assert choose_method(GraphTopology(grids[0], grids[2], grids[1]), None, 16, 16) in ("band", "dag")
+
+
+def test_auto_on_the_issue_case_matches_band_exactly():
+    edge_index, batch, n = rings_with_chords(4, 150, 15)
+    q, k, v, w = inputs(n, edge_index.size(1), heads=2, state=16, head_dim=32)
+    w = row_normalize(edge_index, w, n)
+    torch.testing.assert_close(resolvent_attention(q, k, v, edge_index, w, batch=batch),
+                               resolvent_attention(q, k, v, edge_index, w, batch=batch, method="dense"))

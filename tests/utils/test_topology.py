@@ -83,7 +83,7 @@ def test_diameter_bound_per_graph_in_a_batch():
     assert diameter_bound(edge_index, n, batch).tolist() == [3, 2, 0]
     edge_index, batch, n = batch_graphs([(5, undirected_path), (2, torch.tensor([[0, 1], [1, 0]]))])
     bound = diameter_bound(edge_index, n, batch).tolist()
-    assert bound == [4, 1]  # min(2 * ecc(first node), n - 1) per graph
+    assert bound == [4, 1]  # min(2 * ecc(a node of largest degree), n - 1) per graph
 
 
 def test_line_graph_dags():
@@ -127,3 +127,15 @@ def test_path_roots_and_directed_paths():
     assert not path_roots(ring, 4)[2] and not is_directed_paths(ring, 4)
     assert not is_directed_paths(torch.tensor([[0, 0], [1, 2]]), 3)  # a node with two children
     assert not is_directed_paths(torch.tensor([[1, 2], [0, 0]]), 3)  # a node with two parents
+
+
+def test_diameter_bound_per_component_and_its_pair_budget(monkeypatch):
+    from torch_geometric_chimera.utils import topology
+    star = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 4]])
+    star = torch.cat([star, star.flip(0)], 1)  # undirected: 2 from its centre, n - 1 = 4 otherwise
+    path = torch.tensor([[5, 6, 7], [6, 7, 8]])  # a DAG component of the same graph: longest path 3
+    edge_index = torch.cat([star, path], 1)
+    assert diameter_bound(edge_index, 9).tolist() == [3]  # the largest over the graph's components
+    assert diameter_bound(star, 5).tolist() == [2]
+    monkeypatch.setattr(topology, "ECCENTRICITY_PAIR_BUDGET", 4)  # 1 root x 5 nodes is over it
+    assert diameter_bound(star, 5).tolist() == [4]

@@ -1,8 +1,9 @@
 r"""``resolvent_attention``: the one operation everything rests on (DESIGN.md §1)."""
 import weakref
 from functools import cached_property
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy
 import torch
 import torch_geometric
 from torch import Tensor
@@ -17,20 +18,45 @@ METHODS = ("auto", "dense", "band", "dag", "line", "neumann", "iterative")
 #: ``method="auto"`` solves graphs with at most this many nodes exactly (dense or band).
 DENSE_MAX_NODES = 768  # measured crossover with iterative on CPU: about 1,000 nodes
 
-#: A band-solve flop costs about this many dense-path flops on CPU: the dense path runs batched
-#: GEMMs on n x n blocks that stay in cache, the band path streams the S x P state through memory
-#: with axpys. Measured on the 2-core CPU, mixer forward + backward on 64 real peptides and on 64
-#: random trees, (H, S, P) in (4, 16, 16), (4, 16, 32), (2, 96, 32) and (4, 64, 16), row-normalized
-#: weights: dense 0.05-0.13 ns per counted flop, band 0.6-1.0 ns, about 10x; with 10 the model
-#: picks the faster path in all 8 cases.
-BAND_FLOP_COST = 10.0
+#: The cost model of ``method="auto"`` on CPU: forward + backward seconds of each exact
+#: small-graph path, fitted by ``benchmarks/fit_auto_panel.py`` (non-negative least squares on
+#: relative error) to the mixer timings of ``benchmarks/bench_auto_panel.py`` (four runs, in
+#: ``benchmarks/results/auto_panel_cpu_runs.json``; ``auto_panel_cpu.json`` is the check run) on
+#: the 2-core development CPU (one thread, as the machine was shared; 11 graph batches:
+#: rings with chords, molecule-like graphs, undirected and directed trees and grids, 8 to 128
+#: graphs of 30 to 600 nodes; (H, S, P) from (4, 16, 16) to (8, 16, 32) and (2, 64, 32)).
+#: ``dense``, per head: every graph padded to its bucket size ``m`` costs ``3 m^3`` (inverse and the
+#: two backward products) and ``6 m^2 (S + P)`` (scores and products), plus a fixed cost per graph.
+DENSE_CUBIC_S = 6.87e-11
+DENSE_SQUARE_S = 1.48e-10
+DENSE_GRAPH_S = 7.9e-5
+#: ``band``, per head: every node and every nonzero of the LU factors moves an ``S x P`` state in
+#: the solves, and the factorization costs ``n b^2`` per graph of bandwidth ``b``.
+BAND_NODE_S = 1.39e-8
+BAND_NONZERO_S = 1.07e-10
+BAND_FACTOR_S = 5.36e-10
+#: ``dag``, per head: every node and every edge moves an ``S x P`` state.
+DAG_ELEMENT_S = 4.86e-9
+#: On the panel's DAGs (trees and grids of 144 and 150 nodes) ``band`` and ``dag`` timed alike:
+#: over 12 timings dag / band was 0.70 to 1.40, 1.08 on average, which the fitted linear model
+#: (dag about 0.75x band) does not capture; ``dag`` is taken only when its estimate is below this
+#: fraction of the others' (larger, deeper DAGs), so the panel's small DAGs take ``band``.
+DAG_MARGIN = 0.5
+#: Kept for the benchmarks that report it: what a band-solve nonzero costs in dense-path flops.
+BAND_FLOP_COST = BAND_NONZERO_S / (DENSE_CUBIC_S / 3)
+
+#: ``num_terms`` above this is refused: every term is one sparse product over all edges, and the
+#: exact resolvent is cheaper through ``"iterative"`` or ``"dense"`` long before.
+MAX_NUM_TERMS = 10_000
 
 
 class GraphTopology:
     r"""Everything about a batch of graphs that depends on ``edge_index`` and ``batch`` only
     (topological levels, DAG-ness, sizes, diameter bounds, CSR operator). Each property is
     computed on first use and kept, so one instance can serve every layer and step that shares
-    the graph.
+    the graph: pass it as ``resolvent_attention(..., topology=...)``. It reads the tensors when a
+    property is first computed and never checks them again, so do not modify them in place
+    while it is in use (:meth:`get` is the checked, cached way to obtain one).
 
     Args:
         edge_index (LongTensor): ``[2, E]`` edges, source first.
@@ -41,7 +67,19 @@ class GraphTopology:
     def __init__(self, edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None):
         self.edge_index = edge_index.long()
         self.num_nodes = num_nodes
-        self.batch = batch.long() if batch is not None else None
+        self._batch_ids = batch
+
+    @cached_property
+    def batch(self) -> Optional[Tensor]:
+        """Graph id of every node as given, or renumbered ``0 .. G - 1`` (same grouping, same order)
+        when some id is ``>= N``: such ids cannot all be in use, and every per-graph table would
+        otherwise be as long as the largest id."""
+        if self._batch_ids is None:
+            return None
+        batch = self._batch_ids.long()
+        if batch.numel() and int(batch.max()) >= self.num_nodes:
+            batch = torch.unique(batch, return_inverse=True)[1]
+        return batch
 
     _cache: List[Tuple] = []
     CACHE_SIZE = 8
@@ -49,20 +87,35 @@ class GraphTopology:
     @classmethod
     def get(cls, edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None) -> "GraphTopology":
         """The topology of ``(edge_index, batch)``, shared by every call that passes the *same*
-        tensors unchanged (the layers of one model on one mini-batch): entries hold weak
-        references and the tensors' version counters, so a freed or modified tensor never hits.
-        Tensors made under ``torch.inference_mode`` have no version counter: they are not cached."""
+        tensors unchanged (the layers of one model on one mini-batch).
+
+        An entry holds weak references to the tensors, their version counters and, where values
+        may be read on the host (CPU tensors, or any device under ``torch_geometric.debug()``), a
+        copy of their values, compared on every hit (one pass over ``edge_index``; see
+        ``benchmarks/bench_topology_cache.py``). So on CPU every change is seen, including writes
+        that bypass the version counter (``t.data[...] = ...``, ``t.numpy()[...] = ...``, DLPack).
+        On accelerators outside debug mode only the version counter is checked (the comparison
+        would synchronize): in-place writes through ``t[...] = ...`` are seen, writes through
+        ``.data``, DLPack or foreign kernels are not; pass ``topology=GraphTopology(...)`` to
+        :func:`resolvent_attention` to hold the topology explicitly, or give the changed graph a
+        new tensor. Tensors made under ``torch.inference_mode`` have no version counter: they are
+        not cached."""
         if edge_index.is_inference() or (batch is not None and batch.is_inference()):
             return cls(edge_index, num_nodes, batch)
+        verify = reference.host_reads_allowed(edge_index)
         for entry in cls._cache:
-            ei_ref, ei_version, batch_ref, batch_version, n, topology = entry
+            ei_ref, ei_version, ei_copy, batch_ref, batch_version, batch_copy, n, topology = entry
             if (ei_ref() is edge_index and ei_version == edge_index._version and n == num_nodes
                     and (batch_ref is None) == (batch is None)
-                    and (batch is None or (batch_ref() is batch and batch_version == batch._version))):
+                    and (batch is None or (batch_ref() is batch and batch_version == batch._version))
+                    and (not verify or (_same_values(ei_copy, edge_index)
+                                        and (batch is None or _same_values(batch_copy, batch))))):
                 return topology
         topology = cls(edge_index, num_nodes, batch)
-        entry = (weakref.ref(edge_index), edge_index._version, None if batch is None else weakref.ref(batch),
-                 None if batch is None else batch._version, num_nodes, topology)
+        # The copy is what a later hit compares against (only where that comparison is free of syncs).
+        entry = (weakref.ref(edge_index), edge_index._version, edge_index.clone() if verify else None,
+                 None if batch is None else weakref.ref(batch), None if batch is None else batch._version,
+                 batch.clone() if verify and batch is not None else None, num_nodes, topology)
         cls._cache = [entry] + [e for e in cls._cache if e[0]() is not None][:cls.CACHE_SIZE - 1]
         return topology
 
@@ -119,15 +172,28 @@ class GraphTopology:
         """Reverse Cuthill-McKee order and bandwidth of every graph (``band`` path, CPU)."""
         return band_schedule(self.edge_index, self.num_nodes, self.batch)
 
+    def path_costs(self, state_dim: int, head_dim: int) -> Dict[str, float]:
+        """Estimated forward + backward seconds per head of every exact small-graph path that
+        applies on CPU: ``"dense"`` always, ``"band"`` where its kernels run, ``"dag"`` on DAGs
+        (the constants above :func:`choose_method`)."""
+        padded = reference.bucket_size(self.graph_sizes).double() * (self.graph_sizes > 0)
+        state = state_dim * head_dim
+        costs = {"dense": float(DENSE_CUBIC_S * (3 * padded ** 3).sum()
+                                + DENSE_SQUARE_S * (6 * padded ** 2).sum() * (state_dim + head_dim)
+                                + DENSE_GRAPH_S * int((self.graph_sizes > 0).sum()))}
+        if band_available(self):
+            schedule = self.band_schedule
+            n = self.graph_sizes.double()
+            costs["band"] = float(state * (BAND_NODE_S * self.num_nodes + BAND_NONZERO_S * schedule.factor_nnz.sum())
+                                  + BAND_FACTOR_S * (n * schedule.bandwidth.double() ** 2).sum())
+        if self.is_dag:
+            costs["dag"] = DAG_ELEMENT_S * state * (self.num_nodes + self.edge_index.size(1))
+        return costs
+
     def exact_costs(self, state_dim: int, head_dim: int) -> Tuple[float, float]:
-        """Estimated forward + backward flops of ``dense`` and ``band`` (in dense-flop units)."""
-        n = self.graph_sizes.double()
-        dense = float((3 * n ** 3 + 6 * n ** 2 * (state_dim + head_dim)).sum())
-        # Forward and backward each: one solve (every factor nonzero and pivot: an axpy over the
-        # S * P state) plus building and contracting the state, two multiply-adds per entry.
-        nonzeros = self.band_schedule.factor_nnz.double()
-        band = float((4 * (nonzeros + 3 * n) * state_dim * head_dim).sum()) * BAND_FLOP_COST
-        return dense, band
+        """Estimated forward + backward seconds per head of ``dense`` and ``band`` (see :meth:`path_costs`)."""
+        costs = self.path_costs(state_dim, head_dim)
+        return costs["dense"], costs.get("band", float("inf"))
 
     @cached_property
     def line_order(self) -> Tuple[Tensor, Tensor]:
@@ -145,17 +211,32 @@ class GraphTopology:
         return reference.neumann_schedule(self.diameter_bound, self.batch)
 
 
+def _same_values(kept: Tensor, current: Tensor) -> bool:
+    """Whether ``current`` still holds the values of ``kept`` (its copy). On CPU through NumPy: one
+    single-threaded pass, about 1000x faster than :func:`torch.equal` on a busy 2-core machine,
+    whose thread pool then waits (``benchmarks/bench_topology_cache.py``)."""
+    if kept.shape != current.shape or kept.dtype != current.dtype:
+        return False
+    if current.device.type == "cpu":
+        return bool(numpy.array_equal(kept.numpy(), current.numpy()))
+    return torch.equal(kept, current)
+
+
 def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, state_dim: Optional[int] = None,
                   head_dim: Optional[int] = None) -> str:
     r"""The path ``method="auto"`` takes. Exact unless a truncation is asked for:
 
     1. ``num_terms`` given: ``"neumann"`` with that many terms;
     2. directed paths (sequences): ``"line"``;
-    3. every graph has at most :data:`DENSE_MAX_NODES` nodes: ``"band"`` on CPU when the state
-       sizes are given and its estimated cost (:meth:`GraphTopology.exact_costs`: about
-       :math:`4 (\mathrm{nnz}(LU) + 3n) S P` times :data:`BAND_FLOP_COST`) is below the dense
-       path's (:math:`3 n^3 + 6 n^2 (S + P)`): molecules (bandwidth about 5) with a small state,
-       e.g. :math:`S = P = 16`, take ``"band"``, a state of :math:`96 \times 32` takes ``"dense"``;
+    3. every graph has at most :data:`DENSE_MAX_NODES` nodes: on CPU, when the state sizes are
+       given, the exact path of least estimated time (:meth:`GraphTopology.path_costs`, a model
+       calibrated by ``benchmarks/bench_auto_panel.py``) among ``"dense"`` (per graph
+       :math:`O(n^3 + n^2 (S + P))`), ``"band"`` (:math:`O((n + \mathrm{nnz}(LU)) S P)`) and, on
+       DAGs, ``"dag"`` (:math:`O((n + E) S P)`, taken only when clearly cheaper, see
+       :data:`DAG_MARGIN`); otherwise ``"dense"``. On the panel the choice is within 1.07x of the
+       fastest exact path on the mean of four runs, up to 1.21x in a single run where two paths
+       tie within the machine's noise (``benchmarks/results/auto_panel_cpu*.json``); e.g. 64 rings with chords of 150 nodes take ``"band"`` for
+       :math:`(H, S, P) = (4, 16, 32)`, a state of :math:`64 \times 32` takes ``"dense"``;
     4. the graph is a DAG: ``"dag"``;
     5. otherwise ``"iterative"``.
     """
@@ -164,10 +245,13 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, stat
     if topology.is_line:
         return "line"
     if topology.max_graph_size <= DENSE_MAX_NODES:
-        if state_dim is not None and head_dim is not None and band_available(topology):
-            dense_cost, band_cost = topology.exact_costs(state_dim, head_dim)
-            if band_cost < dense_cost:
-                return "band"
+        # The model is calibrated on CPU, and evaluating it reads sizes on the host.
+        if state_dim is not None and head_dim is not None and topology.edge_index.device.type == "cpu" \
+                and reference.host_reads_allowed(topology.edge_index):
+            costs = topology.path_costs(state_dim, head_dim)
+            dag = costs.pop("dag", None)
+            best = min(costs, key=costs.get)
+            return "dag" if dag is not None and dag < DAG_MARGIN * costs[best] else best
         return "dense"
     if topology.is_dag:
         return "dag"
@@ -267,13 +351,18 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         num_terms (int, optional): ``K`` for ``"neumann"``. When :obj:`None`, every graph uses its
             own :func:`~torch_geometric_chimera.utils.diameter_bound`. (default: :obj:`None`)
         batch (LongTensor, optional): ``[N]`` graph id of every node. (default: :obj:`None`)
-        tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks ``1e-12``
-            for float64 and ``1e-6`` for float32; ``0`` runs exactly ``max_iter`` iterations with no
+        tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks it by dtype
+            (:func:`~.reference.default_tolerance`: ``1e-12`` for float64, ``1e-6`` for float32,
+            ``eps / 16`` for float16 and bfloat16); ``0`` runs exactly ``max_iter`` iterations with no
             stopping test (nothing read on the host). (default: :obj:`None`)
-        max_iter (int, optional): iteration cap of ``"iterative"``. (default: ``1000``)
+        max_iter (int, optional): iteration cap of ``"iterative"``, at least 1. (default: ``1000``)
         chunk_size (int, optional): chunk length of ``"line"``. (default: ``64``)
         topology (GraphTopology, optional): topology of ``(edge_index, batch)`` to reuse; by default
             :meth:`GraphTopology.get` shares one between calls with the same, unchanged tensors.
+
+    float16 and bfloat16 inputs are computed in float32 (factorizations, series, iterations) and
+    the output is rounded to the input dtype. An output with no entries (``N``, ``H`` or ``P`` zero)
+    is returned as zeros of shape ``[N, H, P]``.
 
     :rtype: :class:`Tensor` of shape ``[N, H, P]``.
     """
@@ -281,22 +370,52 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if num_terms is not None and (not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 0):
         raise ValueError(f"num_terms: expected a non-negative int or None, got {num_terms!r}")
+    if num_terms is not None and num_terms > MAX_NUM_TERMS:
+        raise ValueError(f"num_terms: at most MAX_NUM_TERMS = {MAX_NUM_TERMS} terms (each one is a sparse product "
+                         f"over every edge), got {num_terms}; for the exact resolvent use method='iterative' or "
+                         f"'dense'")
     if tol is not None and not tol >= 0:
         raise ValueError(f"tol: expected a non-negative float or None, got {tol!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     edge_weight = _check_inputs(query, key, value, edge_index, edge_weight, batch)
     num_nodes = query.size(0)
     if topology is None:
         topology = GraphTopology.get(edge_index, num_nodes, batch)
+    elif not isinstance(topology, GraphTopology) or topology.num_nodes != num_nodes:
+        raise ValueError(f"topology: expected a GraphTopology of N = {num_nodes} nodes (like query), got "
+                         f"{getattr(topology, 'num_nodes', type(topology).__name__)}")
     if method == "auto":
         method = choose_method(topology, num_terms, query.size(-1), value.size(-1))
-    if num_nodes == 0:
-        return value.new_zeros(value.shape)
-
     if num_terms is not None and method != "neumann":
         raise ValueError(f"num_terms: only method='neumann' (or 'auto') truncates the series; method={method!r} "
                          f"is exact, got num_terms={num_terms}")
+    if value.numel() == 0:  # N, H or P is zero: nothing to compute (S = 0 gives zero scores, computed below)
+        return value.new_zeros(value.shape)
+    if tol is None:
+        tol = reference.default_tolerance(query.dtype)
+
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # Factorizations, inverses, series and iterations run in float32; the output is rounded once.
+        query, key, value, edge_weight = (t.float() for t in (query, key, value, edge_weight))
+    out = _dispatch(method, query, key, value, edge_weight, topology, num_terms, tol, max_iter, chunk_size)
+    return out.to(dtype)
+
+
+def _not_finite(named: Sequence[Tuple[str, Tensor]]) -> Optional[str]:
+    """The first name whose tensor holds a NaN or an Inf (read on the host: failure paths only)."""
+    for name, t in named:
+        if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            return name
+    return None
+
+
+def _dispatch(method: str, query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology,
+              num_terms: Optional[int], tol: float, max_iter: int, chunk_size: int) -> Tensor:
+    num_nodes = query.size(0)
     if method == "line":
         if not topology.is_line:
             raise ValueError("edge_index: method='line' needs a union of directed paths (every node with at most one "
@@ -304,8 +423,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         return reference.line_resolvent_attention(query, key, value, topology.edge_index, edge_weight, chunk_size,
                                                   order=topology.line_order)
     if method == "dense":
-        return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch,
-                                                   buckets=topology.dense_buckets)
+        return _dense(query, key, value, edge_weight, topology)
 
     if method == "band":
         if not band_available(topology):
@@ -315,8 +433,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         row_sum.index_add_(0, topology.edge_index[1], edge_weight.detach().abs())
         if edge_weight.numel() and float(row_sum.max()) >= 1.0:
             # No pivoting is safe only for diagonally dominant I - A; LU with pivoting otherwise.
-            return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight,
-                                                       topology.batch, buckets=topology.dense_buckets)
+            return _dense(query, key, value, edge_weight, topology)
         csr = topology.operator
         return band_resolvent_attention(topology.band_schedule, csr.rowptr, csr.col, edge_weight[csr.perm], query,
                                         key, value)
@@ -334,8 +451,25 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     state = reference.to_state(key, value)
     if method == "neumann":
         schedule = topology.neumann_schedule if num_terms is None else num_terms
+        if num_terms is None and schedule.max_terms > MAX_NUM_TERMS:
+            raise ValueError(f"num_terms: the default, each graph's diameter bound, reaches {schedule.max_terms} "
+                             f"terms, above MAX_NUM_TERMS = {MAX_NUM_TERMS}; pass num_terms or use "
+                             f"method='iterative'")
         state = reference.checkpointed_neumann(topology.operator, edge_weight, state, schedule)
     else:  # iterative
-        tol = reference.default_tolerance(query.dtype) if tol is None else tol
-        state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter)
+        state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter,
+                                          inputs=(("edge_weight", edge_weight), ("key", key), ("value", value)))
     return reference.read_state(query, state, value.size(-1))
+
+
+def _dense(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology) -> Tensor:
+    try:
+        return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight,
+                                                   topology.batch, buckets=topology.dense_buckets)
+    except torch.linalg.LinAlgError as error:
+        if _not_finite([("edge_weight", edge_weight)]):
+            raise ValueError("edge_weight: contains NaN or Inf, so I - A has no inverse") from error
+        raise torch.linalg.LinAlgError(
+            "edge_weight: I - A is singular (A has an eigenvalue 1, e.g. a self-loop of weight 1 or a cycle whose "
+            "weights multiply to 1), so the resolvent (I - A)^-1 does not exist; scale the weights so that every "
+            "row of |A| sums to less than 1 (e.g. the 'general' adjacency with gamma < 1)") from error

@@ -138,33 +138,95 @@ def _per_graph_max(values: Tensor, batch: Optional[Tensor], num_graphs: int) -> 
     return out.scatter_reduce(0, index, values, reduce="amax", include_self=True)
 
 
-def _undirected_eccentricity_bound(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Per node, ``min(2 * ecc(root), |component| - 1)`` of its connected component, where ``root``
-    is the component's smallest node. Valid diameter bound for symmetric graphs."""
+#: The eccentricity bound of an undirected component runs one BFS per root; a component is
+#: given it only while ``roots x nodes`` stays within this many (source, node) pairs, otherwise
+#: it gets ``n_c - 1``. Both choices depend on the component alone, never on labels or batch.
+ECCENTRICITY_PAIR_BUDGET = 1 << 22
+
+
+def weak_components(edge_index: Tensor, num_nodes: int) -> Tensor:
+    """Weakly connected component of every node, labelled by its smallest node index (the
+    partition does not depend on the labels, only the names of its parts do)."""
     src, dst = edge_index
-    device = edge_index.device
-    # Connected components by min-label propagation: one vectorized step per hop.
-    label = torch.arange(num_nodes, device=device)
-    while True:
-        new = label.scatter_reduce(0, dst, label[src], reduce="amin", include_self=True)
+    both_src, both_dst = torch.cat([src, dst]), torch.cat([dst, src])
+    label = torch.arange(num_nodes, device=edge_index.device)
+    while True:  # min-label propagation, then pointer jumping to shorten long chains
+        new = label.scatter_reduce(0, both_dst, label[both_src], reduce="amin", include_self=True)
+        new = new[new]
         if torch.equal(new, label):
-            break
+            return label
         label = new
-    # BFS from every component root at once.
-    dist = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
-    roots = (label == torch.arange(num_nodes, device=device)).nonzero().view(-1)
-    dist[roots] = 0
-    rowptr, dst_sorted, out_degree = _csr_by_source(edge_index, num_nodes)
-    frontier, hop = roots, 0
-    while frontier.numel() > 0:
-        hop += 1
-        targets = torch.unique(dst_sorted[_gather_out_edges(frontier, rowptr, out_degree)])
-        frontier = targets[dist[targets] < 0]
-        dist[frontier] = hop
-    ecc = torch.zeros(num_nodes, dtype=torch.long, device=device).scatter_reduce(
-        0, label, dist, reduce="amax", include_self=True)
+
+
+def _has_reverse(edge_index: Tensor, num_nodes: int) -> Tensor:
+    """Per edge ``j -> i``: whether some edge ``i -> j`` exists (a self-loop is its own reverse)."""
+    src, dst = edge_index
+    keys, _ = torch.sort(src * num_nodes + dst)
+    reverse = dst * num_nodes + src
+    position = torch.searchsorted(keys, reverse).clamp_max(max(keys.numel() - 1, 0))
+    return keys[position] == reverse
+
+
+def _invariant_score(edge_index: Tensor, num_nodes: int, rounds: int = 3) -> Tensor:
+    """A node score that depends on the graph around the node only, not on its label: the degree,
+    refined ``rounds`` times by a hash of the multiset of the neighbours' scores (colour refinement;
+    integer arithmetic wraps around, and wrapped sums do not depend on the order of the terms)."""
+    src, dst = edge_index
+    score = torch.bincount(src, minlength=num_nodes).long()
+    for _ in range(rounds):
+        mixed = (score * 0x1E3779B97F4A7C15 + 0x632BE59BD9B4E019) * (score ^ 0x5851F42D4C957F2D)
+        score = score * 0x2545F4914F6CDD1D + torch.zeros_like(score).index_add_(0, dst, mixed[src])
+    return score
+
+
+def _undirected_eccentricity_bound(edge_index: Tensor, num_nodes: int, label: Tensor) -> Tensor:
+    """Per component of a symmetric graph: ``min(2 * min_r ecc(r), n_c - 1)`` with ``r`` over the
+    component's nodes of maximal degree and, among those, maximal :func:`_invariant_score`, any of which gives a valid bound
+    (``d(u, v) <= d(u, r) + d(r, v)``). Components with more (root, node) pairs than
+    :data:`ECCENTRICITY_PAIR_BUDGET` get ``n_c - 1``. Indexed by component label."""
+    device = edge_index.device
     size = torch.bincount(label, minlength=num_nodes)
-    return torch.minimum(2 * ecc, (size - 1).clamp_min(0))[label]
+    bound = (size - 1).clamp_min(0)
+    # Roots: the nodes of largest degree (hubs tend to be central), and among those the largest
+    # refined score, which only shrinks the set (fewer BFS) without looking at labels.
+    lowest = torch.full((num_nodes,), torch.iinfo(torch.long).min, device=device)
+    degree = torch.bincount(edge_index[0], minlength=num_nodes)
+    is_root = degree == lowest.scatter_reduce(0, label, degree, reduce="amax", include_self=True)[label]
+    score = torch.where(is_root, _invariant_score(edge_index, num_nodes), torch.iinfo(torch.long).min)
+    is_root &= score == lowest.scatter_reduce(0, label, score, reduce="amax", include_self=True)[label]
+    roots_per_component = torch.bincount(label[is_root], minlength=num_nodes)
+    affordable = roots_per_component * size <= ECCENTRICITY_PAIR_BUDGET
+    roots = (is_root & affordable[label]).nonzero().view(-1)
+    if roots.numel() == 0:
+        return bound
+    # One BFS per root, all at once, on (root, node) pairs: root r owns a slice of a flat visited
+    # map as long as its component, indexed by the node's rank inside the component.
+    by_component = torch.argsort(label, stable=True)
+    start = torch.cumsum(size, 0) - size
+    local = torch.empty_like(label)
+    local[by_component] = torch.arange(num_nodes, device=device) - start[label[by_component]]
+    root_size = size[label[roots]]
+    root_offset = torch.cumsum(root_size, 0) - root_size
+    visited = torch.zeros(int(root_size.sum()), dtype=torch.bool, device=device)
+    visited[root_offset + local[roots]] = True
+    rowptr, dst_sorted, out_degree = _csr_by_source(edge_index, num_nodes)
+    frontier_owner, frontier_node = torch.arange(roots.numel(), device=device), roots
+    ecc = torch.zeros(roots.numel(), dtype=torch.long, device=device)
+    hop = 0
+    while frontier_node.numel() > 0:
+        hop += 1
+        positions = _gather_out_edges(frontier_node, rowptr, out_degree)
+        owner = torch.repeat_interleave(frontier_owner, out_degree[frontier_node], output_size=positions.numel())
+        flat = root_offset[owner] + local[dst_sorted[positions]]
+        flat = torch.unique(flat[~visited[flat]])
+        visited[flat] = True
+        frontier_owner = torch.searchsorted(root_offset, flat, right=True) - 1
+        rank = flat - root_offset[frontier_owner]
+        frontier_node = by_component[start[label[roots[frontier_owner]]] + rank]
+        ecc[frontier_owner] = hop
+    per_component = torch.full((num_nodes,), torch.iinfo(torch.long).max, device=device).scatter_reduce(
+        0, label[roots], 2 * ecc, reduce="amin", include_self=True)
+    return torch.minimum(bound, per_component)
 
 
 def diameter_bound(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = None) -> Tensor:
@@ -172,12 +234,17 @@ def diameter_bound(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] =
     :math:`\sum_{k \le K} A^k` reaches every pair of nodes that :math:`(I - A)^{-1}` couples
     (Prop. 4.6 of the paper).
 
-    Per graph, the tightest of the bounds that apply:
+    Per weakly connected component :math:`c` (with :math:`n_c` nodes), the tightest of the bounds
+    that apply, and per graph the largest over its components:
 
     * a DAG: its longest path (exact; then :math:`A^{K+1} = 0`, so the series is exact too);
-    * a symmetric (undirected) graph: :math:`\min(2\,\mathrm{ecc}(r), n_c - 1)` over its connected
-      components, with :math:`r` the component's first node;
-    * otherwise: :math:`n - 1`.
+    * symmetric (undirected: every edge has its reverse): :math:`\min(2\,\mathrm{ecc}(r), n_c - 1)`,
+      with :math:`r` the best of the component's nodes of maximal degree after a few rounds of
+      colour refinement (see :data:`ECCENTRICITY_PAIR_BUDGET`);
+    * otherwise: :math:`n_c - 1`.
+
+    Each bound depends on its component alone: relabelling the nodes or batching the graph with
+    others changes nothing.
 
     Args:
         edge_index (LongTensor): edges ``[2, E]``.
@@ -191,18 +258,23 @@ def diameter_bound(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] =
     batch = batch.long() if batch is not None else None
     if num_nodes == 0:
         return torch.zeros(num_graphs, dtype=torch.long, device=edge_index.device)
+    device = edge_index.device
     level = topological_levels(edge_index, num_nodes, raise_on_cycle=False)
-    ones = torch.ones(num_nodes, dtype=torch.long, device=edge_index.device)
-    graph = torch.zeros_like(ones) if batch is None else batch
-    nodes_per_graph = torch.zeros(num_graphs, dtype=torch.long, device=ones.device).index_add_(0, graph, ones)
-    cyclic = _per_graph_max((level < 0).long(), batch, num_graphs).bool()
-    bound = _per_graph_max(level.clamp_min(0), batch, num_graphs)
+    label = weak_components(edge_index, num_nodes)
+    cyclic = torch.zeros(num_nodes, dtype=torch.bool, device=device).index_fill_(0, label[level < 0], True)
+    bound = torch.zeros(num_nodes, dtype=torch.long, device=device).scatter_reduce(
+        0, label, level.clamp_min(0), reduce="amax", include_self=True)
     if bool(cyclic.any()):
-        fallback = (nodes_per_graph - 1).clamp_min(0)
-        if is_symmetric(edge_index, num_nodes):
-            fallback = _per_graph_max(_undirected_eccentricity_bound(edge_index, num_nodes), batch, num_graphs)
+        symmetric = torch.ones(num_nodes, dtype=torch.bool, device=device)
+        symmetric[label[edge_index[1][~_has_reverse(edge_index, num_nodes)]]] = False
+        fallback = (torch.bincount(label, minlength=num_nodes) - 1).clamp_min(0)
+        undirected = cyclic & symmetric
+        if bool(undirected.any()):
+            keep = undirected[label[edge_index[0]]]
+            fallback = torch.where(undirected, _undirected_eccentricity_bound(
+                edge_index[:, keep], num_nodes, label), fallback)
         bound = torch.where(cyclic, fallback, bound)
-    return bound
+    return _per_graph_max(bound[label], batch, num_graphs)
 
 
 def line_graph_dags(num_nodes: int, batch: Optional[Tensor] = None,
