@@ -159,3 +159,20 @@ def test_bad_layer_input_messages():
         ChimeraConv(8, adjacency="nope")
     with pytest.raises(ValueError, match="gamma"):
         ChimeraConv(8, gamma=1.0)
+
+
+def test_layer_takes_an_explicit_topology_where_the_cache_cannot_see_a_write(monkeypatch):
+    # As on an accelerator outside debug mode: the cache checks version counters only.
+    from torch_geometric_chimera.ops import GraphTopology, reference
+    monkeypatch.setattr(reference, "host_reads_allowed", lambda t: False)
+    # local_conv=False: the local convolution reads edge_index itself and would see the write
+    conv = ChimeraConv(8, heads=2, state_dim=4, method="dense", local_conv=False)
+    x = torch.randn(6, 8)
+    edge_index = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    before = conv(x, edge_index)
+    edge_index.data[1, 4] = 0  # bypasses the version counter
+    expected = conv(x, edge_index.clone())
+    assert not torch.allclose(conv(x, edge_index), expected)  # the documented limit of the cache
+    held = conv(x, edge_index, topology=GraphTopology(edge_index, 6))
+    torch.testing.assert_close(held, expected)
+    assert not torch.allclose(held, before)

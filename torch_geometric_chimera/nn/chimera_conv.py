@@ -1,6 +1,6 @@
 r"""``ChimeraConv``: a Mamba-2 block whose sequence mixer is resolvent attention on the graph."""
 import math
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -291,7 +291,8 @@ class ChimeraConv(MessagePassing):
         return mamba2_adjacency(delta, edge_index, edge_mask)
 
     def mix(self, x: Tensor, B: Tensor, C: Tensor, delta: Tensor, edge_index: Tensor, psi: OptTensor = None,
-            delta_edge: OptTensor = None, batch: OptTensor = None, edge_mask: OptTensor = None) -> Tensor:
+            delta_edge: OptTensor = None, batch: OptTensor = None, edge_mask: OptTensor = None,
+            topology: Any = None) -> Tensor:
         r"""The selective resolvent mixer alone, :math:`((I - A)^{-1} \odot C\bar B^\top) x` per head.
 
         Args:
@@ -305,6 +306,8 @@ class ChimeraConv(MessagePassing):
             batch (LongTensor, optional): ``[N]``.
             edge_mask (Tensor, optional): an explainer's edge mask ``[E]`` in :math:`[0, 1]`, applied to
                 :math:`\mathbf{A}` (see :mod:`torch_geometric_chimera.nn.adjacency`).
+            topology (GraphTopology, optional): the topology of ``(edge_index, batch)`` to use
+                (see :func:`~torch_geometric_chimera.ops.resolvent_attention`).
         """
         heads = x.size(1)
         if B.dim() == 2:
@@ -312,19 +315,23 @@ class ChimeraConv(MessagePassing):
         if C.dim() == 2:
             C = C.unsqueeze(1).expand(-1, heads, -1)
         edge_weight, key_scale = self.selective_adjacency(delta, edge_index, psi, delta_edge, edge_mask)
-        return self._resolvent(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, batch)
+        return self._resolvent(C, B * key_scale.unsqueeze(-1), x, edge_index, edge_weight, batch, topology)
 
     @torch.jit.ignore
     def _resolvent(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
-                   batch: OptTensor) -> Tensor:
+                   batch: OptTensor, topology: Any = None) -> Tensor:
         # Python-only (topology cache, autograd Functions): a scripted ChimeraConv calls back into Python here.
         return resolvent_attention(query, key, value, edge_index, edge_weight, method=self.method,
-                                   num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter)
+                                   num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter,
+                                   topology=topology)
 
     @torch.jit.ignore
     def _decomposition(self, num_nodes: int, grid_size: OptTensor, seq_len: OptTensor,
-                       batch: OptTensor) -> Tuple[List[Tensor], Tensor]:
+                       batch: OptTensor, topology: Any = None) -> Tuple[List[Tensor], Tensor]:
         """The DAGs of ``self.decomposition`` and the edges of the local convolution."""
+        if topology is not None:
+            raise ValueError("topology: a decomposition builds and caches its DAGs from grid_size / seq_len; "
+                             "pass topology=None")
         dags = decomposition_dags(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch)
         # The local convolution sees what the mixer sees, every edge once: the forward line
         # alone for "fwd" (causal), both lines for "line", and for "grid" the down-left and
@@ -344,9 +351,13 @@ class ChimeraConv(MessagePassing):
                                               max_iter=self.max_iter)
 
     def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None,
-                grid_size: OptTensor = None, seq_len: OptTensor = None) -> Tensor:
+                grid_size: OptTensor = None, seq_len: OptTensor = None, topology: Any = None) -> Tensor:
         """Runs the layer; see the class docstring for shapes. ``grid_size`` (``[G, 2]``) and
-        ``seq_len`` (``[G]``) give the geometry of a ``decomposition``."""
+        ``seq_len`` (``[G]``) give the geometry of a ``decomposition``. ``topology``
+        (:class:`~torch_geometric_chimera.ops.GraphTopology` of ``(edge_index, batch)``) is the
+        explicit handle to the topology cache: pass it when ``edge_index`` may be written in place
+        through ``.data`` or DLPack on an accelerator, where the cache cannot see such writes (eager
+        mode only: a scripted layer takes ``topology=None``)."""
         if isinstance(x, (tuple, list)):  # to_hetero passes (x_src, x_dst) for a bipartite relation
             raise ValueError("x: expected one node feature tensor [N, channels], got a pair (x_src, x_dst) of a "
                              "bipartite graph; the resolvent (I - A)^-1 needs a square adjacency over one node set, "
@@ -360,7 +371,7 @@ class ChimeraConv(MessagePassing):
         if self.decomposition is not None:
             if edge_attr is not None:
                 raise ValueError("edge_attr: a decomposition's DAGs carry no edge features; pass edge_attr=None")
-            dags, edge_index = self._decomposition(num_nodes, grid_size, seq_len, batch)
+            dags, edge_index = self._decomposition(num_nodes, grid_size, seq_len, batch, topology)
         delta_edge = self._edge_selectivity(edge_attr, edge_index.size(1))
         edge_mask: OptTensor = None
         if dags is None and not torch.jit.is_scripting():  # PyG's explain masks exist on the Python module only
@@ -377,7 +388,7 @@ class ChimeraConv(MessagePassing):
         delta = F.softplus(dt + self.dt_bias)
 
         if dags is None:
-            y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch, edge_mask)
+            y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch, edge_mask, topology)
         else:
             y = self._decomposed_mix(values, B, C, delta, dags, batch)
         y = (y + values * self.D.view(1, -1, 1)).reshape(num_nodes, self.inner)
