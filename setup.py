@@ -4,10 +4,12 @@ Install with ``pip install --no-build-isolation .``: build isolation would make 
 copy of torch (several GB with CUDA) into a throwaway build environment.
 
 Build variables:
-    CC, CXX, LDSHARED  the compiler and the link command (setuptools'). The link must use
-                       libstdc++.so dynamically, like torch: the build refuses an extension that
-                       carries its own libstdc++ (tools/extension_abi.py). Where the default compiler
-                       links it statically: CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared".
+    CC, CXX, LDSHARED, LDCXXSHARED  the compilers and the link commands (setuptools'; C++
+                       extensions link with LDCXXSHARED). The link must use libstdc++.so dynamically,
+                       like torch: the build refuses an extension that carries its own libstdc++
+                       (tools/extension_abi.py). Where the default compiler links it statically:
+                       CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+                       LDCXXSHARED="/usr/bin/g++ -shared".
     FORCE_CUDA=1       build the CUDA kernels without a visible GPU (needs a CUDA build of torch and nvcc);
     TORCH_CUDA_ARCH_LIST  the GPU architectures to compile for, e.g. "9.0".
     CHIMERA_DEBUG_BUILD=1  -O0 -g.

@@ -16,7 +16,7 @@
 #                       so that the CPU build in the checkout is left alone.
 #   TORCH_CUDA_ARCH_LIST  the GPU architectures to compile (default 9.0: one, to keep the build short).
 #   CUDA_HOME           the CUDA toolkit (default /usr/local/cuda when it exists).
-#   CC, CXX, LDSHARED   as for setup.py (see its docstring).
+#   CC, CXX, LDSHARED, LDCXXSHARED  as for setup.py (see its docstring).
 # Extra arguments go to pytest (default: the error-path and kernel tests listed below).
 #
 # Timing (2-core CI machine, 2026-11-25): about 1.5 min to create the venv from the local wheel,

@@ -20,9 +20,10 @@ from typing import List, Tuple
 OWN_LIBSTDCXX_PREFIXES = ("_ZNSo9_M_insert", "_ZNSt8ios_base4InitC")
 
 FIX = ("Rebuild it with the system compiler, which links libstdc++.so dynamically, e.g.\n"
-       "    CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED=\"/usr/bin/g++ -shared\" "
+       "    CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED=\"/usr/bin/g++ -shared\" LDCXXSHARED=\"/usr/bin/g++ -shared\" "
        "pip install --no-build-isolation .\n"
-       "(or the same variables before `python setup.py build_ext --inplace`).")
+       "(or the same variables before `python setup.py build_ext --inplace`; setuptools links C++ "
+       "extensions with LDCXXSHARED).")
 
 _SHT_DYNAMIC, _SHT_DYNSYM, _DT_NEEDED = 6, 11, 1
 

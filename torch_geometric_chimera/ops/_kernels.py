@@ -51,7 +51,8 @@ if HAS_EXTENSION and carries_own_libstdcxx(_C.__file__):  # pragma: no cover - o
     warnings.warn(f"{_C.__file__} carries its own copy of libstdc++ (its compiler linked it statically): any "
                   f"error raised by the compiled kernels will crash the process with a segmentation fault instead "
                   f"of raising a RuntimeError. Rebuild with the system compiler: CC=/usr/bin/gcc CXX=/usr/bin/g++ "
-                  f"LDSHARED=\"/usr/bin/g++ -shared\" pip install --no-build-isolation .", RuntimeWarning)
+                  f"LDSHARED=\"/usr/bin/g++ -shared\" LDCXXSHARED=\"/usr/bin/g++ -shared\" pip install "
+                  f"--no-build-isolation .", RuntimeWarning)
 
 
 def transpose_csr(rowptr: Tensor, col: Tensor, num_cols: int) -> Tuple[Tensor, Tensor, Tensor]:
