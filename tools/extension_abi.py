@@ -4,7 +4,8 @@ An extension linked by a compiler that puts libstdc++ in statically (some custom
 /opt, conda compilers with ``-static-libstdc++`` in their specs) gets a second copy of the
 iostream and locale machinery, uninitialized, next to the one torch uses. The first error message
 the extension formats (every ``TORCH_CHECK`` that streams a number) then crashes the process with a
-segmentation fault instead of raising a ``RuntimeError``. The signs, read from the ELF dynamic
+segmentation fault (seen with a g++ under /opt) or cuts the message at the first number (seen with
+``-static-libstdc++`` and the system g++) instead of raising a clean ``RuntimeError``. The signs, read from the ELF dynamic
 section and symbol table (no binutils needed): ``libstdc++.so`` missing from ``NEEDED``, and
 definitions of ``std::basic_ostream<char>::_M_insert<...>`` exported by the extension itself.
 
@@ -76,8 +77,8 @@ def report(path: str) -> str:
     if not problems:
         return ""
     return (f"{path} carries its own copy of libstdc++: " + "; ".join(problems) + ".\n"
-            "Every error raised by the extension would then crash the process (segmentation fault) instead "
-            "of raising a RuntimeError. The compiler that linked it puts libstdc++ in statically.\n" + FIX)
+            "Every error raised by the extension would then crash the process (a segmentation fault) or lose "
+            "its message (cut at the first number) instead of raising a clean RuntimeError. The compiler that linked it puts libstdc++ in statically.\n" + FIX)
 
 
 if __name__ == "__main__":

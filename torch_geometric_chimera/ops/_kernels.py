@@ -49,8 +49,8 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
 
 if HAS_EXTENSION and carries_own_libstdcxx(_C.__file__):  # pragma: no cover - only on a broken toolchain
     warnings.warn(f"{_C.__file__} carries its own copy of libstdc++ (its compiler linked it statically): any "
-                  f"error raised by the compiled kernels will crash the process with a segmentation fault instead "
-                  f"of raising a RuntimeError. Rebuild with the system compiler: CC=/usr/bin/gcc CXX=/usr/bin/g++ "
+                  f"error raised by the compiled kernels will crash the process (a segmentation fault) or lose its "
+                  f"message instead of raising a clean RuntimeError. Rebuild with the system compiler: CC=/usr/bin/gcc CXX=/usr/bin/g++ "
                   f"LDSHARED=\"/usr/bin/g++ -shared\" LDCXXSHARED=\"/usr/bin/g++ -shared\" pip install "
                   f"--no-build-isolation .", RuntimeWarning)
 
