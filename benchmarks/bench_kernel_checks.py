@@ -104,9 +104,8 @@ def main():
             payload = json.load(f)
         for key in ("date", "command", "torch"):
             payload.pop(key, None)
-    payload.update({"device": device_name("cpu"), "threads": torch.get_num_threads(), "heads": args.heads,
-                    "feat": args.feat, **sizes})
-    payload[args.label] = rows
+    payload.update({"device": device_name("cpu").split(",")[0], "heads": args.heads, "feat": args.feat, **sizes})
+    payload[args.label] = {"threads": torch.get_num_threads(), "ops": rows}
     write_json(args.out, payload)
 
 
