@@ -2,9 +2,22 @@
 
 Install with ``pip install --no-build-isolation .``: build isolation would make pip fetch a second
 copy of torch (several GB with CUDA) into a throwaway build environment.
+
+Build variables:
+    CC, CXX, LDSHARED, LDCXXSHARED  the compilers and the link commands (setuptools'; C++
+                       extensions link with LDCXXSHARED). The link must use libstdc++.so dynamically,
+                       like torch: the build refuses an extension that carries its own libstdc++
+                       (tools/extension_abi.py). Where the default compiler links it statically:
+                       CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+                       LDCXXSHARED="/usr/bin/g++ -shared".
+    FORCE_CUDA=1       build the CUDA kernels without a visible GPU (needs a CUDA build of torch and nvcc);
+    TORCH_CUDA_ARCH_LIST  the GPU architectures to compile for, e.g. "9.0".
+    CHIMERA_DEBUG_BUILD=1  -O0 -g.
+    CHIMERA_ALLOW_STATIC_LIBSTDCXX=1  keep (with a warning) an extension with its own libstdc++.
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -17,6 +30,34 @@ except ImportError as error:  # pragma: no cover - only hit when the install com
         "then run `pip install --no-build-isolation .`") from error
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_extension_abi():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("extension_abi", os.path.join(ROOT, "tools", "extension_abi.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildExtensionChecked(BuildExtension.with_options(use_ninja=False)):
+    """Refuses an extension that carries its own copy of libstdc++ (see tools/extension_abi.py):
+    its first error message would crash the process. CHIMERA_ALLOW_STATIC_LIBSTDCXX=1 turns the
+    refusal into a warning."""
+
+    def build_extensions(self):
+        super().build_extensions()
+        if not sys.platform.startswith("linux"):
+            return
+        abi = _load_extension_abi()
+        for ext in self.extensions:
+            message = abi.report(self.get_ext_fullpath(ext.name))
+            if not message:
+                continue
+            if os.getenv("CHIMERA_ALLOW_STATIC_LIBSTDCXX", "0") == "1":
+                print(f"WARNING: {message}", file=sys.stderr)
+            else:
+                raise RuntimeError(message + "\nSet CHIMERA_ALLOW_STATIC_LIBSTDCXX=1 to keep it anyway.")
 
 
 def extensions():
@@ -58,6 +99,6 @@ setup(
         "full": test_requires,
     },
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+    cmdclass={"build_ext": BuildExtensionChecked},
     zip_safe=False,
 )

@@ -4,6 +4,35 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
+#include "checks.h"
+
+namespace chimera {
+
+bool debug_checks_enabled() {
+  const char* env = std::getenv("CHIMERA_DEBUG_CHECKS");
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  if (!Py_IsInitialized()) return false;
+  // Kernels run with the GIL released (and autograd's device threads never held it): take it to
+  // read the flag of torch_geometric.debug(), the switch the Python side uses for the same checks.
+  const PyGILState_STATE gil = PyGILState_Ensure();
+  bool enabled = false;
+  if (PyObject* module = PyImport_ImportModule("torch_geometric")) {
+    if (PyObject* result = PyObject_CallMethod(module, "is_debug_enabled", nullptr)) {
+      enabled = PyObject_IsTrue(result) == 1;
+      Py_DECREF(result);
+    }
+    Py_DECREF(module);
+  }
+  PyErr_Clear();  // no torch_geometric: no debug mode
+  PyGILState_Release(gil);
+  return enabled;
+}
+
+}  // namespace chimera
+
 extern "C" {
 // Importing torch_geometric_chimera._C runs the static TORCH_LIBRARY initializers below.
 PyObject* PyInit__C(void) {

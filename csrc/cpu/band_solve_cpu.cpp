@@ -20,15 +20,32 @@
 namespace chimera {
 namespace {
 
-void check_schedule(const at::Tensor& node_ptr, const at::Tensor& order, const at::Tensor& bandwidth,
-                    int64_t num_nodes, const char* op) {
-  TORCH_CHECK(node_ptr.dim() == 1 && node_ptr.scalar_type() == at::kLong && node_ptr.numel() >= 1, op,
-              ": node_ptr must be a 1-D int64 tensor with G + 1 entries");
-  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.size(0) == num_nodes, op,
-              ": order must be a 1-D int64 permutation of the ", num_nodes, " nodes");
-  TORCH_CHECK(bandwidth.dim() == 1 && bandwidth.scalar_type() == at::kLong &&
-                  bandwidth.size(0) == node_ptr.size(0) - 1,
-              op, ": bandwidth must be a 1-D int64 tensor with one entry per graph");
+// Shapes and values of a schedule: node_ptr runs from 0 to N without decreasing, every bandwidth
+// lies in [0, n_g - 1] (it sizes the band storage and the loops over it) and `order` is a
+// permutation of the N nodes (it picks the rows every solve writes).
+void check_schedule(const at::Tensor& node_ptr_in, const at::Tensor& order_in, const at::Tensor& bandwidth_in,
+                    int64_t num_nodes, const char* op, const char* order_name = "order") {
+  TORCH_CHECK(node_ptr_in.dim() == 1 && node_ptr_in.scalar_type() == at::kLong && node_ptr_in.numel() >= 1, op,
+              ": node_ptr must be a 1-D int64 tensor with G + 1 entries, got shape ", node_ptr_in.sizes(),
+              " and dtype ", node_ptr_in.scalar_type());
+  TORCH_CHECK(order_in.dim() == 1 && order_in.scalar_type() == at::kLong && order_in.size(0) == num_nodes, op, ": ",
+              order_name, " must be a 1-D int64 permutation of the ", num_nodes, " nodes, got shape ",
+              order_in.sizes(), " and dtype ", order_in.scalar_type());
+  TORCH_CHECK(bandwidth_in.dim() == 1 && bandwidth_in.scalar_type() == at::kLong &&
+                  bandwidth_in.size(0) == node_ptr_in.size(0) - 1,
+              op, ": bandwidth must be a 1-D int64 tensor with one entry per graph (", node_ptr_in.size(0) - 1,
+              "), got shape ", bandwidth_in.sizes(), " and dtype ", bandwidth_in.scalar_type());
+  const auto node_ptr = node_ptr_in.contiguous(), order = order_in.contiguous(), bandwidth = bandwidth_in.contiguous();
+  const int64_t num_graphs = node_ptr.size(0) - 1;
+  const int64_t* np = node_ptr.data_ptr<int64_t>();
+  const int64_t* bw = bandwidth.data_ptr<int64_t>();
+  check_ptr_values(np, num_graphs + 1, num_nodes, op, "node_ptr", "the number of nodes N");
+  for (int64_t g = 0; g < num_graphs; ++g) {
+    const int64_t n = np[g + 1] - np[g];
+    TORCH_CHECK(bw[g] >= 0 && bw[g] <= std::max<int64_t>(n - 1, 0), op, ": bandwidth[", g, "] = ", bw[g],
+                " must lie in [0, ", std::max<int64_t>(n - 1, 0), "] for a graph of ", n, " nodes");
+  }
+  check_permutation(order.data_ptr<int64_t>(), num_nodes, op, order_name);
 }
 
 // Offsets of every graph's band storage: graph g holds n_g rows of 2 b_g + 1 entries.
@@ -49,11 +66,17 @@ std::vector<at::Tensor> band_order_cpu(const at::Tensor& node_ptr_in, const at::
   const auto nodes = nodes_in.contiguous();
   const auto rowptr = rowptr_in.to(at::kLong).contiguous();
   const auto col = col_in.to(at::kLong).contiguous();
-  check_schedule(node_ptr, nodes, at::zeros({node_ptr.size(0) - 1}, node_ptr.options()), num_nodes,
-                 "chimera::band_order");
+  check_schedule(node_ptr, nodes, at::zeros({std::max<int64_t>(node_ptr.size(0) - 1, 0)}, node_ptr.options()),
+                 num_nodes, "chimera::band_order", "nodes");
+  check_rowptr(rowptr, col, "chimera::band_order");
   const int64_t num_graphs = node_ptr.size(0) - 1;
   const int64_t* np = node_ptr.data_ptr<int64_t>();
   const int64_t* nd = nodes.data_ptr<int64_t>();
+  // A binary search in each graph's nodes gives a node's local index: they must be sorted.
+  for (int64_t g = 0; g < num_graphs; ++g)
+    for (int64_t k = np[g] + 1; k < np[g + 1]; ++k)
+      TORCH_CHECK(nd[k - 1] < nd[k], "chimera::band_order: nodes must be sorted within each graph, got nodes[", k - 1,
+                  "] = ", nd[k - 1], " >= nodes[", k, "] = ", nd[k], " in graph ", g);
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const int64_t* cp = col.data_ptr<int64_t>();
   auto order = at::empty({num_nodes}, node_ptr.options());
@@ -152,7 +175,9 @@ at::Tensor band_factor_cpu(const at::Tensor& node_ptr_in, const at::Tensor& orde
   const int64_t num_nodes = rowptr_in.size(0) - 1;
   check_schedule(node_ptr_in, order_in, bandwidth_in, num_nodes, "chimera::band_factor");
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == col_in.size(0),
-              "chimera::band_factor: weight must have shape [E, H] with E = ", col_in.size(0));
+              "chimera::band_factor: weight must have shape [E, H] with E = ", col_in.size(0), ", got ",
+              weight_in.sizes());
+  check_rowptr(rowptr_in, col_in, "chimera::band_factor");
   const auto node_ptr = node_ptr_in.contiguous();
   const auto order = order_in.contiguous();
   const auto bandwidth = bandwidth_in.contiguous();
@@ -285,7 +310,6 @@ at::Tensor band_solve_cpu(const at::Tensor& node_ptr_in, const at::Tensor& order
   const auto offset = band_offsets(np, bw, num_graphs);
   TORCH_CHECK(offset[num_graphs] == factors.size(0), "chimera::band_solve: factors must have ", offset[num_graphs],
               " rows for this schedule, got ", factors.size(0));
-  TORCH_CHECK(np[0] == 0 && np[num_graphs] == num_nodes, "chimera::band_solve: node_ptr must run from 0 to N");
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "chimera_band_solve_cpu", [&] {
     const scalar_t* fp = factors.data_ptr<scalar_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
@@ -329,7 +353,6 @@ BandInputs check_band_inputs(const at::Tensor& node_ptr, const at::Tensor& order
   in.offset = band_offsets(np, in.bandwidth.data_ptr<int64_t>(), num_graphs);
   TORCH_CHECK(in.offset[num_graphs] == in.factors.size(0), op, ": factors must have ", in.offset[num_graphs],
               " rows for this schedule, got ", in.factors.size(0));
-  TORCH_CHECK(np[0] == 0 && np[num_graphs] == like.size(0), op, ": node_ptr must run from 0 to N");
   return in;
 }
 
@@ -378,8 +401,11 @@ std::vector<at::Tensor> band_attention_backward_cpu(const at::Tensor& node_ptr, 
   check_features(grad_y_in, query_in, op, "grad_y");
   const int64_t num_nodes = query_in.size(0), heads = query_in.size(1), S = query_in.size(2), P = value_in.size(2);
   TORCH_CHECK(key_in.sizes() == query_in.sizes() && value_in.sizes() == grad_y_in.sizes() &&
-                  state_in.size(2) == S * P && value_in.size(0) == num_nodes && state_in.size(0) == num_nodes,
-              op, ": inconsistent shapes");
+                  value_in.size(0) == num_nodes && value_in.size(1) == heads &&
+                  state_in.sizes() == at::IntArrayRef({num_nodes, heads, S * P}),
+              op, ": expected query, key [N, H, S], value, grad_y [N, H, P] and state [N, H, S * P], got ",
+              query_in.sizes(), ", ", key_in.sizes(), ", ", value_in.sizes(), ", ", grad_y_in.sizes(), " and ",
+              state_in.sizes());
   const auto in = check_band_inputs(node_ptr, order, bandwidth, factors, query_in, op);
   const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
   const auto state = state_in.contiguous(), grad_y = grad_y_in.contiguous();

@@ -17,8 +17,9 @@ at::Tensor dag_solve_cpu(const at::Tensor& level_ptr_in, const at::Tensor& order
                          const at::Tensor& col_in, const at::Tensor& weight_in, const at::Tensor& x_in) {
   check_csr(rowptr_in, col_in, "chimera::dag_solve");
   check_features(x_in, x_in, "chimera::dag_solve", "x");
-  TORCH_CHECK(level_ptr_in.dim() == 1 && level_ptr_in.scalar_type() == at::kLong,
-              "chimera::dag_solve: level_ptr must be a 1-D int64 tensor");
+  TORCH_CHECK(level_ptr_in.dim() == 1 && level_ptr_in.scalar_type() == at::kLong && level_ptr_in.numel() >= 1,
+              "chimera::dag_solve: level_ptr must be a 1-D int64 tensor with L + 1 >= 1 entries, got shape ",
+              level_ptr_in.sizes(), " and dtype ", level_ptr_in.scalar_type());
   TORCH_CHECK(order_in.dim() == 1 && order_in.scalar_type() == at::kLong && order_in.size(0) == x_in.size(0),
               "chimera::dag_solve: order must be a 1-D int64 permutation of the ", x_in.size(0), " nodes");
   TORCH_CHECK(rowptr_in.size(0) == x_in.size(0) + 1, "chimera::dag_solve: rowptr must have N + 1 = ",
@@ -35,10 +36,13 @@ at::Tensor dag_solve_cpu(const at::Tensor& level_ptr_in, const at::Tensor& order
   auto h = x_in.contiguous().clone();
   const int64_t num_nodes = x_in.size(0), heads = x_in.size(1), feat = x_in.size(2);
   const int64_t num_levels = level_ptr.size(0) - 1;
-  if (h.numel() == 0 || num_levels <= 0) return h;
   const int64_t* lp = level_ptr.data_ptr<int64_t>();
   const int64_t* op = order.data_ptr<int64_t>();
-  TORCH_CHECK(lp[0] == 0 && lp[num_levels] == num_nodes, "chimera::dag_solve: level_ptr must run from 0 to N");
+  // The levels must cover every node exactly once, and rows must stay inside col and weight.
+  check_ptr_values(lp, level_ptr.size(0), num_nodes, "chimera::dag_solve", "level_ptr", "the number of nodes N");
+  const std::vector<int64_t> position = check_permutation(op, num_nodes, "chimera::dag_solve", "order");
+  check_rowptr(rowptr, col, "chimera::dag_solve");
+  if (h.numel() == 0) return h;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "chimera_dag_solve_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -47,13 +51,7 @@ at::Tensor dag_solve_cpu(const at::Tensor& level_ptr_in, const at::Tensor& order
       const index_t* cp = col.data_ptr<index_t>();
       const scalar_t* wp = weight.data_ptr<scalar_t>();
       scalar_t* hp = h.data_ptr<scalar_t>();
-      // position of every node in `order`: a parent must sit before the current level starts.
-      std::vector<int64_t> position(num_nodes, -1);
-      for (int64_t k = 0; k < num_nodes; ++k) {
-        TORCH_CHECK(op[k] >= 0 && op[k] < num_nodes && position[op[k]] < 0,
-                    "chimera::dag_solve: order must be a permutation of 0..N-1");
-        position[op[k]] = k;
-      }
+      // `position` of every node in `order`: a parent must sit before the current level starts.
       int64_t level_begin = 0;
       auto solve_nodes = [&](int64_t begin, int64_t end) {
         std::vector<acc_t> acc(feat);
@@ -64,7 +62,8 @@ at::Tensor dag_solve_cpu(const at::Tensor& level_ptr_in, const at::Tensor& order
             for (int64_t f = 0; f < feat; ++f) acc[f] = static_cast<acc_t>(hi[f]);
             for (int64_t e = rp[i]; e < rp[i + 1]; ++e) {
               const int64_t j = cp[e];
-              TORCH_CHECK(j >= 0 && j < num_nodes, "chimera::dag_solve: col[", e, "] = ", j, " is out of range");
+              TORCH_CHECK(j >= 0 && j < num_nodes, "chimera::dag_solve: col[", e, "] = ", j, " is out of range [0, ",
+                          num_nodes, ")");
               TORCH_CHECK(position[j] < level_begin, "chimera::dag_solve: edge ", j, " -> ", i,
                           " does not go from an earlier level to a later one (a cycle, or wrong levels)");
               axpy(acc.data(), hp + (j * heads + hd) * feat, static_cast<acc_t>(wp[e * heads + hd]), feat);
@@ -99,14 +98,15 @@ at::Tensor dag_solve_cpu(const at::Tensor& level_ptr_in, const at::Tensor& order
 template <typename scalar_t, typename index_t>
 void dag_levels(const int64_t* lp, int64_t num_levels, const int64_t* op, const index_t* rp, const index_t* cp,
                 const scalar_t* wp, scalar_t* hp, int64_t num_nodes, int64_t heads, int64_t feat, bool reverse,
-                const std::vector<int64_t>& position) {
+                const std::vector<int64_t>& position, const char* op_name, const char* col_name) {
   auto solve_nodes = [&](int64_t begin, int64_t end, int64_t level_begin, int64_t level_end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t i = op[k];
       for (int64_t e = rp[i]; e < rp[i + 1]; ++e) {
         const int64_t j = cp[e];
-        TORCH_CHECK(j >= 0 && j < num_nodes, "chimera::dag_attention: col[", e, "] = ", j, " is out of range");
-        TORCH_CHECK(reverse ? position[j] >= level_end : position[j] < level_begin, "chimera::dag_attention: edge ",
+        TORCH_CHECK(j >= 0 && j < num_nodes, op_name, ": ", col_name, "[", e, "] = ", j, " is out of range [0, ",
+                    num_nodes, ")");
+        TORCH_CHECK(reverse ? position[j] >= level_end : position[j] < level_begin, op_name, ": edge ",
                     j, " -> ", i, " does not go from an earlier level to a later one (a cycle, or wrong levels)");
         for (int64_t hd = 0; hd < heads; ++hd)
           axpy(hp + (i * heads + hd) * feat, hp + (j * heads + hd) * feat, wp[e * heads + hd], feat);
@@ -131,11 +131,13 @@ struct DagInputs {
 };
 
 DagInputs check_dag_inputs(const at::Tensor& level_ptr, const at::Tensor& order, const at::Tensor& rowptr,
-                           const at::Tensor& col, const at::Tensor& weight, const at::Tensor& like, const char* op) {
+                           const at::Tensor& col, const at::Tensor& weight, const at::Tensor& like, const char* op,
+                           const char* rowptr_name = "rowptr", const char* col_name = "len(col)") {
   check_csr(rowptr, col, op);
   const int64_t num_nodes = like.size(0);
   TORCH_CHECK(level_ptr.dim() == 1 && level_ptr.scalar_type() == at::kLong && level_ptr.numel() >= 1, op,
-              ": level_ptr must be a 1-D int64 tensor");
+              ": level_ptr must be a 1-D int64 tensor with L + 1 >= 1 entries, got shape ", level_ptr.sizes(),
+              " and dtype ", level_ptr.scalar_type());
   TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.size(0) == num_nodes, op,
               ": order must be a 1-D int64 permutation of the ", num_nodes, " nodes");
   TORCH_CHECK(rowptr.size(0) == num_nodes + 1, op, ": rowptr must have N + 1 = ", num_nodes + 1, " entries");
@@ -143,16 +145,11 @@ DagInputs check_dag_inputs(const at::Tensor& level_ptr, const at::Tensor& order,
                   weight.scalar_type() == like.scalar_type(),
               op, ": weight must have shape [E, H] = [", col.size(0), ", ", like.size(1), "] and the dtype of query");
   DagInputs in{level_ptr.contiguous(), order.contiguous(), rowptr.contiguous(), col.contiguous(), weight.contiguous(),
-               std::vector<int64_t>(num_nodes, -1)};
-  const int64_t* lp = in.level_ptr.data_ptr<int64_t>();
-  const int64_t num_levels = in.level_ptr.size(0) - 1;
-  TORCH_CHECK(lp[0] == 0 && lp[num_levels] == num_nodes, op, ": level_ptr must run from 0 to N");
-  const int64_t* opp = in.order.data_ptr<int64_t>();
-  for (int64_t k = 0; k < num_nodes; ++k) {
-    TORCH_CHECK(opp[k] >= 0 && opp[k] < num_nodes && in.position[opp[k]] < 0, op,
-                ": order must be a permutation of 0..N-1");
-    in.position[opp[k]] = k;
-  }
+               {}};
+  check_ptr_values(in.level_ptr.data_ptr<int64_t>(), in.level_ptr.size(0), num_nodes, op, "level_ptr",
+                   "the number of nodes N");
+  in.position = check_permutation(in.order.data_ptr<int64_t>(), num_nodes, op, "order");
+  check_rowptr(in.rowptr, in.col, op, rowptr_name, col_name);
   return in;
 }
 
@@ -177,7 +174,7 @@ std::vector<at::Tensor> dag_attention_cpu(const at::Tensor& level_ptr, const at:
       });
       dag_levels(in.level_ptr.data_ptr<int64_t>(), in.level_ptr.size(0) - 1, in.order.data_ptr<int64_t>(),
                  in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.weight.data_ptr<scalar_t>(), hp,
-                 num_nodes, heads, S * P, false, in.position);
+                 num_nodes, heads, S * P, false, in.position, op, "col");
       at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {
         for (int64_t nh = begin; nh < end; ++nh) read_out(nh, qp, hp, yp, S, P);
       });
@@ -199,9 +196,12 @@ std::vector<at::Tensor> dag_attention_backward_cpu(const at::Tensor& level_ptr, 
   check_features(query_in, query_in, op, "query");
   const int64_t num_nodes = query_in.size(0), heads = query_in.size(1), S = query_in.size(2), P = value_in.size(2);
   TORCH_CHECK(key_in.sizes() == query_in.sizes() && value_in.sizes() == grad_y_in.sizes() &&
-                  state_in.size(2) == S * P && value_in.size(0) == num_nodes && state_in.size(0) == num_nodes,
-              op, ": inconsistent shapes");
-  const auto in = check_dag_inputs(level_ptr, order, rowptr_t, col_t, weight_t, query_in, op);
+                  value_in.size(0) == num_nodes && value_in.size(1) == heads &&
+                  state_in.sizes() == at::IntArrayRef({num_nodes, heads, S * P}),
+              op, ": expected query, key [N, H, S], value, grad_y [N, H, P] and state [N, H, S * P], got ",
+              query_in.sizes(), ", ", key_in.sizes(), ", ", value_in.sizes(), ", ", grad_y_in.sizes(), " and ",
+              state_in.sizes());
+  const auto in = check_dag_inputs(level_ptr, order, rowptr_t, col_t, weight_t, query_in, op, "rowptr_t", "len(col_t)");
   const bool has_grad_state = grad_state_in.has_value() && grad_state_in->defined();
   at::Tensor extra_state;
   if (has_grad_state) {
@@ -226,7 +226,7 @@ std::vector<at::Tensor> dag_attention_backward_cpu(const at::Tensor& level_ptr, 
       });
       dag_levels(in.level_ptr.data_ptr<int64_t>(), in.level_ptr.size(0) - 1, in.order.data_ptr<int64_t>(),
                  in.rowptr.data_ptr<index_t>(), in.col.data_ptr<index_t>(), in.weight.data_ptr<scalar_t>(), gp,
-                 num_nodes, heads, S * P, true, in.position);
+                 num_nodes, heads, S * P, true, in.position, op, "col_t");
       at::parallel_for(0, num_nodes * heads, 64, [&](int64_t begin, int64_t end) {
         for (int64_t nh = begin; nh < end; ++nh) key_value_grads(nh, gp, kp, vp, dkp, dvp, S, P);
       });

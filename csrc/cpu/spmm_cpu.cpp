@@ -21,6 +21,8 @@ at::Tensor spmm_cpu(const at::Tensor& rowptr_in, const at::Tensor& col_in, const
               "chimera::spmm: weight must have shape [E, H] = [", col_in.size(0), ", ", x_in.size(1), "], got ",
               weight_in.sizes());
   TORCH_CHECK(weight_in.scalar_type() == x_in.scalar_type(), "chimera::spmm: weight and x must share a dtype");
+  // Before any dereference: a rowptr past len(col) would read past col and weight.
+  check_rowptr(rowptr_in, col_in, "chimera::spmm");
   const auto rowptr = rowptr_in.contiguous();
   const auto col = col_in.contiguous();
   const auto weight = weight_in.contiguous();
@@ -92,6 +94,7 @@ at::Tensor edge_dot_cpu(const at::Tensor& rowptr_in, const at::Tensor& col_in, c
               "chimera::edge_dot: a and b must agree in H and F, got ", a_in.sizes(), " and ", b_in.sizes());
   TORCH_CHECK(a_in.size(0) == rowptr_in.size(0) - 1, "chimera::edge_dot: a must have rowptr.numel() - 1 = ",
               rowptr_in.size(0) - 1, " rows, got ", a_in.size(0));
+  check_rowptr(rowptr_in, col_in, "chimera::edge_dot");  // a rowptr past len(col) would write past out
   const auto rowptr = rowptr_in.contiguous();
   const auto col = col_in.contiguous();
   const auto a = a_in.contiguous();

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../checks.h"
 
 namespace chimera {
@@ -52,13 +54,29 @@ __global__ void edge_dot_kernel(const index_t* __restrict__ row, const index_t* 
   if (lane == 0) out[warp] = static_cast<scalar_t>(acc);
 }
 
+// Index values live on the device: reading them costs a synchronization, so they are checked
+// only in debug mode (torch_geometric.debug() or CHIMERA_DEBUG_CHECKS=1), in one batch. Outside
+// it, a rowptr or col out of range reads out of bounds, as the Python wrappers never build one.
+void check_csr_values(const at::Tensor& rowptr, const at::Tensor& col, int64_t num_src, const char* op) {
+  if (!debug_checks_enabled()) return;
+  DeviceChecks checks(op);
+  checks.ptr(rowptr, col.size(0), "rowptr", "len(col)");
+  checks.range(col, num_src, "col");
+  checks.run();
+}
+
 at::Tensor spmm_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in, const at::Tensor& weight_in,
                      const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in) {
   check_csr(rowptr_in, col_in, "chimera::spmm");
   check_features(x_in, x_in, "chimera::spmm", "x");
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == col_in.size(0) && weight_in.size(1) == x_in.size(1),
-              "chimera::spmm: weight must have shape [E, H], got ", weight_in.sizes());
+              "chimera::spmm: weight must have shape [E, H] = [", col_in.size(0), ", ", x_in.size(1), "], got ",
+              weight_in.sizes());
+  TORCH_CHECK(weight_in.scalar_type() == x_in.scalar_type(), "chimera::spmm: weight and x must share a dtype");
+  check_device(rowptr_in, x_in, "chimera::spmm", "rowptr");
+  check_device(weight_in, x_in, "chimera::spmm", "weight");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  check_csr_values(rowptr_in, col_in, x_in.size(0), "chimera::spmm");
   const auto rowptr = rowptr_in.contiguous();
   const auto col = col_in.contiguous();
   const auto weight = weight_in.contiguous();
@@ -68,12 +86,15 @@ at::Tensor spmm_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in, cons
   if (bias_in.has_value()) {
     check_features(*bias_in, x_in, "chimera::spmm", "bias");
     TORCH_CHECK(bias_in->size(0) == num_rows && bias_in->size(1) == heads && bias_in->size(2) == feat,
-                "chimera::spmm: bias must have shape [R, H, F], got ", bias_in->sizes());
+                "chimera::spmm: bias must have shape [R, H, F] = [", num_rows, ", ", heads, ", ", feat, "], got ",
+                bias_in->sizes());
     bias = bias_in->contiguous();
   }
   auto out = at::empty({num_rows, heads, feat}, x.options());
   if (out.numel() == 0) return out;
   const int threads = static_cast<int>(std::min<int64_t>(256, ((heads * feat + 31) / 32) * 32));
+  // The grid size is an unsigned int: a larger count would be silently truncated.
+  TORCH_CHECK(num_rows <= std::numeric_limits<int32_t>::max(), "chimera::spmm: at most 2^31 - 1 rows, got ", num_rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "chimera_spmm_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "chimera_spmm_cuda_index", [&] {
       spmm_kernel<scalar_t, index_t><<<num_rows, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -90,7 +111,13 @@ at::Tensor edge_dot_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in, 
   check_csr(rowptr_in, col_in, "chimera::edge_dot");
   check_features(a_in, a_in, "chimera::edge_dot", "a");
   check_features(b_in, a_in, "chimera::edge_dot", "b");
+  TORCH_CHECK(a_in.size(1) == b_in.size(1) && a_in.size(2) == b_in.size(2),
+              "chimera::edge_dot: a and b must agree in H and F, got ", a_in.sizes(), " and ", b_in.sizes());
+  TORCH_CHECK(a_in.size(0) == rowptr_in.size(0) - 1, "chimera::edge_dot: a must have rowptr.numel() - 1 = ",
+              rowptr_in.size(0) - 1, " rows, got ", a_in.size(0));
+  check_device(rowptr_in, a_in, "chimera::edge_dot", "rowptr");
   const c10::cuda::CUDAGuard guard(a_in.device());
+  check_csr_values(rowptr_in, col_in, b_in.size(0), "chimera::edge_dot");
   const auto col = col_in.contiguous();
   const auto a = a_in.contiguous();
   const auto b = b_in.contiguous();
@@ -99,10 +126,14 @@ at::Tensor edge_dot_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in, 
   if (out.numel() == 0) return out;
   // Expand the CSR row pointer into one row index per edge so that each warp finds its row in O(1).
   const auto counts = rowptr_in.diff();
-  const auto row = at::repeat_interleave(at::arange(num_rows, rowptr_in.options()), counts, num_edges);
+  // (dim 0, output_size = E: a known size needs no synchronization)
+  const auto row = at::repeat_interleave(at::arange(num_rows, rowptr_in.options()), counts, /*dim=*/0,
+                                         /*output_size=*/num_edges);
   const int64_t warps = num_edges * heads;
   const int threads = 256;
   const int64_t blocks = (warps * 32 + threads - 1) / threads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "chimera::edge_dot: E * H = ", warps,
+              " is too large for one launch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "chimera_edge_dot_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(col.scalar_type(), "chimera_edge_dot_cuda_index", [&] {
       edge_dot_kernel<scalar_t, index_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -8,6 +8,35 @@ from torch import Tensor
 
 from . import reference
 
+
+
+def carries_own_libstdcxx(path: str) -> bool:
+    """Whether the shared object at ``path`` resolves ``std::ostream::operator<<(long)``
+    (``_M_insert<long>``) to a copy of libstdc++ linked into itself instead of ``libstdc++.so``.
+    Such a build crashes at the first error message it formats (its iostream copy is never
+    initialized); ``setup.py`` refuses to build one, this catches one built elsewhere. Linux only."""
+    import ctypes
+    import os
+    import sys
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        # dlsym on this handle searches the object first, then its dependencies (libstdc++.so).
+        symbol = ctypes.CDLL(path)._ZNSo9_M_insertIlEERSoT_
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
+        return False
+    info = DlInfo()
+    if not dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+        return False
+    return os.path.realpath(info.dli_fname.decode()) == os.path.realpath(path)
+
+
 try:
     from .. import _C  # noqa: F401  (importing runs TORCH_LIBRARY registration)
     HAS_EXTENSION = True
@@ -17,6 +46,13 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
     EXTENSION_ERROR = error
     warnings.warn(f"torch_geometric_chimera._C is not built ({error}); falling back to the pure-PyTorch "
                   f"references. Reinstall with `pip install --no-build-isolation .`.")
+
+if HAS_EXTENSION and carries_own_libstdcxx(_C.__file__):  # pragma: no cover - only on a broken toolchain
+    warnings.warn(f"{_C.__file__} carries its own copy of libstdc++ (its compiler linked it statically): any "
+                  f"error raised by the compiled kernels will crash the process (a segmentation fault) or lose its "
+                  f"message instead of raising a clean RuntimeError. Rebuild with the system compiler: CC=/usr/bin/gcc CXX=/usr/bin/g++ "
+                  f"LDSHARED=\"/usr/bin/g++ -shared\" LDCXXSHARED=\"/usr/bin/g++ -shared\" pip install "
+                  f"--no-build-isolation .", RuntimeWarning)
 
 
 def transpose_csr(rowptr: Tensor, col: Tensor, num_cols: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -206,7 +242,8 @@ def spmm(rowptr: Tensor, col: Tensor, weight: Tensor, x: Tensor, bias: Optional[
     ``out[i, h] = bias[i, h] + Σ_{e ∈ row i} weight[e, h] · x[col[e], h]``.
 
     Args:
-        rowptr (Tensor): ``[R + 1]`` int32 or int64 row pointer.
+        rowptr (Tensor): ``[R + 1]`` int32 or int64 row pointer: starts at 0, never decreases,
+            ends at ``E``.
         col (Tensor): ``[E]`` column of every entry, same dtype as ``rowptr``.
         weight (Tensor): ``[E, H]`` value of every entry per head.
         x (Tensor): ``[C, H, F]`` dense input.
@@ -234,15 +271,19 @@ def dag_solve(level_ptr: Tensor, order: Tensor, rowptr: Tensor, col: Tensor, wei
     r"""Solve :math:`(I - A) h = x` on a DAG, one topological level at a time.
 
     Args:
-        level_ptr (LongTensor): ``[L + 1]`` boundaries of the levels in ``order``.
-        order (LongTensor): ``[N]`` nodes sorted by level; every edge into a node of level ``l``
-            must come from a node of an earlier level (checked on CPU).
+        level_ptr (LongTensor): ``[L + 1]`` boundaries of the levels in ``order``, from 0 to ``N``.
+        order (LongTensor): ``[N]`` a permutation of the nodes sorted by level; every edge into a
+            node of level ``l`` must come from a node of an earlier level.
         rowptr, col (Tensor): CSR of ``A`` by target (row ``i`` lists the parents of ``i``).
         weight (Tensor): ``[E, H]`` in CSR order.
         x (Tensor): ``[N, H, F]``.
 
     Differentiable in ``weight`` and ``x``; the backward is the transposed solve in reverse level
     order. Falls back to :class:`.reference.DagSolve` when the extension is not built.
+
+    Every index argument is checked before it is read (a ``RuntimeError`` naming it): always on
+    CPU; on CUDA ``level_ptr`` always (it is copied to the host anyway), the rest only under
+    ``torch_geometric.debug()``, since reading them synchronizes.
     """
     if HAS_EXTENSION:
         return torch.ops.chimera.dag_solve(level_ptr, order, rowptr, col, weight, x)

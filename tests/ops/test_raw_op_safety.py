@@ -1,0 +1,188 @@
+"""Direct ``torch.ops.chimera.*`` calls with malformed index arguments raise a clean
+``RuntimeError`` that names the op and the argument, before anything is dereferenced.
+
+Each case runs in a worker process, so that an out-of-bounds access that crashes (a segfault, a
+heap corruption) fails its own test instead of killing the test run; a case that returns a value
+fails too (no wrong number). One worker runs all the cases and reports each as it finishes; when
+one crashes, a fresh worker goes on with the rest."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torch_geometric_chimera
+
+# name: (code evaluated with T = torch.tensor, L = a long tensor, ops = torch.ops.chimera and the
+# helpers below, the op and argument the message must name, then a pattern of the message,
+# whether the case also runs on CUDA (under torch_geometric.debug(): the device-side checks)).
+CASES = {
+    # The fuzzing findings of the reliability issue.
+    "spmm_rowptr_past_col": ("ops.spmm(L([0, 4]), L([0]), ones(1, 1), ones(1, 1, 1))",
+                             r"chimera::spmm: rowptr\[-1\] must equal len\(col\) = 1, got 4", False),
+    "spmm_rowptr_negative_start": ("ops.spmm(L([-10**8, 1]), L([0]), ones(1, 1), ones(1, 1, 1))",
+                                   r"chimera::spmm: rowptr\[0\] must be 0", True),
+    "edge_dot_rowptr_past_col": ("ops.edge_dot(L([0, 1000]), L([0]), ones(1, 1, 2), ones(1, 1, 2))",
+                                 r"chimera::edge_dot: rowptr\[-1\] must equal len\(col\) = 1", True),
+    "dag_solve_level_ptr_past_n": ("ops.dag_solve(L([0, 5, 3]), L([0, 1, 2]), L([0, 0, 1, 2]), L([0, 1]), "
+                                   "ones(2, 1), ones(3, 1, 1))",
+                                   "chimera::dag_solve: level_ptr must be non-decreasing", True),
+    "dag_solve_level_ptr_end_past_n": ("ops.dag_solve(L([0, 1, 7]), L([0, 1, 2]), L([0, 0, 1, 2]), L([0, 1]), "
+                                       "ones(2, 1), ones(3, 1, 1))",
+                                       r"chimera::dag_solve: level_ptr\[-1\] must equal the number of nodes N = 3",
+                                       True),
+    "dag_solve_level_ptr_non_monotone": ("ops.dag_solve(L([0, 2, 1, 3]), L([0, 1, 2]), L([0, 0, 1, 2]), L([0, 1]), "
+                                         "ones(2, 1), ones(3, 1, 1))",
+                                         "chimera::dag_solve: level_ptr must be non-decreasing", True),
+    "dag_solve_empty_level_ptr": ("ops.dag_solve(L([]), L([0, 1, 2]), L([0, 0, 1, 2]), L([0, 1]), ones(2, 1), "
+                                  "ones(3, 1, 1))",
+                                  r"chimera::dag_solve: level_ptr must be a 1-D int64 tensor with L \+ 1 >= 1", True),
+    "dag_solve_rowptr_past_col": ("ops.dag_solve(L([0, 1, 2, 3]), L([0, 1, 2]), L([0, 0, 1, 9]), L([0, 1]), "
+                                  "ones(2, 1), ones(3, 1, 1))",
+                                  r"chimera::dag_solve: rowptr\[-1\] must equal len\(col\) = 2", True),
+    "band_solve_order_out_of_range": ("ops.band_solve(L([0, 3]), L([0, 1, 99]), L([1]), ones(9, 1), ones(3, 1, 2))",
+                                      "chimera::band_solve: order must be a permutation of 0..N-1", False),
+    "band_solve_node_ptr_out_of_range": ("ops.band_solve(L([0, 99, 3]), L([0, 1, 2]), L([0, 0]), ones(3, 1), "
+                                         "ones(3, 1, 2))",
+                                         "chimera::band_solve: node_ptr must be non-decreasing", False),
+    "band_solve_negative_bandwidth": ("ops.band_solve(L([0, 3]), L([0, 1, 2]), L([-1]), ones(3, 1), ones(3, 1, 2))",
+                                      r"chimera::band_solve: bandwidth\[0\] = -1 must lie in \[0, 2\]", False),
+    "band_order_nodes_out_of_range": ("ops.band_order(L([0, 3]), L([0, 1, 99]), L([0, 1, 2, 2]), L([1, 0]))",
+                                      "chimera::band_order: nodes must be a permutation of 0..N-1", False),
+    "band_order_node_ptr_out_of_range": ("ops.band_order(L([0, 99]), L([0, 1, 2]), L([0, 1, 2, 2]), L([1, 0]))",
+                                         r"chimera::band_order: node_ptr\[-1\] must equal the number of nodes N = 3",
+                                         False),
+    "band_attention_order_out_of_range": ("ops.band_attention(L([0, 3]), L([0, -5, 2]), L([0]), ones(3, 1), "
+                                          "ones(3, 1, 2), ones(3, 1, 2), ones(3, 1, 2))",
+                                          "chimera::band_attention: order must be a permutation of 0..N-1", False),
+    "band_attention_node_ptr_out_of_range": ("ops.band_attention(L([0, 1000]), L([0, 1, 2]), L([0]), ones(3, 1), "
+                                             "ones(3, 1, 2), ones(3, 1, 2), ones(3, 1, 2))",
+                                             r"chimera::band_attention: node_ptr\[-1\] must equal", False),
+    # A too-large rowptr once read as a bogus "col[1] = 94799218408454 is out of range".
+    "spmm_too_large_rowptr_names_rowptr": ("ops.spmm(L([0, 1, 3]), L([0, 1]), ones(2, 1), ones(2, 1, 1))",
+                                           r"chimera::spmm: rowptr\[-1\] must equal len\(col\) = 2", True),
+    # More of the same class.
+    "spmm_rowptr_non_monotone": ("ops.spmm(L([0, 2, 1, 2]), L([0, 1]), ones(2, 1), ones(2, 1, 1))",
+                                 "chimera::spmm: rowptr must be non-decreasing", True),
+    "spmm_int32_rowptr_past_col": ("ops.spmm(I([0, 5]), I([0]), ones(1, 1), ones(1, 1, 1))",
+                                   r"chimera::spmm: rowptr\[-1\] must equal len\(col\) = 1", True),
+    "spmm_col_out_of_range": ("ops.spmm(L([0, 1]), L([5]), ones(1, 1), ones(1, 1, 1))",
+                              r"chimera::spmm: col\[0\] = 5 is out of range \[0, 1\)", False),
+    "edge_dot_rowptr_negative_start": ("ops.edge_dot(L([-3, 1]), L([0]), ones(1, 1, 2), ones(1, 1, 2))",
+                                       r"chimera::edge_dot: rowptr\[0\] must be 0", True),
+    "dag_solve_order_repeats_a_node": ("ops.dag_solve(L([0, 1, 2, 3]), L([0, 0, 2]), L([0, 0, 1, 2]), L([0, 1]), "
+                                       "ones(2, 1), ones(3, 1, 1))",
+                                       "chimera::dag_solve: order must be a permutation of 0..N-1",
+                                       True),
+    "dag_solve_order_out_of_range": ("ops.dag_solve(L([0, 1, 2, 3]), L([0, 1, 3]), L([0, 0, 1, 2]), L([0, 1]), "
+                                     "ones(2, 1), ones(3, 1, 1))",
+                                     "chimera::dag_solve: order must be a permutation of 0..N-1", True),
+    "dag_solve_rowptr_non_monotone": ("ops.dag_solve(L([0, 1, 2, 3]), L([0, 1, 2]), L([0, 2, 1, 2]), L([0, 1]), "
+                                      "ones(2, 1), ones(3, 1, 1))",
+                                      "chimera::dag_solve: rowptr must be non-decreasing", True),
+    "dag_attention_level_ptr_past_n": ("ops.dag_attention(L([0, 9, 3]), L([0, 1, 2]), L([0, 0, 1, 2]), L([0, 1]), "
+                                       "ones(2, 1), ones(3, 1, 2), ones(3, 1, 2), ones(3, 1, 2))",
+                                       "chimera::dag_attention: level_ptr must be non-decreasing", False),
+    "dag_attention_rowptr_past_col": ("ops.dag_attention(L([0, 1, 2, 3]), L([0, 1, 2]), L([0, 0, 1, 5]), L([0, 1]), "
+                                      "ones(2, 1), ones(3, 1, 2), ones(3, 1, 2), ones(3, 1, 2))",
+                                      r"chimera::dag_attention: rowptr\[-1\] must equal len\(col\) = 2", False),
+    "dag_attention_backward_rowptr_t_past_col": (
+        "ops.dag_attention_backward(L([0, 1, 2, 3]), L([2, 1, 0]), L([0, 1, 2, 7]), L([1, 2]), ones(2, 1), "
+        "ones(3, 1, 2), ones(3, 1, 2), ones(3, 1, 2), ones(3, 1, 4), ones(3, 1, 2))",
+        r"chimera::dag_attention_backward: rowptr_t\[-1\] must equal len\(col_t\) = 2", False),
+    "dag_attention_backward_state_with_fewer_heads": (
+        "ops.dag_attention_backward(L([0, 3]), L([0, 1, 2]), L([0, 0, 0, 0]), L([]), ones(0, 2), "
+        "ones(3, 2, 2), ones(3, 2, 2), ones(3, 2, 2), ones(3, 1, 4), ones(3, 2, 2))",
+        r"chimera::dag_attention_backward: expected .* state \[N, H, S \* P\]", False),
+    "band_factor_rowptr_past_col": ("ops.band_factor(L([0, 2]), L([0, 1]), L([1]), L([0, 1, 5]), L([1]), "
+                                    "ones(1, 1), 6)",
+                                    r"chimera::band_factor: rowptr\[-1\] must equal len\(col\) = 1", False),
+    "band_factor_bandwidth_past_graph": ("ops.band_factor(L([0, 2]), L([0, 1]), L([10**17]), L([0, 1, 1]), L([1]), "
+                                         "ones(1, 1), 6)",
+                                         r"chimera::band_factor: bandwidth\[0\] = 100000000000000000 must lie in",
+                                         False),
+    "band_factor_node_ptr_non_monotone": ("ops.band_factor(L([0, 2, 1, 2]), L([0, 1]), L([0, 0, 0]), L([0, 1, 1]), "
+                                          "L([1]), ones(1, 1), 2)",
+                                          "chimera::band_factor: node_ptr must be non-decreasing", False),
+    "band_order_nodes_unsorted": ("ops.band_order(L([0, 3]), L([2, 0, 1]), L([0, 1, 2, 2]), L([1, 0]))",
+                                  "chimera::band_order: nodes must be sorted within each graph", False),
+    "band_order_rowptr_past_col": ("ops.band_order(L([0, 3]), L([0, 1, 2]), L([0, 1, 2, 40]), L([1, 0]))",
+                                   r"chimera::band_order: rowptr\[-1\] must equal len\(col\) = 2", False),
+    "band_solve_order_repeats_a_node": ("ops.band_solve(L([0, 3]), L([0, 0, 2]), L([0]), ones(3, 1), ones(3, 1, 2))",
+                                        "chimera::band_solve: order must be a permutation .* appears twice", False),
+    "band_attention_backward_value_with_fewer_heads": (
+        "ops.band_attention_backward(L([0, 3]), L([0, 1, 2]), L([0]), ones(3, 2), ones(3, 2, 2), ones(3, 2, 2), "
+        "ones(3, 1, 2), ones(3, 2, 4), ones(3, 1, 2))",
+        r"chimera::band_attention_backward: expected .* value, grad_y \[N, H, P\]", False),
+}
+
+WORKER = r"""
+import json, sys
+import torch
+import torch_geometric
+import torch_geometric_chimera  # registers torch.ops.chimera
+device = sys.argv[1]
+ops = torch.ops.chimera
+L = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+I = lambda values: torch.tensor(values, dtype=torch.int32, device=device)
+ones = lambda *shape: torch.ones(*shape, device=device)
+for name, code in json.loads(sys.stdin.read()):
+    print(json.dumps(["start", name]), flush=True)
+    try:
+        with torch_geometric.debug():  # on CUDA: the checks that synchronize
+            value = eval(code)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        result = ["returned", repr(value)]
+    except Exception as error:  # noqa: BLE001 - the type is what the test checks
+        result = [type(error).__name__, str(error).splitlines()[0] if str(error) else ""]
+    print(json.dumps([name] + result), flush=True)
+"""
+
+
+def run_cases(names, device):
+    """{name: (outcome, message)}; a crash is recorded for the case that was running."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(torch_geometric_chimera.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    results, todo = {}, list(names)
+    while todo:
+        proc = subprocess.run([sys.executable, "-c", WORKER, device], input=json.dumps([(n, CASES[n][0]) for n in todo]),
+                              capture_output=True, text=True, env=env, timeout=300)
+        running = None
+        for line in proc.stdout.splitlines():
+            record = json.loads(line)
+            if record[0] == "start":
+                running = record[1]
+            else:
+                results[record[0]] = (record[1], record[2])
+                running = None
+        crash = ("crashed", f"exit code {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        if running is not None:  # the worker died inside this case; a fresh one goes on with the rest
+            results[running] = crash
+        elif proc.returncode != 0:  # it died outside any case (at import): every case left fails
+            results.update({n: crash for n in todo if n not in results})
+        todo = [n for n in todo if n not in results]
+    return results
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def outcomes(request):
+    names = [n for n, case in CASES.items() if request.param == "cpu" or case[2]]
+    return request.param, run_cases(names, request.param)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_malformed_index_argument_is_a_clean_error(name, outcomes):
+    device, results = outcomes
+    if name not in results:
+        pytest.skip(f"{name}: the op runs on CPU only")
+    outcome, message = results[name]
+    assert outcome == "RuntimeError", f"{name} on {device}: {outcome}: {message}"
+    assert re.search(CASES[name][1], message), message
