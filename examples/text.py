@@ -357,6 +357,19 @@ def plot(rows: List[Dict], path: str) -> bool:
     return True
 
 
+def machine_description(device: torch.device) -> str:
+    """CPU (or GPU) model, cores, torch version and threads, for the log and the printed table."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     if args.threads:
@@ -379,7 +392,7 @@ def main(argv=None) -> Dict:
         rows.append({"model": kind, "title": TITLES[kind], "width": width, "params": params, "runs": runs})
     report = table(rows, args.budget)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = machine_description(device)
     print(f"\nByte-level MLM on pydoc_data.topics, test split at the best validation step, mean ± std over seeds "
           f"{args.seed_list} ({device}; {machine}; {stamp}):\n")
     print(report)
