@@ -111,7 +111,11 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- data
 def load_splits(split_seed: int, patch_size: int, limit: Optional[int] = None) -> Dict[str, List[Data]]:
     """The digits as grid graphs, split once by ``split_seed``."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise SystemExit("examples/images.py reads scikit-learn's digits: pip install scikit-learn "
+                         "(or the package's 'images' extra)") from error
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # pixel values 0..16

@@ -68,3 +68,10 @@ def test_position_embeddings_break_the_digit_symmetry():
         with torch.no_grad():
             logits = model(pair)
         assert torch.allclose(logits[0], logits[1], atol=1e-9) == invariant, pos_emb
+
+
+def test_missing_scikit_learn_says_what_to_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match="pip install scikit-learn"):
+        load_example().main(["--limit", "4", "--epochs", "1", "--seeds", "0", "--quiet"])
