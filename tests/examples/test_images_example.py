@@ -1,0 +1,77 @@
+"""examples/images.py: one short epoch on a few digits, the JSON log, the budget and the symmetry."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("images_example", os.path.join(REPO, "examples", "images.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_model_runs_one_epoch_and_logs(tmp_path):
+    budget = 12_000
+    summary = load_example().main(["--limit", "24", "--epochs", "1", "--warmup", "0", "--seeds", "0,1",
+                                   "--budget", str(budget), "--quiet", "--out", str(tmp_path), "--tag", "t"])
+    logged = json.loads((tmp_path / "images_t.json").read_text())
+    assert logged["table"] == summary["table"]
+    assert logged["split"] == {"train": 24, "val": 24, "test": 24}
+    assert [r["model"] for r in logged["results"]] == ["grid", "fwdrev", "fwd", "vit"]
+    assert logged["results"][0]["sharing"] == "diagonal"
+    for row in logged["results"]:
+        # equal budget: every model fits it and fills at least 85% of it
+        assert 0.85 * budget <= row["params"] <= budget, row
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        for run in row["runs"]:
+            assert run["best"]["epoch"] == 1 and len(run["history"]) == 1
+            assert 0.0 <= run["best"]["test_acc"] <= 1.0 and math.isfinite(run["best"]["test_loss"])
+            assert math.isfinite(run["history"][0]["train_loss"]) and run["seconds"] > 0
+    assert "| Chimera (2D grid DAGs) | diagonal |" in logged["table"] and " ± " in logged["table"]
+    assert (tmp_path / "images_t.png").stat().st_size > 0
+
+
+def test_sharing_all_runs_the_grid_model_once_per_mode(tmp_path):
+    summary = load_example().main(["--model", "grid", "--sharing", "all", "--limit", "8", "--epochs", "1",
+                                   "--seeds", "0", "--budget", "8000", "--quiet", "--out", str(tmp_path)])
+    rows = summary["results"]
+    assert [r["sharing"] for r in rows] == ["none", "complete", "row", "diagonal"]
+    # fewer B/C parameter sets leave room for a wider model
+    assert rows[1]["width"] >= rows[3]["width"] >= rows[0]["width"]
+
+
+def test_position_embeddings_break_the_digit_symmetry():
+    # Without positions, the default grid model (diagonal sharing) sees a digit and its 180°
+    # rotation alike (6 vs 9); the learned position embeddings tell them apart.
+    example = load_example()
+    from torch_geometric.data import Batch, Data
+    from torch_geometric_chimera.transforms import ImageToGrid
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 8, 8, dtype=torch.float64)
+    pair = Batch.from_data_list([ImageToGrid()(Data(x=image)), ImageToGrid()(Data(x=image.flip(1, 2)))])
+    for pos_emb, invariant in (("none", True), ("learned", False)):
+        torch.manual_seed(1)
+        model = example.DigitClassifier("grid", 1, 8, width=16, layers=2, heads=2, state_dim=4,
+                                        sharing="diagonal", dropout=0.0, pos_emb=pos_emb).double().eval()
+        if model.pos is not None:
+            torch.nn.init.normal_(model.pos.weight, std=1.0)
+        with torch.no_grad():
+            logits = model(pair)
+        assert torch.allclose(logits[0], logits[1], atol=1e-9) == invariant, pos_emb
+
+
+def test_missing_scikit_learn_says_what_to_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match="pip install scikit-learn"):
+        load_example().main(["--limit", "4", "--epochs", "1", "--seeds", "0", "--quiet"])
