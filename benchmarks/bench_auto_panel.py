@@ -1,7 +1,7 @@
 """``method="auto"`` against every exact path that applies, on a panel of graph batches and head
 shapes: the mixer alone (``resolvent_attention``, forward + backward, row-normalized weights as the
 ``general`` adjacency gives), each exact method timed interleaved with the others, auto's choice,
-and the ratio auto / fastest. The cost model (``GraphTopology.exact_costs``) is calibrated on it:
+and the ratio auto / fastest. The cost model (``GraphTopology.path_costs``) is calibrated on it:
 the goal is a ratio of at most 1.2 on every row.
 
     python benchmarks/bench_auto_panel.py --out benchmarks/results/auto_panel_cpu.json

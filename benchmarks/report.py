@@ -43,7 +43,7 @@ def layer_section(r):
             lines.append(f"| ChimeraConv method={method}, {expand} | {ms(entry)} | {entry['ratio_vs_gpsconv']:.2f}x | "
                          f"{memory(entry)} |")
     lines += ["", "- `auto` picks between two exact paths for graphs of at most 768 nodes with a cost model "
-              "(`GraphTopology.exact_costs`): `dense`, one batched inverse per bucket of similar graph sizes "
+              "(`GraphTopology.path_costs`, estimated seconds fitted by `bench_auto_panel.py`): `dense`, one batched inverse per bucket of similar graph sizes "
               "(Schur-complement block elimination; the backward reads the resolvent gradient at the edges "
               "only), and `band`, a band LU of `I - A` in reverse Cuthill-McKee order with the state contraction "
               "fused into the solves (`chimera::band_attention`). Molecules (bandwidth about 5) take `band`; the "
@@ -131,10 +131,21 @@ def scaling_section(r):
 def band_section(r):
     lines = ["## Exact small-graph paths: band vs dense, and the cost model of `auto` (issue 3)", "", header(r), "",
              "Mixer alone (`resolvent_attention`), forward + backward, 64 graphs, row-normalized weights; band and "
-             "dense timed interleaved. `auto` compares estimated costs with band flops weighted by "
-             f"`BAND_FLOP_COST` = {r['band_flop_cost']:g} (the ratio of the per-flop costs below).", "",
-             "| graphs | H, S, P | dense | band | dense ns/flop | band ns/flop | faster | auto picks |",
-             "|---|---|---|---|---|---|---|---|"]
+             "dense timed interleaved."]
+    if "band_est_s" in r["rows"][0]:
+        lines += ["`auto` compares the times its cost model (`GraphTopology.path_costs`) estimates, shown beside "
+                  "the measured ones.", "",
+                  "| graphs | H, S, P | dense | band | dense (est.) | band (est.) | faster | auto picks |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            lines.append(f"| {row['graphs']} | {row['heads']}, {row['S']}, {row['P']} | {row['dense_s'] * 1e3:.0f} ms | "
+                         f"{row['band_s'] * 1e3:.0f} ms | {row['dense_est_s'] * 1e3:.0f} ms | "
+                         f"{row['band_est_s'] * 1e3:.0f} ms | {row['faster']} | {row['auto']} |")
+        return lines
+    lines += [f"This run predates the current cost model: `auto` then weighted band flops by "
+              f"`BAND_FLOP_COST` = {r['band_flop_cost']:g} (the ratio of the per-flop costs below).", "",
+              "| graphs | H, S, P | dense | band | dense ns/flop | band ns/flop | faster | auto picked |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['graphs']} | {row['heads']}, {row['S']}, {row['P']} | {row['dense_s'] * 1e3:.0f} ms | "
                      f"{row['band_s'] * 1e3:.0f} ms | {row['dense_ns_per_flop']:.3f} | {row['band_ns_per_flop']:.3f} | "
