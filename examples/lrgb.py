@@ -336,7 +336,7 @@ def record(summary: Dict, args, curves: str):
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "command": "python examples/lrgb.py " + " ".join(
                   a for a in args.argv if not a.startswith("--record") and a != args.record),
-              **{k: summary[k] for k in ("table", "seconds", "runs", "threads")}}
+              **{k: summary[k] for k in ("table", "seconds", "runs", "threads", "load_average")}}
     with open(args.record, "w") as f:
         json.dump(result, f, indent=1)
     stem = os.path.splitext(os.path.basename(args.record))[0]
@@ -391,6 +391,8 @@ def _main(args):
     log = print if rank == 0 else (lambda *a, **k: None)
     results, summary = {}, {"args": vars(args), "device": str(device), "world_size": world,
                             "threads": torch.get_num_threads(), "torch": torch.__version__, "runs": {}}
+    # A shared machine's load makes the seconds meaningless (not the scores): keep it on record.
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for dataset in args.datasets:
         task = TASKS[dataset]
         hp = hyperparameters(task, args)
@@ -426,10 +428,11 @@ def _main(args):
         seconds = {d: {m: round(sum(r["history"][-1]["seconds"] if r["trained_epochs"] else 0 for r in runs), 1)
                        for m, runs in per_model.items()} for d, per_model in results.items()}
         print(f"\nTest score at the best validation epoch, mean ± std over seeds ({device}, "
-              f"{torch.get_num_threads()} CPU threads, world size {world}):\n")
+              f"{torch.get_num_threads()} CPU thread(s), world size {world}):\n")
         print(report)
         print(f"\ntraining seconds (this invocation): {seconds}")
-        summary.update(table=report, seconds=seconds)
+        load_at_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        summary.update(table=report, seconds=seconds, load_average=[load_at_start, load_at_end])
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

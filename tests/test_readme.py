@@ -13,7 +13,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)
-COMMANDS = [line.strip() for block in re.findall(r"```bash\n(.*?)```", README, re.S) for line in block.splitlines()]
+COMMANDS = [command.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", README, re.S)
+            for line in block.splitlines() for command in line.split("&&")]
 
 
 def load(path: str, name: str):
@@ -83,7 +84,7 @@ def test_lrgb_commands_parse():
     commands = [c for c in COMMANDS if "examples/lrgb.py" in c]
     assert len(commands) >= 3
     for command in commands:
-        argv = shlex.split(command.split("#")[0])
+        argv = shlex.split(command)
         example.parse_args(argv[argv.index("examples/lrgb.py") + 1:])
 
 
