@@ -26,14 +26,31 @@ import sys
 import time
 from typing import Dict, List
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch_geometric.loader import DataLoader
+
+def _threads_from_argv(argv: List[str], default: int = 1) -> int:
+    """``--threads`` read before argparse runs (a malformed value is left for argparse to report)."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--threads=") else \
+            argv[i + 1] if arg == "--threads" and i + 1 < len(argv) else None
+        if value is not None:
+            return int(value) if value.lstrip("-").isdigit() else default
+    return default
+
+
+if __name__ == "__main__" and _threads_from_argv(sys.argv[1:]) > 0:
+    # --threads takes effect through the environment, before torch starts: with torch 2.13 (MKL),
+    # calling torch.set_num_threads and then running at more than one thread makes batched LU
+    # factorizations (torch.linalg.inv, used by Chimera's dense path) return invalid pivots.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads_from_argv(sys.argv[1:]))
+
+import torch  # noqa: E402  (after the thread count is in the environment)
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch_geometric.loader import DataLoader  # noqa: E402
 
 from torch_geometric_chimera.lrgb import (LRGB_TASKS, MODELS, TASKS, LRGBModel, average_precision,
                                          count_parameters, load_splits, macro_f1, mean_absolute_error,
-                                         width_for_budget)
+                                         width_for_budget)  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -89,8 +106,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', ...")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for PyTorch (torch.set_num_threads); results are reproducible for a fixed "
-                             "count, and differ between counts; 0 keeps PyTorch's default")
+                        help="CPU threads (set as OMP_NUM_THREADS and MKL_NUM_THREADS before torch starts); results "
+                             "are reproducible for a fixed count, and differ between counts; 0 keeps the environment's")
     parser.add_argument("--out", default="runs/lrgb", help="logs, checkpoints, summary.json, table.md and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--record", default=None, metavar="JSON",
@@ -373,16 +390,11 @@ def model_options(hp: Dict) -> Dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        return _main(args)
-    finally:
-        torch.set_num_threads(threads)  # callers in the same process (the tests) keep theirs
-
-
-def _main(args):
+    if args.threads > 0 and args.threads != torch.get_num_threads():
+        # Called from Python with torch already running: torch.set_num_threads would break its
+        # LU (see the top of this file), so the caller's count stays, and the summary records it.
+        print(f"--threads {args.threads} applies when this file runs as a command; running with the "
+              f"{torch.get_num_threads()} threads of this process")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     rank, world = init_distributed(device)
     if device.type == "cuda" and world > 1:
