@@ -12,23 +12,45 @@ tuned configuration of the review discussion), several seeds, and prints the pap
 
 Metrics are LRGB's own: AP for peptides-func, MAE for peptides-struct, macro F1 for the
 superpixel tasks. The reported test score is the one at the epoch with the best validation score.
-Every run checkpoints each epoch under --out and resumes from there when started again.
+Every run checkpoints each epoch under --out and resumes from there when started again (a second
+invocation of a finished command only reprints its table; --no-resume trains again). On CPU the
+results are bitwise reproducible for a seed at a fixed --threads (default 1): the thread count
+changes the order in which floating-point sums are taken, and ten epochs amplify that into
+differences in the second decimal.
 """
 import argparse
 import json
 import math
 import os
+import sys
 import time
 from typing import Dict, List
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch_geometric.loader import DataLoader
+
+def _threads_from_argv(argv: List[str], default: int = 1) -> int:
+    """``--threads`` read before argparse runs (a malformed value is left for argparse to report)."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--threads=") else \
+            argv[i + 1] if arg == "--threads" and i + 1 < len(argv) else None
+        if value is not None:
+            return int(value) if value.lstrip("-").isdigit() else default
+    return default
+
+
+if __name__ == "__main__" and _threads_from_argv(sys.argv[1:]) > 0:
+    # --threads takes effect through the environment, before torch starts: with torch 2.13 (MKL),
+    # calling torch.set_num_threads and then running at more than one thread makes batched LU
+    # factorizations (torch.linalg.inv, used by Chimera's dense path) return invalid pivots.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads_from_argv(sys.argv[1:]))
+
+import torch  # noqa: E402  (after the thread count is in the environment)
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch_geometric.loader import DataLoader  # noqa: E402
 
 from torch_geometric_chimera.lrgb import (LRGB_TASKS, MODELS, TASKS, LRGBModel, average_precision,
                                          count_parameters, load_splits, macro_f1, mean_absolute_error,
-                                         width_for_budget)
+                                         width_for_budget)  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -41,9 +63,29 @@ HYPERPARAMETERS = ("lr", "dropout", "layers", "hidden", "heads", "state_dim", "e
                    "batch_size", "epochs", "norm_style", "warmup", "weight_decay")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default (options whose default depends on
+    the task say so in their help instead of showing ``None``)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _task_defaults(name: str) -> str:
+    """``"default: 0.002 (peptides-mini), 0.001 (peptides), ..."`` from the task configurations."""
+    groups = {"peptides-mini": "peptides-mini", "peptides-func": "peptides", "pascalvoc-sp": "superpixels"}
+    values = {}
+    for task, group in groups.items():
+        values.setdefault(TASKS[task].config[name], []).append(group)
+    if len(values) == 1:
+        return f"default: {next(iter(values))} (every task)"
+    return "default: " + ", ".join(f"{v} ({', '.join(g)})" for v, g in values.items())
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--root", default=None, help="LRGB data directory (downloaded there when online)")
     parser.add_argument("--dataset", default=None,
                         help=f"comma list of {LRGB_TASKS + ['peptides-mini']} or 'all' (default: peptides-mini "
@@ -52,20 +94,27 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default=None, help="comma list (default: 0 for peptides-mini, else 0,1,2,3)")
     for name in HYPERPARAMETERS:  # default: the task's configuration (see torch_geometric_chimera.lrgb.tasks)
         kind = str if name == "norm_style" else float if name in ("lr", "dropout", "weight_decay") else int
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=_task_defaults(name))
     parser.add_argument("--method", default="auto", help="Chimera's resolvent method")
     parser.add_argument("--budget", type=int, default=500_000, help="parameter budget of every model")
-    parser.add_argument("--allow-over-budget", action="store_true")
+    parser.add_argument("--allow-over-budget", action="store_true", help="run models over --budget anyway")
     parser.add_argument("--no-match-budget", action="store_true",
                         help="keep the baselines' width instead of widening them to Chimera's parameter count")
     parser.add_argument("--limit", type=int, default=None, help="use the first N graphs of each split (smoke runs)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after this many epochs in this invocation; the next one resumes")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="runs/lrgb")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', ...")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (set as OMP_NUM_THREADS and MKL_NUM_THREADS before torch starts); results "
+                             "are reproducible for a fixed count, and differ between counts; 0 keeps the environment's")
+    parser.add_argument("--out", default="runs/lrgb", help="logs, checkpoints, summary.json, table.md and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--record", default=None, metavar="JSON",
+                        help="also write the summary where benchmarks/report.py reads it (the main job: "
+                             "benchmarks/results/main_job_cpu.json), with the learning curves beside it")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.datasets = ((["peptides-mini"] if args.root is None else LRGB_TASKS) if args.dataset is None
                      else LRGB_TASKS if args.dataset == "all" else args.dataset.split(","))
     args.models = list(MODELS) if args.model == "all" else args.model.split(",")
@@ -137,6 +186,36 @@ def warmup_cosine(optimizer, warmup: int, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def rng_states(device: torch.device, world: int) -> List[Dict[str, object]]:
+    """Every process's generator states (CPU, and every CUDA device's when the run is on CUDA), one
+    entry per rank. Stored as ``bytes``, not tensors: ``torch.load(map_location=cuda)`` would move a
+    state tensor onto the GPU, and ``torch.set_rng_state`` takes CPU ``ByteTensor`` only."""
+    state = {"cpu": torch.get_rng_state().numpy().tobytes()}
+    if device.type == "cuda":
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states: List[Dict[str, object]], rank: int):
+    """Undo :func:`rng_states` for this rank."""
+    def as_tensor(data):  # bytearray: torch.frombuffer needs a writable buffer
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    if isinstance(states, torch.Tensor):  # checkpoints written before the CUDA states were kept
+        torch.set_rng_state(states.cpu())
+        return
+    state = states[rank % len(states)]
+    torch.set_rng_state(as_tensor(state["cpu"]))
+    cuda = state.get("cuda", [])
+    if cuda and torch.cuda.is_available():
+        # A checkpoint from a machine with more GPUs restores the devices this one has.
+        torch.cuda.set_rng_state_all([as_tensor(s) for s in cuda[:torch.cuda.device_count()]])
+
+
 def save_atomic(obj, path: str):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)  # a run killed while saving keeps its previous checkpoint
@@ -161,7 +240,7 @@ def run(task, model_name: str, seed: int, hp: Dict, splits, args, device, rank: 
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
+        restore_rng_states(saved["rng"], rank)
         state = {k: saved[k] for k in ("epoch", "history", "best")}
     trained = model
     if world > 1:
@@ -175,7 +254,7 @@ def run(task, model_name: str, seed: int, hp: Dict, splits, args, device, rank: 
     last = hp["epochs"] if args.stop_after is None else min(hp["epochs"], state["epoch"] + args.stop_after)
     bar = tqdm(range(state["epoch"] + 1, last + 1), desc=f"{task.name} {model_name} seed {seed}",
                disable=args.quiet or rank != 0, initial=state["epoch"], total=hp["epochs"])
-    start = time.perf_counter()
+    start, resumed_at = time.perf_counter(), state["epoch"]
     for epoch in bar:
         model.train()
         if sampler is not None:
@@ -203,10 +282,10 @@ def run(task, model_name: str, seed: int, hp: Dict, splits, args, device, rank: 
             if rank == 0:
                 save_atomic(model.state_dict(), os.path.join(run_dir, "best.pt"))
         state["epoch"] = epoch
+        rng = rng_states(device, world)  # a collective under torchrun: every rank takes part
         if rank == 0:
             save_atomic({"hp": hp, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), **state},
-                        checkpoint_path)
+                         "scheduler": scheduler.state_dict(), "rng": rng, **state}, checkpoint_path)
             with open(os.path.join(run_dir, "history.json"), "w") as f:
                 json.dump({"hp": hp, **state}, f, indent=1)
             if hasattr(bar, "set_postfix"):
@@ -214,7 +293,7 @@ def run(task, model_name: str, seed: int, hp: Dict, splits, args, device, rank: 
                                 best=f"{state['best']['val']:.4f}")
         barrier(world)
     return {"params": count_parameters(model), "width": hp["width"], "finished": state["epoch"] == hp["epochs"],
-            **state}
+            "trained_epochs": state["epoch"] - resumed_at, **state}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -263,6 +342,40 @@ def plot(results: Dict, path: str):
     print(f"saved {path}")
 
 
+def record(summary: Dict, args, curves: str):
+    """Write ``summary`` as a benchmark result (``benchmarks/report.py`` renders it into BENCHMARKS.md)."""
+    import datetime
+    import platform
+    import shutil
+    directory = os.path.dirname(os.path.abspath(args.record))
+    os.makedirs(directory, exist_ok=True)
+    result = {"device": f"{platform.machine()} {summary['device']}, {summary['threads']} thread{'s' if summary['threads'] != 1 else ''}",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "command": "python examples/lrgb.py " + " ".join(
+                  a for a in args.argv if not a.startswith("--record") and a != args.record),
+              **{k: summary[k] for k in ("table", "seconds", "runs", "threads", "load_average")}}
+    with open(args.record, "w") as f:
+        json.dump(result, f, indent=1)
+    stem = os.path.splitext(os.path.basename(args.record))[0]
+    kind = torch.device(summary["device"]).type
+    stem = stem[:-len(kind) - 1] if stem.endswith("_" + kind) else stem
+    if os.path.exists(curves):  # main_job_cpu.json -> main_job_learning_curves.png, the name BENCHMARKS.md links
+        shutil.copyfile(curves, os.path.join(directory, f"{stem}_learning_curves.png"))
+    print(f"saved {args.record}; `python benchmarks/report.py` writes it into BENCHMARKS.md")
+
+
+def resume_note(results: Dict, out: str) -> str:
+    """Tell that runs resume from ``out``, and which ones this invocation only read back."""
+    runs = [(d, m, r) for d, per_model in results.items() for m, rs in per_model.items() for r in rs]
+    reused = [f"{d}/{m}/seed{r['seed']}" for d, m, r in runs if r["finished"] and r["trained_epochs"] == 0]
+    if reused:
+        return (f"\n{len(reused)} of {len(runs)} runs had already finished under {out} and were not trained again "
+                f"({', '.join(reused)}): their rows are read from the checkpoints. Pass --no-resume (or another "
+                f"--out) to train from scratch.")
+    return (f"\nCheckpoints are under {out}: running this command again resumes unfinished runs and only reprints "
+            f"the table of finished ones. Pass --no-resume (or another --out) to train from scratch.")
+
+
 def hyperparameters(task, args) -> Dict:
     hp = dict(task.config)
     for name in HYPERPARAMETERS:
@@ -277,13 +390,21 @@ def model_options(hp: Dict) -> Dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads > 0 and args.threads != torch.get_num_threads():
+        # Called from Python with torch already running: torch.set_num_threads would break its
+        # LU (see the top of this file), so the caller's count stays, and the summary records it.
+        print(f"--threads {args.threads} applies when this file runs as a command; running with the "
+              f"{torch.get_num_threads()} threads of this process")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     rank, world = init_distributed(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    results, summary = {}, {"args": vars(args), "device": str(device), "world_size": world, "runs": {}}
+    results, summary = {}, {"args": vars(args), "device": str(device), "world_size": world,
+                            "threads": torch.get_num_threads(), "torch": torch.__version__, "runs": {}}
+    # A shared machine's load makes the seconds meaningless (not the scores): keep it on record.
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for dataset in args.datasets:
         task = TASKS[dataset]
         hp = hyperparameters(task, args)
@@ -310,17 +431,20 @@ def main(argv=None):
                 result = run(task, model_name, seed, dict(hp, width=width), splits, args, device, rank, world)
                 runs.append({"seed": seed, **result})
             results[dataset][model_name] = runs
-        summary["runs"][dataset] = {m: [{k: r[k] for k in ("seed", "params", "width", "best", "finished")}
+        summary["runs"][dataset] = {m: [{k: r[k] for k in ("seed", "params", "width", "best", "finished",
+                                                          "trained_epochs")}
                                         for r in runs] for m, runs in results[dataset].items()}
 
     if rank == 0:
         report = table(results, args.datasets, args.models, args.budget)
-        seconds = {d: {m: round(sum(r["history"][-1]["seconds"] if r["history"] else 0 for r in runs), 1)
+        seconds = {d: {m: round(sum(r["history"][-1]["seconds"] if r["trained_epochs"] else 0 for r in runs), 1)
                        for m, runs in per_model.items()} for d, per_model in results.items()}
-        print(f"\nTest score at the best validation epoch, mean ± std over seeds ({device}, world size {world}):\n")
+        print(f"\nTest score at the best validation epoch, mean ± std over seeds ({device}, "
+              f"{torch.get_num_threads()} CPU thread(s), world size {world}):\n")
         print(report)
         print(f"\ntraining seconds (this invocation): {seconds}")
-        summary.update(table=report, seconds=seconds)
+        load_at_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        summary.update(table=report, seconds=seconds, load_average=[load_at_start, load_at_end])
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -328,6 +452,9 @@ def main(argv=None):
             f.write(report + "\n")
         print(f"saved {os.path.join(args.out, 'summary.json')} and table.md")
         plot(results, os.path.join(args.out, "learning_curves.png"))
+        if args.record is not None:
+            record(summary, args, os.path.join(args.out, "learning_curves.png"))
+        print(resume_note(results, args.out))  # last, where a user reading a reprinted table looks
     barrier(world)
     if world > 1:
         dist.destroy_process_group()
