@@ -79,7 +79,11 @@ def extensions():
 graphgym_requires = ["yacs", "pytorch_lightning"]
 lrgb_requires = ["ogb", "rdkit"]
 examples_requires = ["tqdm", "matplotlib"]
-test_requires = ["pytest"] + examples_requires + graphgym_requires
+# examples/images.py trains on scikit-learn's digits (shipped with the package, no download).
+images_requires = ["scikit-learn"]
+# What GraphGPS's own main.py imports beyond torch and PyG (graphgym.graphgps_main runs it).
+graphgps_requires = ["ogb", "performer-pytorch", "scikit-learn", "pandas", "tensorboardX"] + graphgym_requires
+test_requires = ["pytest"] + examples_requires + graphgym_requires + images_requires
 # Triton ships wheels for Linux only (about 290 MB; it does not depend on torch).
 triton_requires = ['triton; platform_system == "Linux"']
 setup(
@@ -98,11 +102,13 @@ setup(
         "triton": triton_requires,
         "lrgb": lrgb_requires,
         "examples": examples_requires,
+        "images": images_requires,
+        "graphgps": graphgps_requires,
         "graphgym": graphgym_requires,
         "test": test_requires,
         # Everything that installs from wheels in minutes. Left out: "sparse" (torch_scatter and
         # torch_sparse build from source against the installed torch, about 7 and 14 minutes on 2 cores).
-        "full": sorted(set(test_requires + lrgb_requires + triton_requires)),
+        "full": sorted(set(test_requires + lrgb_requires + triton_requires + images_requires + graphgps_requires)),
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtensionChecked},

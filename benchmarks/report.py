@@ -185,6 +185,62 @@ def main_job_section(r):
     return lines
 
 
+def auto_panel_section(r):
+    lines = ["## `auto`'s cost model on a panel of batches and shapes (issue 8)", "", header(r), "",
+             "Mixer alone, forward + backward, every exact small-graph path timed; `auto` picks by the "
+             "estimated seconds of `GraphTopology.path_costs`. Worst auto / fastest over the panel: "
+             f"**{r['worst_auto_over_fastest']:.2f}x** (target 1.2x).", "",
+             "| graphs | H, S, P | " + " | ".join(("dense", "band", "dag")) + " | auto picks | auto / fastest |",
+             "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        times = [f"{row['seconds'][m] * 1e3:.0f} ms" if m in row["seconds"] else "-" for m in ("dense", "band", "dag")]
+        lines.append(f"| {row['graphs']} | {row['H']}, {row['S']}, {row['P']} | " + " | ".join(times)
+                     + f" | {row['auto']} | {row['auto_over_fastest']:.2f}x |")
+    return lines
+
+
+def kernel_checks_section(r):
+    lines = ["## Cost of the raw ops' input checks (issue 8)", "", header(r), "",
+             f"Every index argument of every raw op is validated before it is dereferenced (CPU always; CUDA in "
+             f"debug mode). {r['graphs']} peptide-like graphs, {r['nodes']} nodes, {r['edges']} edges, H = "
+             f"{r['heads']}, F = {r['feat']}; one thread. `checks` is a call with H = 0 (validation, dispatch "
+             f"and allocation only), before and after the checks were added.", "",
+             "| op | full op | checks-only call, before | after | after, share of the full op |",
+             "|---|---|---|---|---|"]
+    before = {op["op"]: op for op in r["before_1_thread"]["ops"]}
+    for op in r["after_1_thread"]["ops"]:
+        old = before.get(op["op"], {})
+        lines.append(f"| {op['op']} | {op['full_ms']:.2f} ms | "
+                     f"{old.get('checks_ms', float('nan')) * 1e3:.0f} us | {op['checks_ms'] * 1e3:.0f} us | "
+                     f"{op['checks_percent_of_full']:.1f}% |")
+    return lines
+
+
+def topology_cache_section(r):
+    lines = ["## Topology cache: the cost of seeing writes that bypass the version counter (issue 8)", "",
+             header(r), "", "On CPU a cache hit also compares a kept copy of `edge_index` and `batch`.", "",
+             "| graphs | edges | hit, version counter only | hit, values compared |", "|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['graphs']} | {row['edges']} | {row['hit_version_only_s'] * 1e6:.0f} us | "
+                     f"{row['hit_checked_s'] * 1e6:.0f} us |")
+    return lines
+
+
+def images_text_section(r):
+    lines = ["## Images and text as graphs: decompositions vs attention (issue 10)", "", header(r), "",
+             f"`ChimeraConv(width={r['width']}, heads={r['heads']}, state_dim={r['state_dim']}, "
+             f"expand={r['expand']}, decomposition=...)`, forward + backward, against attention layers of equal "
+             "width (QKV and output projections included), timed interleaved.", "",
+             "| workload | model | time (median) | ratio |", "|---|---|---|---|"]
+    for key, what in (("images", lambda e: f"{e['num_images']} images of {e['side']}x{e['side']} patches"),
+                      ("text", lambda e: f"one sequence of {e['length']} tokens")):
+        if key in r:
+            for name, entry in r[key]["timings"].items():
+                lines.append(f"| {what(r[key])} | {name} | {ms(entry)} | {entry['ratio']:.2f}x |")
+    lines += ["", "Targets (issue 10): images <= 1.0x the ViT attention layer on this CPU; text <= 1.0x SDPA."]
+    return lines
+
+
 def main():
     out = ["# Benchmarks", "",
            "Every figure is a ratio against a baseline timed in the same process on the same inputs; the JSON "
@@ -197,7 +253,10 @@ def main():
                           ("band_vs_dense_cpu.json", band_section), ("lrgb_step_cpu.json", lrgb_step_section), ("main_job_cpu.json", main_job_section),
                           ("line_cpu.json", line_section),
                           ("dag_cpu.json", dag_section), ("neumann_cpu.json", neumann_section),
-                          ("scaling_cpu.json", scaling_section)):
+                          ("scaling_cpu.json", scaling_section), ("auto_panel_cpu.json", auto_panel_section),
+                          ("kernel_checks_cpu.json", kernel_checks_section),
+                          ("topology_cache_cpu.json", topology_cache_section),
+                          ("images_text_cpu.json", images_text_section)):
         r = load(name)
         if r is not None:
             out += section(r) + [""]
