@@ -41,7 +41,14 @@ def check_graphgym(ns, printed):
     assert printed.split() == ["ChimeraGPSModel", "GCN+Chimera", "96"]  # what the snippet's comment says
 
 
-CHECKS = [check_conv, check_function, check_gps, check_graphgym]  # one per snippet, in README order
+def check_images(ns, printed):
+    assert tuple(ns["image_batch"].grid_size.shape) == (4, 2)
+    assert tuple(ns["pixels"].shape) == (64, 32)
+    assert all(tuple(ns[name].shape) == (17, 32) for name in ("both", "causal", "undirected"))
+    assert not torch.allclose(ns["both"], ns["causal"])
+
+
+CHECKS = [check_conv, check_function, check_gps, check_graphgym, check_images]  # one per snippet, in README order
 
 
 def test_every_snippet_has_a_check():
