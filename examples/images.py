@@ -36,7 +36,7 @@ import copy
 import json
 import math
 import os
-import platform
+import sys
 import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional
@@ -51,6 +51,9 @@ from torch_geometric.utils import to_dense_batch
 from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.nn.decomposition import SHARING
 from torch_geometric_chimera.transforms import ImageToGrid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/_common.py
+from _common import Block, count_parameters, machine_description, warmup_cosine  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -156,19 +159,6 @@ class Mixer(nn.Module):
         return self.conv(x, data.edge_index, batch=data.batch, seq_len=data.grid_size.prod(-1))
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: mixer, then a 2x MLP."""
-
-    def __init__(self, kind: str, width: int, heads: int, state_dim: int, sharing: str, dropout: float):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.mixer = Mixer(kind, width, heads, state_dim, sharing, dropout)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, data) -> Tensor:
-        x = x + self.dropout(self.mixer(self.norm1(x), data))
-        return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class DigitClassifier(nn.Module):
@@ -183,7 +173,7 @@ class DigitClassifier(nn.Module):
         self.pos = nn.Embedding(grid_side * grid_side, width) if pos_emb == "learned" else None
         if self.pos is not None:
             nn.init.normal_(self.pos.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(kind, width, heads, state_dim, sharing, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(Mixer(kind, width, heads, state_dim, sharing, dropout), width, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
@@ -199,8 +189,6 @@ class DigitClassifier(nn.Module):
         return self.head(pooled)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def build(kind: str, width: int, args, sharing: str) -> DigitClassifier:
@@ -222,12 +210,6 @@ def width_for_budget(kind: str, args, sharing: str) -> int:
 
 
 # ----------------------------------------------------------------------------- training
-def warmup_cosine(optimizer, warmup: int, total: int):
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @torch.no_grad()
@@ -332,17 +314,6 @@ def plot(rows: List[Dict], path: str) -> bool:
     return True
 
 
-def machine_description(device: torch.device) -> str:
-    """CPU (or GPU) model, cores, torch version and threads, for the log and the printed table."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> Dict:

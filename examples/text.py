@@ -34,7 +34,7 @@ import copy
 import json
 import math
 import os
-import platform
+import sys
 import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional
@@ -48,6 +48,9 @@ from torch_geometric.utils import to_dense_batch
 
 from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.transforms import SequenceToLine
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/_common.py
+from _common import Block, count_parameters, machine_description, warmup_cosine  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -178,19 +181,6 @@ class Mixer(nn.Module):
         return self.conv(x, data.edge_index, batch=data.batch, seq_len=data.seq_len)
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: mixer, then a 2x MLP."""
-
-    def __init__(self, kind: str, width: int, heads: int, state_dim: int, dropout: float):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.mixer = Mixer(kind, width, heads, state_dim, dropout)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, data) -> Tensor:
-        x = x + self.dropout(self.mixer(self.norm1(x), data))
-        return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class ByteMLM(nn.Module):
@@ -204,7 +194,7 @@ class ByteMLM(nn.Module):
         for emb in (self.embed, self.pos):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(kind, width, heads, state_dim, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(Mixer(kind, width, heads, state_dim, dropout), width, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 256)
 
@@ -219,8 +209,6 @@ class ByteMLM(nn.Module):
         return self.head(x if chosen is None else x[chosen])
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def build(kind: str, width: int, args) -> ByteMLM:
@@ -240,12 +228,6 @@ def width_for_budget(kind: str, args) -> int:
 
 
 # ----------------------------------------------------------------------------- training
-def warmup_cosine(optimizer, warmup: int, total: int):
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @torch.no_grad()
@@ -357,17 +339,6 @@ def plot(rows: List[Dict], path: str) -> bool:
     return True
 
 
-def machine_description(device: torch.device) -> str:
-    """CPU (or GPU) model, cores, torch version and threads, for the log and the printed table."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> Dict:
