@@ -218,3 +218,9 @@ def test_scripted_grid_layer_gives_the_eager_outputs():
     kwargs = dict(batch=data.batch, grid_size=data.grid_size)
     torch.testing.assert_close(torch.jit.script(conv)(data.x, data.edge_index, **kwargs),
                                conv(data.x, data.edge_index, **kwargs))
+
+
+def test_one_sequence_without_seq_len_reuses_its_dags():
+    first = decomposition_dags("line", 9)
+    assert all(a is b for a, b in zip(first, decomposition_dags("line", 9)))
+    assert [edge_set(d) for d in first] == [edge_set(d) for d in batched_line_dags(torch.tensor([9]))]

@@ -152,7 +152,10 @@ def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optiona
     else:
         if seq_len is None:
             if batch is None:
-                seq_len = torch.tensor([num_nodes])
+                # one tensor per length, so repeated calls hit the DAG (and topology) caches
+                if len(_SINGLE_SEQUENCE) > 64:  # bounded: many distinct lengths only cost cache misses
+                    _SINGLE_SEQUENCE.clear()
+                seq_len = _SINGLE_SEQUENCE.setdefault(num_nodes, torch.tensor([num_nodes]))
             else:
                 seq_len = _CACHE_SEQ.get(batch)
         if seq_len.dim() > 1 or seq_len.is_floating_point():
@@ -188,6 +191,7 @@ class _SequenceLengths:
 
 
 _CACHE_SEQ = _SequenceLengths()
+_SINGLE_SEQUENCE: Dict[int, Tensor] = {}
 
 
 def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, delta: Tensor, dags: List[Tensor],
