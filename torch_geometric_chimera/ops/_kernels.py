@@ -179,6 +179,9 @@ if HAS_EXTENSION:
 
     def _band_attention_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs, output[1])
+        # The state is rarely used downstream: let its gradient arrive as None rather than a
+        # zero-filled [N, H, S * P] tensor that the kernel would then read through.
+        ctx.set_materialize_grads(False)
 
     def _band_attention_backward(ctx, grads):
         grad_y, grad_state = grads  # an op returning Tensor[] gets its gradients as one list
@@ -207,6 +210,9 @@ if HAS_EXTENSION:
 
     def _dag_attention_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs, output[1])
+        # The state is rarely used downstream: let its gradient arrive as None rather than a
+        # zero-filled [N, H, S * P] tensor that the kernel would then read through.
+        ctx.set_materialize_grads(False)
 
     def _dag_attention_backward(ctx, grads):
         grad_y, grad_state = grads
