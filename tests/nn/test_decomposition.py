@@ -224,3 +224,11 @@ def test_one_sequence_without_seq_len_reuses_its_dags():
     first = decomposition_dags("line", 9)
     assert all(a is b for a, b in zip(first, decomposition_dags("line", 9)))
     assert [edge_set(d) for d in first] == [edge_set(d) for d in batched_line_dags(torch.tensor([9]))]
+
+
+def test_dags_of_one_sequence_go_to_the_requested_device():
+    # x's device, not the CPU: a layer on an accelerator builds its DAGs there
+    for decomposition in ("line", "fwd"):
+        dags = decomposition_dags(decomposition, 6, device=torch.device("meta"))
+        assert len(dags) == (2 if decomposition == "line" else 1)
+        assert all(dag.device.type == "meta" and dag.shape == (2, 5) for dag in dags)

@@ -186,6 +186,7 @@ class ChimeraConv(MessagePassing):
 
         # x, then B and C for each of the num_sets parameter sets of the decomposition.
         conv_width = inner + 2 * state_dim * self.num_sets
+        self.conv_width = conv_width
         # One projection for z, (x, B, C), delta and psi, as Mamba-2's in_proj.
         self.in_proj = Linear(channels, inner + conv_width + 2 * heads, bias=False)
         self.conv_self = Parameter(torch.empty(conv_width))
@@ -327,17 +328,17 @@ class ChimeraConv(MessagePassing):
 
     @torch.jit.ignore
     def _decomposition(self, num_nodes: int, grid_size: OptTensor, seq_len: OptTensor,
-                       batch: OptTensor, topology: Any = None) -> Tuple[List[Tensor], Tensor]:
+                       batch: OptTensor, topology: Any, device: torch.device) -> Tuple[List[Tensor], Tensor]:
         """The DAGs of ``self.decomposition`` and the edges of the local convolution."""
         if topology is not None:
             raise ValueError("topology: a decomposition builds and caches its DAGs from grid_size / seq_len; "
                              "pass topology=None")
-        dags = decomposition_dags(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch)
+        dags = decomposition_dags(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch,
+                                  device=device)
         # The local convolution sees what the mixer sees, every edge once: the forward line
         # alone for "fwd" (causal), both lines for "line", and for "grid" the down-left and
         # up-right DAGs, which together hold each of the four neighbour directions once.
-        local = {1: dags[:1], 2: dags, 4: dags[1:3]}[len(dags)]
-        return dags, torch.cat(local, 1)
+        return dags, torch.cat(dags[1:3] if len(dags) == 4 else dags, 1)
 
     @torch.jit.ignore
     def _decomposed_mix(self, values: Tensor, B: Tensor, C: Tensor, delta: Tensor, dags: List[Tensor],
@@ -371,14 +372,13 @@ class ChimeraConv(MessagePassing):
         if self.decomposition is not None:
             if edge_attr is not None:
                 raise ValueError("edge_attr: a decomposition's DAGs carry no edge features; pass edge_attr=None")
-            dags, edge_index = self._decomposition(num_nodes, grid_size, seq_len, batch, topology)
+            dags, edge_index = self._decomposition(num_nodes, grid_size, seq_len, batch, topology, x.device)
         delta_edge = self._edge_selectivity(edge_attr, edge_index.size(1))
         edge_mask: OptTensor = None
         if dags is None and not torch.jit.is_scripting():  # PyG's explain masks exist on the Python module only
             edge_mask = self._explain_edge_mask(edge_index.size(1), num_nodes)
 
-        conv_width = self.inner + 2 * self.state_dim * self.num_sets
-        z, xbc, dt, psi = self.in_proj(x).split([self.inner, conv_width, heads, heads], dim=-1)
+        z, xbc, dt, psi = self.in_proj(x).split([self.inner, self.conv_width, heads, heads], dim=-1)
         if self.local_conv:
             neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
             xbc = xbc * self.conv_self + neighbors * self.conv_neighbors + self.conv_bias

@@ -11,12 +11,13 @@ Nodes of every graph are numbered consecutively, graph after graph, as PyG's ``D
 batches them; inside a sequence in order, inside an image in raster order (row by row).
 """
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..ops.reference import host_reads_allowed
+from ..utils.topology import line_graph_dags
 
 #: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line
 #: alone: causal, Mamba-2's SSD) and ``"grid"`` (four directed grid DAGs, Fig. 3).
@@ -67,10 +68,10 @@ def batched_line_dags(seq_len: Tensor) -> List[Tensor]:
     r"""Forward (``t -> t + 1``) and backward (``t + 1 -> t``) chains of every sequence of a batch
     with lengths ``seq_len`` (``[G]``), nodes numbered sequence after sequence."""
     seq_len = seq_len.view(-1).long()
-    node, graph, local = _node_coordinates(seq_len)
-    has_next = local < seq_len[graph] - 1
-    forward = torch.stack([node[has_next], node[has_next] + 1])
-    return [forward, forward.flip(0)]
+    num_nodes = int(seq_len.sum())
+    batch = torch.repeat_interleave(torch.arange(seq_len.numel(), device=seq_len.device), seq_len,
+                                    output_size=num_nodes)
+    return list(line_graph_dags(num_nodes, batch))
 
 
 def batched_grid_dags(grid_size: Tensor) -> List[Tensor]:
@@ -101,14 +102,14 @@ class _DagCache:
         self.size = size
         self.entries: List[Tuple] = []
 
-    def get(self, decomposition: str, geometry: Tensor) -> List[Tensor]:
+    def get(self, kind: str, geometry: Tensor, build: Callable[[], List[Tensor]]) -> List[Tensor]:
         if geometry.is_inference():
-            return _build(decomposition, geometry)
-        for ref, version, kind, dags in self.entries:
-            if ref() is geometry and version == geometry._version and kind == decomposition:
+            return build()
+        for ref, version, entry_kind, dags in self.entries:
+            if ref() is geometry and version == geometry._version and entry_kind == kind:
                 return dags
-        dags = _build(decomposition, geometry)
-        self.entries = ([(weakref.ref(geometry), geometry._version, decomposition, dags)]
+        dags = build()
+        self.entries = ([(weakref.ref(geometry), geometry._version, kind, dags)]
                         + [e for e in self.entries if e[0]() is not None][:self.size - 1])
         return dags
 
@@ -124,7 +125,8 @@ _CACHE = _DagCache()
 
 
 def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optional[Tensor] = None,
-                       seq_len: Optional[Tensor] = None, batch: Optional[Tensor] = None) -> List[Tensor]:
+                       seq_len: Optional[Tensor] = None, batch: Optional[Tensor] = None,
+                       device: Optional[torch.device] = None) -> List[Tensor]:
     r"""The DAGs of ``decomposition`` over a batch of ``num_nodes`` nodes.
 
     Args:
@@ -134,6 +136,8 @@ def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optiona
         seq_len (LongTensor, optional): ``[G]`` length of every sequence (``"line"``, ``"fwd"``);
             when :obj:`None`, every graph of ``batch`` (or the whole input) is one sequence.
         batch (LongTensor, optional): ``[N]`` graph of every node, used only without ``seq_len``.
+        device (torch.device, optional): where the DAGs go when neither ``seq_len`` nor ``batch``
+            is given (default: CPU).
 
     :rtype: list of :class:`LongTensor` ``[2, E_d]``, one per DAG (:data:`NUM_DAGS`).
     """
@@ -151,13 +155,18 @@ def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optiona
         name = "grid_size"
     else:
         if seq_len is None:
-            if batch is None:
-                # one tensor per length, so repeated calls hit the DAG (and topology) caches
+            # Every graph of batch (or the whole input) is one sequence: no lengths needed, no host read.
+            forward_only = decomposition == "fwd"
+            if batch is not None:
+                dags = _CACHE.get(decomposition, batch, lambda: list(line_graph_dags(num_nodes, batch)))
+                return dags[:1] if forward_only else dags
+            key = (num_nodes, str(torch.device(device or "cpu")))
+            if key not in _SINGLE_SEQUENCE:
                 if len(_SINGLE_SEQUENCE) > 64:  # bounded: many distinct lengths only cost cache misses
                     _SINGLE_SEQUENCE.clear()
-                seq_len = _SINGLE_SEQUENCE.setdefault(num_nodes, torch.tensor([num_nodes]))
-            else:
-                seq_len = _CACHE_SEQ.get(batch)
+                _SINGLE_SEQUENCE[key] = list(line_graph_dags(num_nodes, device=device))
+            dags = _SINGLE_SEQUENCE[key]
+            return dags[:1] if forward_only else dags
         if seq_len.dim() > 1 or seq_len.is_floating_point():
             raise ValueError(f"seq_len: expected an integer tensor of shape [num_graphs], got "
                              f"{list(seq_len.shape)} of dtype {seq_len.dtype}")
@@ -168,30 +177,10 @@ def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optiona
         if int(total) != num_nodes or bool((geometry < 0).any()):
             raise ValueError(f"{name}: the graphs it describes have {int(total)} nodes in all, but x has "
                              f"{num_nodes} (sizes must be non-negative)")
-    return _CACHE.get(decomposition, geometry)
+    return _CACHE.get(decomposition, geometry, lambda: _build(decomposition, geometry))
 
 
-class _SequenceLengths:
-    """Sequence lengths from a sorted ``batch`` vector, cached per tensor like the DAGs."""
-
-    def __init__(self):
-        self.entries: Dict[int, Tuple] = {}
-
-    def get(self, batch: Tensor) -> Tensor:
-        key = id(batch)
-        entry = self.entries.get(key)
-        if entry is not None and entry[0]() is batch and entry[1] == batch._version:
-            return entry[2]
-        num_graphs = int(batch.max()) + 1 if batch.numel() else 0
-        lengths = torch.bincount(batch.long(), minlength=num_graphs)
-        if not batch.is_inference():
-            self.entries = {k: v for k, v in self.entries.items() if v[0]() is not None}
-            self.entries[key] = (weakref.ref(batch), batch._version, lengths)
-        return lengths
-
-
-_CACHE_SEQ = _SequenceLengths()
-_SINGLE_SEQUENCE: Dict[int, Tensor] = {}
+_SINGLE_SEQUENCE: Dict[Tuple[int, str], List[Tensor]] = {}
 
 
 def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, delta: Tensor, dags: List[Tensor],

@@ -5,6 +5,9 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 from torch_geometric.transforms import BaseTransform
+from torch_geometric.utils import sort_edge_index
+
+from ..utils.topology import grid_graph_dags
 
 
 def grid_edge_index(height: int, width: int, device: Optional[torch.device] = None) -> Tensor:
@@ -13,13 +16,8 @@ def grid_edge_index(height: int, width: int, device: Optional[torch.device] = No
 
     :rtype: :class:`LongTensor` of shape ``[2, 2 (h (w - 1) + (h - 1) w)]``.
     """
-    index = torch.arange(height * width, device=device).view(height, width)
-    right = torch.stack([index[:, :-1].reshape(-1), index[:, 1:].reshape(-1)])
-    down = torch.stack([index[:-1, :].reshape(-1), index[1:, :].reshape(-1)])
-    edge_index = torch.cat([right, right.flip(0), down, down.flip(0)], dim=1)
-    # Sorted by (target, source), the order PyG's coalesce gives to a transposed adjacency.
-    order = torch.argsort(edge_index[1] * max(height * width, 1) + edge_index[0])
-    return edge_index[:, order]
+    down_right, _, _, up_left = grid_graph_dags(height, width, device)  # together: every neighbour pair, both ways
+    return sort_edge_index(torch.cat([down_right, up_left], 1), num_nodes=height * width, sort_by_row=False)
 
 
 class ImageToGrid(BaseTransform):

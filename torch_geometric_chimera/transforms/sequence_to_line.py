@@ -5,6 +5,9 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 from torch_geometric.transforms import BaseTransform
+from torch_geometric.utils import sort_edge_index
+
+from ..utils.topology import line_graph_dags
 
 
 def line_edge_index(length: int, directed: bool = False, device: Optional[torch.device] = None) -> Tensor:
@@ -13,13 +16,10 @@ def line_edge_index(length: int, directed: bool = False, device: Optional[torch.
 
     :rtype: :class:`LongTensor` of shape ``[2, (length - 1)]`` or ``[2, 2 (length - 1)]``.
     """
-    index = torch.arange(length, device=device)
-    forward = torch.stack([index[:-1], index[1:]])
+    forward, backward = line_graph_dags(length, device=device)
     if directed:
         return forward
-    edge_index = torch.cat([forward, forward.flip(0)], dim=1)
-    order = torch.argsort(edge_index[1] * max(length, 1) + edge_index[0])
-    return edge_index[:, order]
+    return sort_edge_index(torch.cat([forward, backward], 1), num_nodes=length, sort_by_row=False)
 
 
 class SequenceToLine(BaseTransform):
