@@ -213,7 +213,9 @@ def test_losses_step_aside_for_graphgps(gt_cfg, monkeypatch):
     monkeypatch.setitem(register.loss_dict, "weighted_cross_entropy", lambda pred, true: None)
     assert gg.weighted_cross_entropy(pred, true) is None
     gt_cfg.model.loss_fun = "l1"
-    assert gg.l1_loss(pred[:, 0], true.float()) is not None
+    loss, returned = gg.l1_loss(pred[:, 0], true.float())
+    assert torch.allclose(loss, torch.nn.functional.l1_loss(pred[:, 0], true.float()))
+    assert torch.equal(returned, pred[:, 0])
     monkeypatch.setitem(register.loss_dict, "l1_losses", lambda pred, true: None)
     assert gg.l1_loss(pred[:, 0], true.float()) is None
 

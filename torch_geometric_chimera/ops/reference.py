@@ -168,7 +168,7 @@ def squarings_for_depth(depth: int) -> int:
     this :math:`k` is exact."""
     if depth < 0:
         raise ValueError(f"depth: expected a non-negative int, got {depth}")
-    return max(1, math.ceil(math.log2(depth + 1))) if depth > 0 else 1
+    return max(1, math.ceil(math.log2(depth + 1)))
 
 
 def squaring_resolvent(adj: Tensor, num_squarings: int) -> Tensor:
