@@ -68,6 +68,7 @@ class GraphTopology:
         self.edge_index = edge_index.long()
         self.num_nodes = num_nodes
         self._batch_ids = batch
+        self.choices: Dict[Tuple, str] = {}  # choose_method's answers, per state shape
 
     @cached_property
     def batch(self) -> Optional[Tensor]:
@@ -242,6 +243,14 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, stat
     """
     if num_terms is not None:
         return "neumann"
+    # Every layer and step on one topology asks again: the answer depends on the shapes only.
+    key = (state_dim, head_dim, reference.host_reads_allowed(topology.edge_index))
+    if key not in topology.choices:
+        topology.choices[key] = _choose_exact_or_iterative(topology, state_dim, head_dim)
+    return topology.choices[key]
+
+
+def _choose_exact_or_iterative(topology: GraphTopology, state_dim: Optional[int], head_dim: Optional[int]) -> str:
     if topology.is_line:
         return "line"
     if topology.max_graph_size <= DENSE_MAX_NODES:
