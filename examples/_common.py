@@ -2,6 +2,7 @@
 import math
 import os
 import platform
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -46,3 +47,16 @@ class Block(nn.Module):
     def forward(self, x: Tensor, data) -> Tensor:
         x = x + self.dropout(self.mixer(self.norm1(x), data))
         return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+def width_for_budget(build: Callable[[int], nn.Module], attention: bool, heads: int, budget: int, name: str) -> int:
+    """The largest width whose model ``build(width)`` fits ``budget`` parameters: a multiple of
+    ``heads`` for attention, of ``heads / gcd(heads, 2)`` for Chimera (its inner width ``2 * width``
+    splits into heads)."""
+    step = heads if attention else heads // math.gcd(heads, 2)
+    width = step
+    if count_parameters(build(width)) > budget:
+        raise SystemExit(f"--budget {budget:,} is too small for {name} at width {width}")
+    while count_parameters(build(width + step)) <= budget:
+        width += step
+    return width

@@ -32,7 +32,6 @@ are scored on the test windows: masked accuracy and cross-entropy (nats per mask
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -51,6 +50,7 @@ from torch_geometric_chimera.transforms import SequenceToLine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/_common.py
 from _common import Block, count_parameters, machine_description, warmup_cosine  # noqa: E402
+from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -216,15 +216,7 @@ def build(kind: str, width: int, args) -> ByteMLM:
 
 
 def width_for_budget(kind: str, args) -> int:
-    """The largest width whose model fits ``--budget`` parameters: a multiple of ``--heads`` for
-    attention, of ``heads / gcd(heads, 2)`` for Chimera (its inner width ``2 * width`` splits into heads)."""
-    step = args.heads if kind == "bert" else args.heads // math.gcd(args.heads, 2)
-    width = step
-    if count_parameters(build(kind, width, args)) > args.budget:
-        raise SystemExit(f"--budget {args.budget:,} is too small for {kind} at width {width}")
-    while count_parameters(build(kind, width + step, args)) <= args.budget:
-        width += step
-    return width
+    return shared_width_for_budget(lambda width: build(kind, width, args), kind == "bert", args.heads, args.budget, kind)
 
 
 # ----------------------------------------------------------------------------- training
