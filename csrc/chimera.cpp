@@ -72,4 +72,15 @@ TORCH_LIBRARY(chimera, m) {
         "Tensor value) -> Tensor[]");
   m.def("band_attention_backward(Tensor node_ptr, Tensor order, Tensor bandwidth, Tensor factors, Tensor query, "
         "Tensor key, Tensor value, Tensor state, Tensor grad_y, Tensor? grad_state=None) -> Tensor[]");
+  // Resolvent attention on directed grid DAGs, walked row by row (CPU): graph g's nodes are visited in the
+  // order nodes[graph_ptr[g]:graph_ptr[g+1]], row_width[g] per row; position p has the parents p - W
+  // (weight[node, 0]) and p - 1 in its row (weight[node, 1]). Returns (y, checkpoints): the states of
+  // every segment_rows-th row (num_checkpoints of them in all, which the caller counts so that
+  // the output's shape is known without the data), from which the backward recomputes; it returns
+  // (dweight, dQ, dK, dV).
+  m.def("grid_attention(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, Tensor key, "
+        "Tensor value, int segment_rows, SymInt num_checkpoints) -> Tensor[]");
+  m.def("grid_attention_backward(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, "
+        "Tensor key, Tensor value, Tensor checkpoints, Tensor grad_y, int segment_rows, SymInt num_checkpoints) "
+        "-> Tensor[]");
 }

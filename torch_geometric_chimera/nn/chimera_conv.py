@@ -342,12 +342,13 @@ class ChimeraConv(MessagePassing):
 
     @torch.jit.ignore
     def _decomposed_mix(self, values: Tensor, B: Tensor, C: Tensor, delta: Tensor, dags: List[Tensor],
-                        batch: OptTensor) -> Tensor:
+                        batch: OptTensor, grid_size: OptTensor) -> Tensor:
         # B, C: [N, num_sets * S] -> [N, num_sets, H, S], every head of a set sharing them as in mix().
         shape = (values.size(0), self.num_sets, 1, self.state_dim)
         B = B.reshape(shape).expand(-1, -1, self.heads, -1)
         C = C.reshape(shape).expand(-1, -1, self.heads, -1)
         return decomposed_resolvent_attention(C, B, values, delta, dags, self.groups, batch=batch,
+                                              grid_size=grid_size if self.decomposition == "grid" else None,
                                               method=self.method, num_terms=self.num_terms, tol=self.tol,
                                               max_iter=self.max_iter)
 
@@ -390,7 +391,7 @@ class ChimeraConv(MessagePassing):
         if dags is None:
             y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch, edge_mask, topology)
         else:
-            y = self._decomposed_mix(values, B, C, delta, dags, batch)
+            y = self._decomposed_mix(values, B, C, delta, dags, batch, grid_size)
         y = (y + values * self.D.view(1, -1, 1)).reshape(num_nodes, self.inner)
         y = y * F.silu(z)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm_weight  # gated RMSNorm

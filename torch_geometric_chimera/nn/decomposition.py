@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..ops.grid import GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, grid_weights, segment_rows_for
 from ..ops.reference import host_reads_allowed
 from ..utils.topology import line_graph_dags
 
@@ -185,7 +186,8 @@ _SINGLE_SEQUENCE: Dict[Tuple[int, str], List[Tensor]] = {}
 
 def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, delta: Tensor, dags: List[Tensor],
                                    groups: Tuple[int, ...], *, batch: Optional[Tensor] = None,
-                                   method: str = "auto", **solver_options) -> Tensor:
+                                   grid_size: Optional[Tensor] = None, method: str = "auto",
+                                   **solver_options) -> Tensor:
     r"""The Chimera mixer summed over the DAGs of a decomposition:
 
     .. math::
@@ -204,9 +206,13 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
         dags (list of LongTensor): the DAGs, ``[2, E_d]`` each (:func:`decomposition_dags`).
         groups (tuple of int): parameter set of every DAG.
         batch (LongTensor, optional): ``[N]``, so exact solvers work graph by graph.
+        grid_size (LongTensor, optional): ``[G, 2]`` when ``dags`` are the four grid DAGs of
+            :func:`batched_grid_dags`: with ``method="auto"`` on CPU they are then solved row by
+            row by :func:`~torch_geometric_chimera.ops.grid.grid_attention`.
         method (str, optional): solver of every DAG, see
             :func:`~torch_geometric_chimera.ops.resolvent_attention`. (default: ``"auto"``, which
-            takes ``"line"`` on directed lines)
+            takes ``"line"`` on directed lines and the row-by-row grid kernel on grids, where it
+            exists)
         **solver_options: passed on to :func:`~torch_geometric_chimera.ops.resolvent_attention`.
 
     :rtype: :class:`Tensor` ``[N, H, P]``.
@@ -219,9 +225,21 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
     if query.dim() != 4 or key.shape != query.shape or max(groups) >= query.size(1):
         raise ValueError(f"query: expected shape [N, num_sets, H, S] with num_sets > {max(groups)}, like key, got "
                          f"{list(query.shape)} and {list(key.shape)}")
+    walks = None
+    if grid_size is not None and method == "auto" and grid_available(query):
+        if len(dags) != len(GRID_DIRECTIONS):
+            raise ValueError(f"grid_size: given for the four grid DAGs, but dags has {len(dags)}")
+        walks = _CACHE.get("grid_walks", grid_size, lambda: grid_walks(grid_size, dags))
+        segment_rows = segment_rows_for(walks, query.size(-1) * value.size(-1), query.element_size())
     out = None
-    for dag, group in zip(dags, groups):
+    for d, (dag, group) in enumerate(zip(dags, groups)):
         edge_weight, key_scale = dag_adjacency(delta, dag)
+        if walks is not None:
+            weight = grid_weights(edge_weight, walks.weight_index[d], query.size(0))
+            y = grid_attention(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query[:, group],
+                               key[:, group] * key_scale.unsqueeze(-1), value, segment_rows)
+            out = y if out is None else out + y
+            continue
         y = resolvent_attention(query[:, group], key[:, group] * key_scale.unsqueeze(-1), value, dag, edge_weight,
                                 method=method, batch=batch, **solver_options)
         out = y if out is None else out + y

@@ -1,0 +1,346 @@
+// chimera::grid_attention: resolvent attention on directed grid DAGs (and lines), row by row.
+//
+// Every graph g is a grid of rows of row_width[g] positions, walked in the order nodes[graph_ptr[g]:...]
+// (raster order of the walk; a permutation of the graph's nodes, so one kernel serves the four
+// directions of Fig. 3). The position p of a walk has at most two parents: p - W (the position above,
+// weight[node, 0]) and p - 1 (the position before it in its row, weight[node, 1]):
+//
+//     H_p = weight[p, 0] H_{p-W} + weight[p, 1] H_{p-1} + K_p V_p^T,      y_p = H_p^T Q_p.
+//
+// Why a kernel of its own: the level-by-level DAG solve materializes H for every node (N x H x S x P,
+// half a gigabyte for 64 images of 32 x 32 patches) and is bound by that memory traffic. Here one
+// (graph, head) task keeps two rows of states in cache, and the forward writes only y and the states
+// of every segment_rows-th row. The backward walks the segments in reverse: it recomputes a segment's
+// states from its checkpoint (segment_rows + 1 rows in cache) and runs the adjoint recurrence
+//
+//     G_p = Q_p dY_p^T + weight[p + W, 0] G_{p+W} + weight[p + 1, 1] G_{p+1}
+//
+// with dQ_p = H_p dY_p, dK_p = G_p V_p, dV_p = G_p^T K_p, dweight[p, 0] = <G_p, H_{p-W}> and
+// dweight[p, 1] = <G_p, H_{p-1}>. Row 0 has no parent above and column 0 none before it: their
+// weights are ignored and get zero gradient.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "state_contraction.h"
+
+namespace chimera {
+namespace {
+
+struct GridLayout {
+  at::Tensor graph_ptr, row_width, nodes;
+  std::vector<int64_t> checkpoint_ptr;  // per graph, first checkpoint position (G + 1 entries)
+};
+
+// Checkpoints of a graph with `rows` rows: the last row of every segment but the final one.
+inline int64_t checkpoint_rows(int64_t rows, int64_t segment_rows) {
+  return rows == 0 ? 0 : (rows + segment_rows - 1) / segment_rows - 1;
+}
+
+GridLayout check_grid_inputs(const at::Tensor& graph_ptr, const at::Tensor& row_width, const at::Tensor& nodes,
+                             const at::Tensor& weight, const at::Tensor& query, int64_t segment_rows,
+                             int64_t num_checkpoints, const char* op) {
+  const int64_t num_nodes = query.size(0), heads = query.size(1);
+  TORCH_CHECK(graph_ptr.dim() == 1 && graph_ptr.scalar_type() == at::kLong && graph_ptr.numel() >= 1, op,
+              ": graph_ptr must be a 1-D int64 tensor with G + 1 >= 1 entries, got shape ", graph_ptr.sizes(),
+              " and dtype ", graph_ptr.scalar_type());
+  const int64_t num_graphs = graph_ptr.numel() - 1;
+  TORCH_CHECK(row_width.dim() == 1 && row_width.scalar_type() == at::kLong && row_width.numel() == num_graphs, op,
+              ": row_width must be a 1-D int64 tensor with G = ", num_graphs, " entries, got shape ", row_width.sizes(),
+              " and dtype ", row_width.scalar_type());
+  TORCH_CHECK(nodes.dim() == 1 && nodes.scalar_type() == at::kLong && nodes.numel() == num_nodes, op,
+              ": nodes must be a 1-D int64 permutation of the ", num_nodes, " nodes, got shape ", nodes.sizes());
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == num_nodes && weight.size(1) == 2 && weight.size(2) == heads &&
+                  weight.scalar_type() == query.scalar_type(),
+              op, ": weight must have shape [N, 2, H] = [", num_nodes, ", 2, ", heads, "] and the dtype of query, got ",
+              weight.sizes(), " and ", weight.scalar_type());
+  for (const auto& [t, name] : {std::pair{&graph_ptr, "graph_ptr"}, {&row_width, "row_width"}, {&nodes, "nodes"},
+                                {&weight, "weight"}})
+    check_device(*t, query, op, name);
+  TORCH_CHECK(segment_rows >= 1, op, ": segment_rows must be at least 1, got ", segment_rows);
+  GridLayout layout{graph_ptr.contiguous(), row_width.contiguous(), nodes.contiguous(), {}};
+  const int64_t* ptr = layout.graph_ptr.data_ptr<int64_t>();
+  const int64_t* width = layout.row_width.data_ptr<int64_t>();
+  check_ptr_values(ptr, num_graphs + 1, num_nodes, op, "graph_ptr", "the number of nodes N");
+  layout.checkpoint_ptr.assign(num_graphs + 1, 0);
+  for (int64_t g = 0; g < num_graphs; ++g) {
+    const int64_t size = ptr[g + 1] - ptr[g];
+    TORCH_CHECK(size == 0 || (width[g] >= 1 && size % width[g] == 0), op, ": row_width[", g,
+                "] must be positive and divide the graph's ", size, " nodes, got ", width[g]);
+    const int64_t rows = size == 0 ? 0 : size / width[g];
+    layout.checkpoint_ptr[g + 1] = layout.checkpoint_ptr[g] + checkpoint_rows(rows, segment_rows) * (size ? width[g] : 0);
+  }
+  TORCH_CHECK(num_checkpoints == layout.checkpoint_ptr.back(), op, ": num_checkpoints must be the number of "
+              "checkpointed positions, sum over graphs of row_width * (ceil(rows / segment_rows) - 1) = ",
+              layout.checkpoint_ptr.back(), ", got ", num_checkpoints);
+  // The walk must stay inside its graph: a permutation of N that maps every graph's range onto itself.
+  const auto position = check_permutation(layout.nodes.data_ptr<int64_t>(), num_nodes, op, "nodes");
+  const int64_t* order = layout.nodes.data_ptr<int64_t>();
+  for (int64_t g = 0; g < num_graphs; ++g)
+    for (int64_t p = ptr[g]; p < ptr[g + 1]; ++p)
+      TORCH_CHECK(order[p] >= ptr[g] && order[p] < ptr[g + 1], op, ": nodes[", p, "] = ", order[p],
+                  " leaves graph ", g, " (nodes ", ptr[g], " to ", ptr[g + 1] - 1, "); every graph's walk must be a "
+                  "permutation of its own nodes");
+  (void)position;
+  return layout;
+}
+
+// Inlined into the vector clones below (a call to the cloned axpy would dispatch on every row).
+#define CHIMERA_INLINE inline __attribute__((always_inline))
+
+template <typename scalar_t>
+CHIMERA_INLINE void add_scaled(scalar_t* __restrict__ acc, const scalar_t* __restrict__ x, scalar_t w, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) acc[f] += w * x[f];
+}
+
+template <typename scalar_t>
+struct GridTask {
+  const int64_t *graph_ptr, *row_width, *nodes, *checkpoint_ptr;
+  const scalar_t *weight, *query, *key, *value;
+  int64_t heads, S, P, segment_rows;
+};
+
+// One (graph, head): y and the checkpoint rows. Two rows of states live in `rows` (2 W S P).
+template <typename scalar_t>
+CHIMERA_INLINE void grid_forward_task(const GridTask<scalar_t>& t, int64_t g, int64_t h, scalar_t* y, scalar_t* checkpoints,
+                              std::vector<scalar_t>& rows) {
+  const int64_t base = t.graph_ptr[g], size = t.graph_ptr[g + 1] - base;
+  if (size == 0) return;
+  const int64_t W = t.row_width[g], R = size / W, S = t.S, P = t.P, SP = S * P, H = t.heads;
+  rows.resize(2 * W * SP);
+  scalar_t *above = rows.data(), *current = rows.data() + W * SP;
+  int64_t checkpoint = t.checkpoint_ptr[g];
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < W; ++c) {
+      const int64_t i = t.nodes[base + r * W + c];
+      const scalar_t w_up = r > 0 ? t.weight[(i * 2) * H + h] : scalar_t(0);
+      const scalar_t w_left = c > 0 ? t.weight[(i * 2 + 1) * H + h] : scalar_t(0);
+      const scalar_t *up = above + c * SP, *left = c > 0 ? current + (c - 1) * SP : current;
+      const scalar_t *q = t.query + (i * H + h) * S, *k = t.key + (i * H + h) * S, *v = t.value + (i * H + h) * P;
+      scalar_t* state = current + c * SP;
+      scalar_t* out = y + (i * H + h) * P;
+      for (int64_t f = 0; f < P; ++f) out[f] = scalar_t(0);
+      for (int64_t s = 0; s < S; ++s) {
+        scalar_t* hs = state + s * P;
+        const scalar_t ks = k[s], qs = q[s];
+        if (r > 0 && c > 0) {
+          const scalar_t *us = up + s * P, *ls = left + s * P;
+          for (int64_t f = 0; f < P; ++f) hs[f] = ks * v[f] + w_up * us[f] + w_left * ls[f];
+        } else if (r > 0) {
+          const scalar_t* us = up + s * P;
+          for (int64_t f = 0; f < P; ++f) hs[f] = ks * v[f] + w_up * us[f];
+        } else if (c > 0) {
+          const scalar_t* ls = left + s * P;
+          for (int64_t f = 0; f < P; ++f) hs[f] = ks * v[f] + w_left * ls[f];
+        } else {
+          for (int64_t f = 0; f < P; ++f) hs[f] = ks * v[f];
+        }
+        for (int64_t f = 0; f < P; ++f) out[f] += qs * hs[f];
+      }
+    }
+    if ((r + 1) % t.segment_rows == 0 && r + 1 < R) {  // the row a later segment restarts from
+      for (int64_t c = 0; c < W; ++c)
+        std::memcpy(checkpoints + ((checkpoint + c) * H + h) * SP, current + c * SP, SP * sizeof(scalar_t));
+      checkpoint += W;
+    }
+    std::swap(above, current);
+  }
+}
+
+template <typename scalar_t>
+struct GridGrads {
+  const scalar_t *grad_y, *checkpoints;
+  scalar_t *grad_query, *grad_key, *grad_value, *grad_weight;
+};
+
+// One (graph, head) of the backward. `buffer` holds the segment's states (segment_rows + 1 rows, the
+// first being the checkpoint it restarts from) and two rows of adjoint states.
+template <typename scalar_t>
+CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGrads<scalar_t>& d, int64_t g, int64_t h,
+                               std::vector<scalar_t>& buffer) {
+  const int64_t base = t.graph_ptr[g], size = t.graph_ptr[g + 1] - base;
+  if (size == 0) return;
+  const int64_t W = t.row_width[g], R = size / W, S = t.S, P = t.P, SP = S * P, H = t.heads;
+  const int64_t C = t.segment_rows, segments = (R + C - 1) / C;
+  buffer.resize((C + 3) * W * SP);
+  scalar_t* states = buffer.data();  // row 0: the row above the segment
+  scalar_t *adjoint_below = buffer.data() + (C + 1) * W * SP, *adjoint = adjoint_below + W * SP;
+  std::fill(adjoint_below, adjoint_below + W * SP, scalar_t(0));
+  auto weight = [&](int64_t i, int64_t slot) { return t.weight[(i * 2 + slot) * H + h]; };
+  for (int64_t segment = segments - 1; segment >= 0; --segment) {
+    const int64_t r0 = segment * C, r1 = std::min(R, r0 + C);
+    if (segment > 0) {
+      const int64_t checkpoint = t.checkpoint_ptr[g] + (segment - 1) * W;
+      for (int64_t c = 0; c < W; ++c)
+        std::memcpy(states + c * SP, d.checkpoints + ((checkpoint + c) * H + h) * SP, SP * sizeof(scalar_t));
+    }
+    // Recompute the segment's states (the forward without the read-out).
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t *above = states + (r - r0) * W * SP, *current = above + W * SP;
+      for (int64_t c = 0; c < W; ++c) {
+        const int64_t i = t.nodes[base + r * W + c];
+        const scalar_t w_up = r > 0 ? weight(i, 0) : scalar_t(0);
+        const scalar_t w_left = c > 0 ? weight(i, 1) : scalar_t(0);
+        const scalar_t *k = t.key + (i * H + h) * S, *v = t.value + (i * H + h) * P;
+        const scalar_t *up = above + c * SP, *left = c > 0 ? current + (c - 1) * SP : current;
+        scalar_t* state = current + c * SP;
+        for (int64_t s = 0; s < S; ++s) {
+          scalar_t* hs = state + s * P;
+          const scalar_t ks = k[s];
+          for (int64_t f = 0; f < P; ++f) hs[f] = ks * v[f];
+          if (r > 0) add_scaled(hs, up + s * P, w_up, P);
+          if (c > 0) add_scaled(hs, left + s * P, w_left, P);
+        }
+      }
+    }
+    // Adjoint recurrence over the segment, last position first.
+    for (int64_t r = r1 - 1; r >= r0; --r) {
+      const scalar_t *above = states + (r - r0) * W * SP, *current = above + W * SP;
+      for (int64_t c = W - 1; c >= 0; --c) {
+        const int64_t p = base + r * W + c, i = t.nodes[p];
+        const scalar_t w_down = r + 1 < R ? weight(t.nodes[p + W], 0) : scalar_t(0);
+        const scalar_t w_right = c + 1 < W ? weight(t.nodes[p + 1], 1) : scalar_t(0);
+        const scalar_t *q = t.query + (i * H + h) * S, *k = t.key + (i * H + h) * S, *v = t.value + (i * H + h) * P;
+        const scalar_t* dy = d.grad_y + (i * H + h) * P;
+        const scalar_t *below = adjoint_below + c * SP, *right = adjoint + (c + 1) * SP;
+        const scalar_t *state = current + c * SP, *up = above + c * SP,
+                       *left = c > 0 ? current + (c - 1) * SP : current;
+        scalar_t* adj = adjoint + c * SP;
+        scalar_t *dq = d.grad_query + (i * H + h) * S, *dk = d.grad_key + (i * H + h) * S;
+        scalar_t* dv = d.grad_value + (i * H + h) * P;
+        for (int64_t f = 0; f < P; ++f) dv[f] = scalar_t(0);
+        scalar_t d_up = 0, d_left = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          scalar_t* gs = adj + s * P;
+          const scalar_t qs = q[s], ks = k[s];
+          const scalar_t *hs = state + s * P, *us = up + s * P, *ls = left + s * P;
+          for (int64_t f = 0; f < P; ++f) gs[f] = qs * dy[f];
+          if (r + 1 < R) add_scaled(gs, below + s * P, w_down, P);
+          if (c + 1 < W) add_scaled(gs, right + s * P, w_right, P);
+          scalar_t acc_q = 0, acc_k = 0, acc_up = 0, acc_left = 0;
+          for (int64_t f = 0; f < P; ++f) {
+            acc_q += hs[f] * dy[f];
+            acc_k += gs[f] * v[f];
+            dv[f] += ks * gs[f];
+          }
+          if (r > 0)
+            for (int64_t f = 0; f < P; ++f) acc_up += gs[f] * us[f];
+          if (c > 0)
+            for (int64_t f = 0; f < P; ++f) acc_left += gs[f] * ls[f];
+          dq[s] = acc_q;
+          dk[s] = acc_k;
+          d_up += acc_up;
+          d_left += acc_left;
+        }
+        d.grad_weight[(i * 2) * H + h] = d_up;
+        d.grad_weight[(i * 2 + 1) * H + h] = d_left;
+      }
+      std::swap(adjoint_below, adjoint);
+    }
+  }
+}
+
+// The task loops, compiled twice (x86-64-v3: AVX2 and FMA; and baseline x86-64) and picked at load
+// time: the inner loops over P are the whole cost and vectorize only with the wider instruction set.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CHIMERA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CHIMERA_VECTOR_CLONES
+#endif
+#define CHIMERA_GRID_LOOPS(scalar_t)                                                                               \
+  CHIMERA_VECTOR_CLONES void grid_forward_tasks(const GridTask<scalar_t>& t, int64_t begin, int64_t end,            \
+                                                scalar_t* y, scalar_t* checkpoints) {                              \
+    std::vector<scalar_t> rows;                                                                                    \
+    for (int64_t task = begin; task < end; ++task)                                                                 \
+      grid_forward_task(t, task / t.heads, task % t.heads, y, checkpoints, rows);                                  \
+  }                                                                                                                \
+  CHIMERA_VECTOR_CLONES void grid_backward_tasks(const GridTask<scalar_t>& t, const GridGrads<scalar_t>& d,          \
+                                                 int64_t begin, int64_t end) {                                      \
+    std::vector<scalar_t> buffer;                                                                                  \
+    for (int64_t task = begin; task < end; ++task) grid_backward_task(t, d, task / t.heads, task % t.heads, buffer); \
+  }
+CHIMERA_GRID_LOOPS(float)
+CHIMERA_GRID_LOOPS(double)
+#undef CHIMERA_GRID_LOOPS
+
+template <typename scalar_t>
+GridTask<scalar_t> make_task(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
+                             const at::Tensor& key, const at::Tensor& value, int64_t segment_rows) {
+  return {layout.graph_ptr.data_ptr<int64_t>(), layout.row_width.data_ptr<int64_t>(), layout.nodes.data_ptr<int64_t>(),
+          layout.checkpoint_ptr.data(), weight.data_ptr<scalar_t>(), query.data_ptr<scalar_t>(),
+          key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), query.size(1), query.size(2), value.size(2),
+          segment_rows};
+}
+
+std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
+                                           const at::Tensor& nodes, const at::Tensor& weight_in,
+                                           const at::Tensor& query_in, const at::Tensor& key_in,
+                                           const at::Tensor& value_in, int64_t segment_rows,
+                                           int64_t num_checkpoints) {
+  const char* op = "chimera::grid_attention";
+  check_attention_inputs(query_in, key_in, value_in, op);
+  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, segment_rows, num_checkpoints, op);
+  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t heads = query.size(1), S = query.size(2), P = value.size(2), num_graphs = graph_ptr.numel() - 1;
+  auto y = at::empty(value.sizes(), value.options());
+  auto checkpoints = at::empty({layout.checkpoint_ptr.back(), heads, S * P}, query.options());
+  if (y.numel() == 0) return {y.zero_(), checkpoints};
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "chimera_grid_attention_cpu", [&] {
+    const auto task = make_task<scalar_t>(layout, weight, query, key, value, segment_rows);
+    scalar_t *yp = y.data_ptr<scalar_t>(), *cp = checkpoints.data_ptr<scalar_t>();
+    at::parallel_for(0, num_graphs * heads, 1,
+                     [&](int64_t begin, int64_t end) { grid_forward_tasks(task, begin, end, yp, cp); });
+  });
+  return {y, checkpoints};
+}
+
+std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
+                                                    const at::Tensor& nodes, const at::Tensor& weight_in,
+                                                    const at::Tensor& query_in, const at::Tensor& key_in,
+                                                    const at::Tensor& value_in, const at::Tensor& checkpoints_in,
+                                                    const at::Tensor& grad_y_in, int64_t segment_rows,
+                                                    int64_t num_checkpoints) {
+  const char* op = "chimera::grid_attention_backward";
+  check_attention_inputs(query_in, key_in, value_in, op);
+  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, segment_rows, num_checkpoints, op);
+  const int64_t heads = query_in.size(1), S = query_in.size(2), P = value_in.size(2);
+  const int64_t num_graphs = graph_ptr.numel() - 1;
+  check_features(grad_y_in, query_in, op, "grad_y");
+  TORCH_CHECK(grad_y_in.sizes() == value_in.sizes(), op, ": grad_y must have the shape of value ", value_in.sizes(),
+              ", got ", grad_y_in.sizes());
+  check_features(checkpoints_in, query_in, op, "checkpoints");
+  TORCH_CHECK(checkpoints_in.sizes() == at::IntArrayRef({layout.checkpoint_ptr.back(), heads, S * P}), op,
+              ": checkpoints must have shape [", layout.checkpoint_ptr.back(), ", ", heads, ", ", S * P,
+              "] (the forward's, for these graphs and segment_rows), got ", checkpoints_in.sizes());
+  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
+  const auto weight = weight_in.contiguous(), checkpoints = checkpoints_in.contiguous();
+  const auto grad_y = grad_y_in.contiguous();
+  // Zero-filled: positions without a parent keep a zero weight gradient, empty graphs zero gradients.
+  auto grad_query = at::zeros_like(query), grad_key = at::zeros_like(key), grad_value = at::zeros_like(value);
+  auto grad_weight = at::zeros_like(weight);
+  if (value.numel() == 0) return {grad_weight, grad_query, grad_key, grad_value};
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "chimera_grid_attention_backward_cpu", [&] {
+    const auto task = make_task<scalar_t>(layout, weight, query, key, value, segment_rows);
+    const GridGrads<scalar_t> grads{grad_y.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>(),
+                                    grad_query.data_ptr<scalar_t>(), grad_key.data_ptr<scalar_t>(),
+                                    grad_value.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>()};
+    at::parallel_for(0, num_graphs * heads, 1,
+                     [&](int64_t begin, int64_t end) { grid_backward_tasks(task, grads, begin, end); });
+  });
+  return {grad_weight, grad_query, grad_key, grad_value};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(chimera, CPU, m) {
+  m.impl("grid_attention", &grid_attention_cpu);
+  m.impl("grid_attention_backward", &grid_attention_backward_cpu);
+}
+
+}  // namespace chimera

@@ -1,0 +1,215 @@
+r"""The ``grid`` path: resolvent attention on directed grid DAGs (and lines), walked row by row.
+
+A directed grid DAG (Fig. 3 of the paper) gives every pixel at most two parents, the pixel before
+it in its row and the pixel above it, in the direction the DAG flows. Walking each image row by row
+in that direction, position ``p`` of a walk over rows of ``W`` positions has the parents ``p - W``
+and ``p - 1``:
+
+.. math::
+    \mathbf{H}_p = a^{\uparrow}_p \mathbf{H}_{p-W} + a^{\leftarrow}_p \mathbf{H}_{p-1}
+        + \mathbf{K}_p \mathbf{V}_p^\top, \qquad \mathbf{y}_p = \mathbf{H}_p^\top \mathbf{Q}_p,
+
+which is :math:`\mathbf{y} = ((\mathbf{I} - \mathbf{A})^{-1} \odot \mathbf{Q}\mathbf{K}^\top)\mathbf{V}`
+for that DAG, exactly. The level-by-level ``dag`` path computes the same thing but keeps the
+``S x P`` state of every node and head (half a gigabyte for 64 images of 32 x 32 patches at width 64)
+and is bound by that memory traffic. ``chimera::grid_attention`` keeps two rows of states in cache,
+writes only ``y`` and the states of every ``segment_rows``-th row, and the backward recomputes each
+segment from its checkpoint before running the adjoint recurrence over it. Cost: about 3 S P flops
+per position and head forward, 10 S P backward (recomputation included); memory ``N H S P /
+segment_rows``.
+
+:func:`grid_attention_reference` is the same recurrence in plain PyTorch, position by position.
+"""
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._kernels import HAS_EXTENSION
+
+#: Keep a segment's recomputed states (``segment_rows + 3`` rows of ``W S P`` values) about this
+#: small, so the backward's working set stays in a core's L2 cache.
+SEGMENT_BYTES = 512 * 1024
+
+
+class GridWalks(NamedTuple):
+    r"""How :func:`grid_attention` walks every DAG of a batch of grids.
+
+    Attributes:
+        graph_ptr (LongTensor): ``[G + 1]`` first node of every image.
+        row_width (LongTensor): ``[G]`` positions per row of every walk (the image width).
+        nodes (list of LongTensor): one ``[N]`` walk per DAG: ``nodes[d][p]`` is the node at position ``p``.
+        weight_index (list of LongTensor): one ``[E_d]`` per DAG: where edge ``e`` of the DAG's
+            ``edge_index`` goes in the flattened ``[N * 2]`` weight table (``2 * target + slot``,
+            slot 0 for the parent above, 1 for the parent before in the row).
+        max_rows (int): rows of the tallest image.
+        max_width (int): the widest row.
+    """
+    graph_ptr: Tensor
+    row_width: Tensor
+    nodes: List[Tensor]
+    weight_index: List[Tensor]
+    max_rows: int
+    max_width: int
+
+
+#: The walk of each grid DAG in :func:`~torch_geometric_chimera.nn.decomposition.batched_grid_dags`'
+#: order, as (rows reversed, columns reversed): (down, right), (down, left), (up, right), (up, left).
+GRID_DIRECTIONS = ((False, False), (False, True), (True, False), (True, True))
+
+
+def grid_walks(grid_size: Tensor, dags: List[Tensor]) -> GridWalks:
+    r"""The walks of the four directed grid DAGs ``dags`` (as
+    :func:`~torch_geometric_chimera.nn.decomposition.batched_grid_dags` builds them) of images of
+    ``grid_size`` (``[G, 2]``, height and width), nodes numbered image after image in raster order."""
+    grid_size = grid_size.view(-1, 2).long()
+    height, width = grid_size[:, 0], grid_size[:, 1]
+    sizes = height * width
+    graph_ptr = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
+    num_nodes = int(graph_ptr[-1])
+    graph = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes, output_size=num_nodes)
+    position = torch.arange(num_nodes, device=sizes.device)
+    local = position - graph_ptr[graph]
+    row_width, rows = width[graph], height[graph]
+    row, column = local // row_width.clamp_min(1), local % row_width.clamp_min(1)
+    walks = []
+    for flip_rows, flip_columns in GRID_DIRECTIONS[:len(dags)]:
+        r = rows - 1 - row if flip_rows else row
+        c = row_width - 1 - column if flip_columns else column
+        walks.append(graph_ptr[graph] + r * row_width + c)
+    weight_index = []
+    for dag in dags:
+        src, dst = dag[0].long(), dag[1].long()
+        # The parent before in the row is a neighbour (|src - dst| = 1) in a row of at least two.
+        in_row = ((dst - src).abs() == 1) & (row_width[dst] > 1)
+        weight_index.append(2 * dst + in_row.long())
+    max_rows = int(height.max()) if height.numel() else 0
+    max_width = int(width.max()) if width.numel() else 0
+    return GridWalks(graph_ptr, width, walks, weight_index, max_rows, max_width)
+
+
+def segment_rows_for(walks: GridWalks, state_size: int, element_size: int) -> int:
+    r"""Rows per recomputed segment: about :math:`\sqrt{\text{rows}}` (checkpoint memory and
+    recomputation balanced), fewer where a segment would not fit :data:`SEGMENT_BYTES`."""
+    row_bytes = max(1, walks.max_width * state_size * element_size)
+    fits = max(1, SEGMENT_BYTES // row_bytes - 3)
+    return max(1, min(math.isqrt(max(1, walks.max_rows)), fits))
+
+
+def num_checkpoints(graph_ptr: Tensor, row_width: Tensor, segment_rows: int) -> int:
+    """Positions whose states the forward keeps: every segment's last row but the final one's."""
+    sizes = graph_ptr.diff()
+    rows = torch.where(sizes > 0, sizes // row_width.clamp_min(1), torch.zeros_like(sizes))
+    segments = (rows + segment_rows - 1) // segment_rows
+    return int(((segments - 1).clamp_min(0) * row_width).sum())
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("chimera::grid_attention")
+    def _grid_attention_fake(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows, num_checkpoints):
+        heads, state_dim, head_dim = query.shape[1], query.shape[2], value.shape[2]
+        return [value.new_empty(value.shape), query.new_empty(num_checkpoints, heads, state_dim * head_dim)]
+
+    @torch.library.register_fake("chimera::grid_attention_backward")
+    def _grid_attention_backward_fake(graph_ptr, row_width, nodes, weight, query, key, value, checkpoints, grad_y,
+                                      segment_rows, num_checkpoints):
+        return [weight.new_empty(weight.shape), query.new_empty(query.shape), key.new_empty(key.shape),
+                value.new_empty(value.shape)]
+
+    def _grid_attention_setup_context(ctx, inputs, output):
+        graph_ptr, row_width, nodes, weight, query, key, value, segment_rows, num_checkpoints = inputs
+        ctx.save_for_backward(graph_ptr, row_width, nodes, weight, query, key, value, output[1])
+        ctx.segment_rows, ctx.num_checkpoints = segment_rows, num_checkpoints
+        ctx.set_materialize_grads(False)  # the checkpoints are internal: their gradient stays None
+
+    def _grid_attention_backward(ctx, grads):
+        grad_y = grads[0]
+        graph_ptr, row_width, nodes, weight, query, key, value, checkpoints = ctx.saved_tensors
+        if grad_y is None:
+            return (None,) * 3 + (torch.zeros_like(weight), torch.zeros_like(query), torch.zeros_like(key),
+                                  torch.zeros_like(value), None, None)
+        grad_weight, grad_query, grad_key, grad_value = torch.ops.chimera.grid_attention_backward(
+            graph_ptr, row_width, nodes, weight, query, key, value, checkpoints, grad_y, ctx.segment_rows,
+            ctx.num_checkpoints)
+        return None, None, None, grad_weight, grad_query, grad_key, grad_value, None, None
+
+    def _no_double_backward(ctx, *grads):
+        raise NotImplementedError("chimera::grid_attention_backward: double backward is not supported")
+
+    torch.library.register_autograd("chimera::grid_attention", _grid_attention_backward,
+                                    setup_context=_grid_attention_setup_context)
+    torch.library.register_autograd("chimera::grid_attention_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor, key: Tensor,
+                   value: Tensor, segment_rows: Optional[int] = None) -> Tensor:
+    r"""Resolvent attention on one directed grid DAG per image (``chimera::grid_attention``, CPU).
+
+    Args:
+        graph_ptr (LongTensor): ``[G + 1]`` first node of every image.
+        row_width (LongTensor): ``[G]`` positions per row (it divides every image's node count).
+        nodes (LongTensor): ``[N]`` the walk: a permutation of every image's own nodes.
+        weight (Tensor): ``[N, 2, H]``: ``weight[i, 0]`` the edge from the node above ``i`` in the
+            walk, ``weight[i, 1]`` from the node before it in its row. Entries without such a
+            parent (first row, first column) are ignored and get zero gradient.
+        query (Tensor): ``[N, H, S]``. key (Tensor): ``[N, H, S]``. value (Tensor): ``[N, H, P]``.
+        segment_rows (int, optional): rows between checkpoints of the backward; by default
+            :func:`segment_rows_for`.
+
+    Differentiable in ``weight``, ``query``, ``key`` and ``value``; float16 / bfloat16 run in float32.
+
+    :rtype: :class:`Tensor` ``[N, H, P]``.
+    """
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return grid_attention(graph_ptr, row_width, nodes, weight.float(), query.float(), key.float(), value.float(),
+                              segment_rows).to(dtype)
+    if segment_rows is None:
+        sizes = graph_ptr.diff()
+        rows = int((sizes // row_width.clamp_min(1)).max()) if sizes.numel() else 0
+        walks = GridWalks(graph_ptr, row_width, [], [], rows, int(row_width.max()) if row_width.numel() else 0)
+        segment_rows = segment_rows_for(walks, query.size(-1) * value.size(-1), query.element_size())
+    count = num_checkpoints(graph_ptr, row_width, segment_rows)
+    return torch.ops.chimera.grid_attention(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows,
+                                            count)[0]
+
+
+def grid_attention_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor,
+                             key: Tensor, value: Tensor) -> Tensor:
+    r""":func:`grid_attention` in plain PyTorch, one position at a time (the recurrence of the
+    module docstring; differentiable by autograd). For tests: it loops over every position."""
+    heads = query.size(1)
+    outputs = [value.new_zeros(value.shape[1:])] * value.size(0)  # [H, P] per node
+    for g in range(graph_ptr.numel() - 1):
+        start, end = int(graph_ptr[g]), int(graph_ptr[g + 1])
+        width = int(row_width[g]) if end > start else 1
+        states: List[Tensor] = []  # [H, S, P] per position of the walk
+        for p in range(end - start):
+            i = int(nodes[start + p])
+            state = key[i].unsqueeze(-1) * value[i].unsqueeze(-2)
+            if p >= width:  # not in the first row: the parent above
+                state = state + weight[i, 0].view(heads, 1, 1) * states[p - width]
+            if p % width:  # not in the first column: the parent before in the row
+                state = state + weight[i, 1].view(heads, 1, 1) * states[p - 1]
+            states.append(state)
+            outputs[i] = (query[i].unsqueeze(-1) * state).sum(1)
+    return torch.stack(outputs) if outputs else value.new_zeros(value.shape)
+
+
+def grid_weights(edge_weight: Tensor, weight_index: Tensor, num_nodes: int) -> Tensor:
+    r"""The ``[N, 2, H]`` weight table of :func:`grid_attention` from a DAG's ``[E, H]`` edge
+    weights (``weight_index`` from :func:`grid_walks`; every target has at most one edge per slot)."""
+    table = edge_weight.new_zeros(2 * num_nodes, edge_weight.size(-1))
+    return table.index_copy(0, weight_index, edge_weight).view(num_nodes, 2, edge_weight.size(-1))
+
+
+def grid_available(query: Tensor) -> bool:
+    """The row-by-row kernel exists for CPU tensors (with the compiled extension)."""
+    return HAS_EXTENSION and query.device.type == "cpu"
+
+
+__all__: Tuple[str, ...] = ("GridWalks", "grid_walks", "grid_attention", "grid_attention_reference", "grid_weights",
+                            "segment_rows_for", "num_checkpoints", "grid_available", "GRID_DIRECTIONS")
