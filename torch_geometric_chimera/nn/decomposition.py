@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.reference import host_reads_allowed
+from ..ops.common import host_reads_allowed
 from ..utils.topology import line_graph_dags
 
 #: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line
