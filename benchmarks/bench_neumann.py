@@ -12,7 +12,7 @@ from common import compare, device_name, write_json
 from torch_geometric.utils import to_undirected
 
 from torch_geometric_chimera.ops import GraphTopology
-from torch_geometric_chimera.ops.reference import checkpointed_neumann
+from torch_geometric_chimera.ops.neumann import checkpointed_neumann
 
 
 def main():

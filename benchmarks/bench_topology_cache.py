@@ -12,7 +12,7 @@ from common import device_name, time_interleaved, write_json
 from torch_geometric.utils import to_undirected
 
 from torch_geometric_chimera import ChimeraConv
-from torch_geometric_chimera.ops import reference
+from torch_geometric_chimera.ops import common
 from torch_geometric_chimera.ops.resolvent import GraphTopology
 
 
@@ -43,12 +43,12 @@ def main():
             GraphTopology.get(edge_index, n, batch)
 
         def version_only():
-            original = reference.host_reads_allowed
-            reference.host_reads_allowed = lambda t: False  # the accelerator rule: no content comparison
+            original = common.host_reads_allowed
+            common.host_reads_allowed = lambda t: False  # the accelerator rule: no content comparison
             try:
                 GraphTopology.get(edge_index, n, batch)
             finally:
-                reference.host_reads_allowed = original
+                common.host_reads_allowed = original
         timing = time_interleaved({"checked": checked, "version_only": version_only}, "cpu", reps=args.reps)
         row = {"graphs": label, "nodes": n, "edges": edge_index.size(1),
                "hit_checked_s": timing["checked"]["median_s"], "hit_version_only_s": timing["version_only"]["median_s"]}

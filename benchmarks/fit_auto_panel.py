@@ -12,7 +12,7 @@ import torch
 from bench_auto_panel import panel
 from scipy.optimize import nnls
 
-from torch_geometric_chimera.ops.reference import bucket_size
+from torch_geometric_chimera.ops.dense import bucket_size
 from torch_geometric_chimera.ops.resolvent import DAG_MARGIN, GraphTopology
 
 MODEL = {  # per path: (constant name, feature of (graph features, H, S, P))

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import torch_geometric_chimera
-from torch_geometric_chimera.ops import _kernels
+from torch_geometric_chimera.ops import _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINUX = sys.platform.startswith("linux")
@@ -50,13 +50,13 @@ def toy_libraries(tmp_path_factory):
 
 @pytest.mark.skipif(not LINUX, reason="ELF shared objects")
 def test_built_extension_links_libstdcxx_dynamically():
-    so = _kernels._C.__file__
+    so = _extension._C.__file__
     needed, defined = load_extension_abi().read_dynamic(so)
     assert any(name.startswith("libstdc++.so") for name in needed), needed
     # no definition of std::basic_ostream<char>::_M_insert<...> of its own
     assert not [name for name in defined if name.startswith("_ZNSo9_M_insert")]
     assert load_extension_abi().report(so) == ""
-    assert not _kernels.carries_own_libstdcxx(so)
+    assert not _extension.carries_own_libstdcxx(so)
 
 
 def test_the_checks_tell_a_static_libstdcxx_from_a_dynamic_one(toy_libraries):
@@ -66,8 +66,8 @@ def test_the_checks_tell_a_static_libstdcxx_from_a_dynamic_one(toy_libraries):
     assert len(problems) == 2 and "NEEDED" in problems[0] and "_M_insert" in problems[1]
     assert "CXX=/usr/bin/g++" in abi.report(toy_libraries["static"])  # the fix is in the message
     # the import-time check (through the dynamic linker) agrees
-    assert not _kernels.carries_own_libstdcxx(toy_libraries["dynamic"])
-    assert _kernels.carries_own_libstdcxx(toy_libraries["static"])
+    assert not _extension.carries_own_libstdcxx(toy_libraries["dynamic"])
+    assert _extension.carries_own_libstdcxx(toy_libraries["static"])
 
 
 def test_setup_refuses_an_extension_with_its_own_libstdcxx(toy_libraries, monkeypatch):

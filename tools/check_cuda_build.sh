@@ -57,7 +57,7 @@ import torch
 import torch_geometric_chimera  # noqa: F401
 for op in ("spmm", "edge_dot", "dag_solve"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"chimera::{op}", "CUDA"), f"chimera::{op}: no CUDA kernel"
-print("== CUDA kernels registered:", torch_geometric_chimera.ops._kernels._C.__file__)
+print("== CUDA kernels registered:", torch_geometric_chimera.ops._extension._C.__file__)
 EOF
 "$venv/bin/python" tools/extension_abi.py torch_geometric_chimera/_C*.so
 if [ $# -eq 0 ]; then

@@ -163,8 +163,8 @@ def test_bad_layer_input_messages():
 
 def test_layer_takes_an_explicit_topology_where_the_cache_cannot_see_a_write(monkeypatch):
     # As on an accelerator outside debug mode: the cache checks version counters only.
-    from torch_geometric_chimera.ops import GraphTopology, reference
-    monkeypatch.setattr(reference, "host_reads_allowed", lambda t: False)
+    from torch_geometric_chimera.ops import GraphTopology, common
+    monkeypatch.setattr(common, "host_reads_allowed", lambda t: False)
     # local_conv=False: the local convolution reads edge_index itself and would see the write
     conv = ChimeraConv(8, heads=2, state_dim=4, method="dense", local_conv=False)
     x = torch.randn(6, 8)

@@ -5,9 +5,9 @@ import torch
 from graphs import batch_graphs, inputs, random_graph, row_normalize
 
 from torch_geometric_chimera.ops import GraphTopology, choose_method, resolvent_attention
-from torch_geometric_chimera.ops._kernels import band_resolvent_attention, band_schedule
-from torch_geometric_chimera.ops.reference import (band_solve_reference, inverse_resolvent_attention, read_state,
-                                                   to_state)
+from torch_geometric_chimera.ops.band import band_resolvent_attention, band_schedule
+from torch_geometric_chimera.ops.common import read_state, to_state
+from torch_geometric_chimera.ops.reference import band_solve_reference, inverse_resolvent_attention
 
 
 def chain_molecule(backbone: int, generator=None):
@@ -205,8 +205,8 @@ def test_band_kernels_check_their_inputs():
 
 
 def test_band_where_its_kernels_do_not_run_is_refused(monkeypatch):
-    from torch_geometric_chimera.ops import reference
-    monkeypatch.setattr(reference, "host_reads_allowed", lambda t: False)  # as on a GPU
+    from torch_geometric_chimera.ops import common
+    monkeypatch.setattr(common, "host_reads_allowed", lambda t: False)  # as on a GPU
     edge_index, batch, n = molecules((3,))
     q, k, v, w = inputs(n, edge_index.size(1))
     with pytest.raises(ValueError, match="method: 'band' runs on CPU"):

@@ -6,7 +6,7 @@ import textwrap
 
 import torch
 
-from torch_geometric_chimera.ops.reference import CPU_BATCHED_LU_MAX_ROWS, batched_inverse
+from torch_geometric_chimera.ops.dense import CPU_BATCHED_LU_MAX_ROWS, batched_inverse
 
 SCRIPT = textwrap.dedent("""
     import torch

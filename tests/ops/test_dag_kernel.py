@@ -4,7 +4,7 @@ import torch
 from graphs import random_dag
 
 from torch_geometric_chimera.ops import GraphTopology, dag_solve
-from torch_geometric_chimera.ops.reference import dag_solve as dag_solve_reference
+from torch_geometric_chimera.ops.dag import dag_solve_reference
 from torch_geometric_chimera.utils import topological_levels
 
 
@@ -85,7 +85,7 @@ def test_level_schedule_is_topological():
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_fused_dag_attention_matches_solve_then_contract(index_dtype):
     from torch_geometric_chimera.ops import dag_attention
-    from torch_geometric_chimera.ops.reference import read_state, to_state
+    from torch_geometric_chimera.ops.common import read_state, to_state
     edge_index, levels, weight, _, (level_ptr, order, rowptr, col, perm) = setup(60, 200, index_dtype=index_dtype)
     q, k, v = (torch.randn(60, 2, d, dtype=torch.float64, requires_grad=True) for d in (3, 3, 4))
     weight.requires_grad_()
@@ -109,7 +109,7 @@ def test_gradcheck_and_opcheck_dag_attention():
                                     (w, q, k, v))
     torch.library.opcheck(op, (level_ptr, order, rowptr, col, w, q, k, v))
     y, state = op(level_ptr, order, rowptr, col, w.detach(), q.detach(), k.detach(), v.detach())
-    from torch_geometric_chimera.ops._kernels import transpose_csr
+    from torch_geometric_chimera.ops._extension import transpose_csr
     rowptr_t, col_t, perm_t = transpose_csr(rowptr, col, 10)
     torch.library.opcheck(torch.ops.chimera.dag_attention_backward,
                           (level_ptr, order, rowptr_t, col_t, w.detach()[perm_t], q.detach(), k.detach(), v.detach(),

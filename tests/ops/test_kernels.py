@@ -4,7 +4,7 @@ import torch
 from graphs import random_graph
 
 from torch_geometric_chimera.ops import HAS_EXTENSION, CsrOperator, edge_dot, spmm
-from torch_geometric_chimera.ops.reference import EdgeListOperator, edge_dot_reference, spmm_reference
+from torch_geometric_chimera.ops.common import EdgeListOperator, edge_dot_reference, spmm_reference
 
 
 def csr(num_rows, num_cols, num_edges, index_dtype=torch.long, device="cpu", empty_rows=True):

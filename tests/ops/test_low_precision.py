@@ -7,7 +7,8 @@ from graphs import batch_graphs, inputs, random_dag, random_graph, row_normalize
 
 from torch_geometric_chimera import ChimeraConv
 from torch_geometric_chimera.ops import resolvent_attention
-from torch_geometric_chimera.ops.reference import default_tolerance, inverse_resolvent_attention
+from torch_geometric_chimera.ops.iterative import default_tolerance
+from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
 
 LOW = [torch.float16, torch.bfloat16]
 

@@ -9,7 +9,7 @@ import torch
 from graphs import batch_graphs, inputs, random_dag, random_graph
 
 from torch_geometric_chimera import ChimeraConv
-from torch_geometric_chimera.ops import reference, resolvent_attention
+from torch_geometric_chimera.ops import common, resolvent_attention
 from torch_geometric_chimera.utils import line_graph_dags
 
 
@@ -39,7 +39,7 @@ def count_host_reads(monkeypatch):
 
 @pytest.fixture
 def accelerator_mode(monkeypatch):
-    monkeypatch.setattr(reference, "host_reads_allowed", lambda t: False)
+    monkeypatch.setattr(common, "host_reads_allowed", lambda t: False)
 
 
 def graphs_for(kind):

@@ -4,8 +4,9 @@ import torch
 from graphs import batch_graphs, inputs, random_dag, random_graph, row_normalize
 
 from torch_geometric_chimera.ops import GraphTopology, choose_method, resolvent_attention
-from torch_geometric_chimera.ops.reference import (EdgeListOperator, checkpointed_neumann,
-                                                   inverse_resolvent_attention, neumann_solve, to_state)
+from torch_geometric_chimera.ops.common import EdgeListOperator, to_state
+from torch_geometric_chimera.ops.neumann import checkpointed_neumann, neumann_solve
+from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
 from torch_geometric_chimera.utils import topological_levels
 
 EXACT_GENERAL = ["dense", "band", "iterative"]
@@ -212,7 +213,7 @@ def test_levels_used_by_dag_method_are_topological():
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 40, 97])
 def test_block_inverse_matches_lu_on_diagonally_dominant_matrices(n):
-    from torch_geometric_chimera.ops.reference import block_inverse, resolvent_matrix
+    from torch_geometric_chimera.ops.dense import block_inverse, resolvent_matrix
     adj = torch.randn(3, 2, n, n, dtype=torch.float64)
     adj = 0.95 * adj / adj.abs().sum(-1, keepdim=True)  # every row of |A| sums to 0.95
     eye = torch.eye(n, dtype=torch.float64)
@@ -306,8 +307,8 @@ def test_topology_cache_sees_writes_that_bypass_the_version_counter(write):
 def test_explicit_topology_where_the_cache_cannot_see_such_writes(monkeypatch):
     # On accelerators (outside debug mode) the cache checks version counters only; the explicit
     # handle is the documented way to hold the topology of a graph that is written through .data.
-    from torch_geometric_chimera.ops import reference
-    monkeypatch.setattr(reference, "host_reads_allowed", lambda t: False)
+    from torch_geometric_chimera.ops import common
+    monkeypatch.setattr(common, "host_reads_allowed", lambda t: False)
     q, k, v, w = inputs(6, 5)
     ei = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
     before = resolvent_attention(q, k, v, ei, w, method="dense")

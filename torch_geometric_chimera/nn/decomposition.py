@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..ops.common import host_reads_allowed
 from ..ops.grid import GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, grid_weights, segment_rows_for
-from ..ops.reference import host_reads_allowed
 from ..utils.topology import line_graph_dags
 
 #: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line

@@ -1,7 +1,12 @@
-"""Resolvent attention and the kernels behind it."""
-from . import reference
-from ._kernels import (HAS_EXTENSION, BandSchedule, CsrOperator, band_resolvent_attention, band_schedule,
-                       dag_attention, dag_solve, edge_dot, spmm)
+"""Resolvent attention and the methods behind it, one module per method: :mod:`.dense`,
+:mod:`.band`, :mod:`.dag`, :mod:`.grid`, :mod:`.line`, :mod:`.neumann`, :mod:`.iterative`; what they share in
+:mod:`.common`, the compiled extension in :mod:`._extension`, the test oracles in :mod:`.reference`,
+and the choice of method in :mod:`.resolvent`."""
+from . import band, common, dag, dense, grid, iterative, line, neumann, reference
+from ._extension import HAS_EXTENSION
+from .band import BandSchedule, band_resolvent_attention, band_schedule
+from .common import CsrOperator, edge_dot, spmm
+from .dag import dag_attention, dag_solve
 from .resolvent import DENSE_MAX_NODES, METHODS, GraphTopology, choose_method, resolvent_attention
 
 __all__ = [
@@ -20,4 +25,12 @@ __all__ = [
     "CsrOperator",
     "HAS_EXTENSION",
     "reference",
+    "common",
+    "dense",
+    "band",
+    "dag",
+    "grid",
+    "line",
+    "neumann",
+    "iterative",
 ]

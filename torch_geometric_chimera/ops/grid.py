@@ -26,7 +26,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._kernels import HAS_EXTENSION
+from ._extension import HAS_EXTENSION
 
 #: Keep a segment's recomputed states (``segment_rows + 3`` rows of ``W S P`` values) about this
 #: small, so the backward's working set stays in a core's L2 cache.

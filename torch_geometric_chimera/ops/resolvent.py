@@ -1,4 +1,9 @@
-r"""``resolvent_attention``: the one operation everything rests on (DESIGN.md §1)."""
+r"""``resolvent_attention``: the one operation everything rests on (DESIGN.md §1).
+
+This module only chooses and dispatches: :class:`GraphTopology` (what depends on the graph alone,
+cached), :func:`choose_method` and its cost model, the input checks, and the dispatch to the
+methods, one module each: :mod:`.dense`, :mod:`.band`, :mod:`.dag`, :mod:`.line`, :mod:`.neumann`
+and :mod:`.iterative`."""
 import weakref
 from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -9,9 +14,15 @@ import torch_geometric
 from torch import Tensor
 
 from ..utils.topology import diameter_bound, is_directed_paths, raise_if_cyclic, topological_levels
-from . import reference
-from ._kernels import (HAS_EXTENSION, CsrOperator, band_resolvent_attention, band_schedule, dag_attention,
-                       dag_solve)
+from . import common
+from ._extension import HAS_EXTENSION
+from .band import band_resolvent_attention, band_schedule
+from .common import CsrOperator, read_state, to_state
+from .dag import dag_attention, dag_solve
+from .dense import bucket_size, dense_buckets, dense_resolvent_attention
+from .iterative import default_tolerance, iterative_solve
+from .line import line_order, line_resolvent_attention
+from .neumann import NeumannSchedule, checkpointed_neumann, neumann_schedule
 
 METHODS = ("auto", "dense", "band", "dag", "line", "neumann", "iterative")
 
@@ -103,7 +114,7 @@ class GraphTopology:
         not cached."""
         if edge_index.is_inference() or (batch is not None and batch.is_inference()):
             return cls(edge_index, num_nodes, batch)
-        verify = reference.host_reads_allowed(edge_index)
+        verify = common.host_reads_allowed(edge_index)
         for entry in cls._cache:
             ei_ref, ei_version, ei_copy, batch_ref, batch_version, batch_copy, n, topology = entry
             if (ei_ref() is edge_index and ei_version == edge_index._version and n == num_nodes
@@ -177,7 +188,7 @@ class GraphTopology:
         """Estimated forward + backward seconds per head of every exact small-graph path that
         applies on CPU: ``"dense"`` always, ``"band"`` where its kernels run, ``"dag"`` on DAGs
         (the constants above :func:`choose_method`)."""
-        padded = reference.bucket_size(self.graph_sizes).double() * (self.graph_sizes > 0)
+        padded = bucket_size(self.graph_sizes).double() * (self.graph_sizes > 0)
         state = state_dim * head_dim
         costs = {"dense": float(DENSE_CUBIC_S * (3 * padded ** 3).sum()
                                 + DENSE_SQUARE_S * (6 * padded ** 2).sum() * (state_dim + head_dim)
@@ -198,18 +209,18 @@ class GraphTopology:
 
     @cached_property
     def line_order(self) -> Tuple[Tensor, Tensor]:
-        """Node order and incoming edges of the ``line`` path (see :func:`~.reference.line_order`)."""
-        return reference.line_order(self.edge_index, self.num_nodes)
+        """Node order and incoming edges of the ``line`` path (see :func:`~.line.line_order`)."""
+        return line_order(self.edge_index, self.num_nodes)
 
     @cached_property
     def dense_buckets(self):
-        """Size buckets of the ``dense`` path (see :func:`~.reference.dense_buckets`)."""
-        return reference.dense_buckets(self.edge_index, self.num_nodes, self.batch)
+        """Size buckets of the ``dense`` path (see :func:`~.dense.dense_buckets`)."""
+        return dense_buckets(self.edge_index, self.num_nodes, self.batch)
 
     @cached_property
-    def neumann_schedule(self) -> "reference.NeumannSchedule":
+    def neumann_schedule(self) -> NeumannSchedule:
         """Horner schedule of ``neumann`` with each graph's own diameter bound as its term count."""
-        return reference.neumann_schedule(self.diameter_bound, self.batch)
+        return neumann_schedule(self.diameter_bound, self.batch)
 
 
 def _same_values(kept: Tensor, current: Tensor) -> bool:
@@ -244,7 +255,7 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, stat
     if num_terms is not None:
         return "neumann"
     # Every layer and step on one topology asks again: the answer depends on the shapes only.
-    key = (state_dim, head_dim, reference.host_reads_allowed(topology.edge_index))
+    key = (state_dim, head_dim, common.host_reads_allowed(topology.edge_index))
     if key not in topology.choices:
         topology.choices[key] = _choose_exact_or_iterative(topology, state_dim, head_dim)
     return topology.choices[key]
@@ -256,7 +267,7 @@ def _choose_exact_or_iterative(topology: GraphTopology, state_dim: Optional[int]
     if topology.max_graph_size <= DENSE_MAX_NODES:
         # The model is calibrated on CPU, and evaluating it reads sizes on the host.
         if state_dim is not None and head_dim is not None and topology.edge_index.device.type == "cpu" \
-                and reference.host_reads_allowed(topology.edge_index):
+                and common.host_reads_allowed(topology.edge_index):
             costs = topology.path_costs(state_dim, head_dim)
             dag = costs.pop("dag", None)
             best = min(costs, key=costs.get)
@@ -271,7 +282,7 @@ def band_available(topology: GraphTopology) -> bool:
     """The band kernels exist for CPU tensors (with the compiled extension); the path also reads
     the host (its diagonal-dominance test), which only CPU does for free."""
     edge_index = topology.edge_index
-    return HAS_EXTENSION and edge_index.device.type == "cpu" and reference.host_reads_allowed(edge_index)
+    return HAS_EXTENSION and edge_index.device.type == "cpu" and common.host_reads_allowed(edge_index)
 
 
 def _describe(t: Tensor) -> str:
@@ -315,7 +326,7 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
 
     # Value checks need the data on the host: always on CPU, on accelerators in debug mode only.
     debug = torch_geometric.is_debug_enabled()
-    if reference.host_reads_allowed(query):
+    if common.host_reads_allowed(query):
         if num_edges and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
             raise IndexError(f"edge_index: node indices must lie in [0, {num_nodes}) for N = {num_nodes} nodes, "
                              f"found values in [{int(edge_index.min())}, {int(edge_index.max())}]")
@@ -361,7 +372,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
             own :func:`~torch_geometric_chimera.utils.diameter_bound`. (default: :obj:`None`)
         batch (LongTensor, optional): ``[N]`` graph id of every node. (default: :obj:`None`)
         tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks it by dtype
-            (:func:`~.reference.default_tolerance`: ``1e-12`` for float64, ``1e-6`` for float32,
+            (:func:`~.iterative.default_tolerance`: ``1e-12`` for float64, ``1e-6`` for float32,
             ``eps / 16`` for float16 and bfloat16); ``0`` runs exactly ``max_iter`` iterations with no
             stopping test (nothing read on the host). (default: :obj:`None`)
         max_iter (int, optional): iteration cap of ``"iterative"``, at least 1. (default: ``1000``)
@@ -404,7 +415,7 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     if value.numel() == 0:  # N, H or P is zero: nothing to compute (S = 0 gives zero scores, computed below)
         return value.new_zeros(value.shape)
     if tol is None:
-        tol = reference.default_tolerance(query.dtype)
+        tol = default_tolerance(query.dtype)
 
     dtype = query.dtype
     if dtype in (torch.float16, torch.bfloat16):
@@ -429,8 +440,8 @@ def _dispatch(method: str, query: Tensor, key: Tensor, value: Tensor, edge_weigh
         if not topology.is_line:
             raise ValueError("edge_index: method='line' needs a union of directed paths (every node with at most one "
                              "incoming and one outgoing edge, no cycle); use method='dag' or 'dense'")
-        return reference.line_resolvent_attention(query, key, value, topology.edge_index, edge_weight, chunk_size,
-                                                  order=topology.line_order)
+        return line_resolvent_attention(query, key, value, topology.edge_index, edge_weight, chunk_size,
+                                        order=topology.line_order)
     if method == "dense":
         return _dense(query, key, value, edge_weight, topology)
 
@@ -454,27 +465,27 @@ def _dispatch(method: str, query: Tensor, key: Tensor, value: Tensor, edge_weigh
         csr = topology.operator
         if HAS_EXTENSION and query.device.type == "cpu":  # state contraction fused into the solve
             return dag_attention(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], query, key, value)
-        state = dag_solve(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], reference.to_state(key, value))
-        return reference.read_state(query, state, value.size(-1))
+        state = dag_solve(level_ptr, order, csr.rowptr, csr.col, edge_weight[csr.perm], to_state(key, value))
+        return read_state(query, state, value.size(-1))
 
-    state = reference.to_state(key, value)
+    state = to_state(key, value)
     if method == "neumann":
         schedule = topology.neumann_schedule if num_terms is None else num_terms
         if num_terms is None and schedule.max_terms > MAX_NUM_TERMS:
             raise ValueError(f"num_terms: the default, each graph's diameter bound, reaches {schedule.max_terms} "
                              f"terms, above MAX_NUM_TERMS = {MAX_NUM_TERMS}; pass num_terms or use "
                              f"method='iterative'")
-        state = reference.checkpointed_neumann(topology.operator, edge_weight, state, schedule)
+        state = checkpointed_neumann(topology.operator, edge_weight, state, schedule)
     else:  # iterative
-        state = reference.iterative_solve(topology.operator, edge_weight, state, tol, max_iter,
-                                          inputs=(("edge_weight", edge_weight), ("key", key), ("value", value)))
-    return reference.read_state(query, state, value.size(-1))
+        state = iterative_solve(topology.operator, edge_weight, state, tol, max_iter,
+                                inputs=(("edge_weight", edge_weight), ("key", key), ("value", value)))
+    return read_state(query, state, value.size(-1))
 
 
 def _dense(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology) -> Tensor:
     try:
-        return reference.dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight,
-                                                   topology.batch, buckets=topology.dense_buckets)
+        return dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch,
+                                         buckets=topology.dense_buckets)
     except torch.linalg.LinAlgError as error:
         if _not_finite([("edge_weight", edge_weight)]):
             raise ValueError("edge_weight: contains NaN or Inf, so I - A has no inverse") from error
