@@ -13,7 +13,8 @@ from torch_geometric.utils import is_torch_sparse_tensor, to_edge_index
 from ..ops import METHODS, resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
-from .decomposition import DECOMPOSITIONS, decomposed_resolvent_attention, decomposition_dags, sharing_groups
+from .decomposition import (DECOMPOSITIONS, decomposed_resolvent_attention, decomposition_dags, local_neighbors,
+                            sharing_groups)
 
 
 class ChimeraConv(MessagePassing):
@@ -335,18 +336,23 @@ class ChimeraConv(MessagePassing):
                              "pass topology=None")
         dags = decomposition_dags(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch,
                                   device=device)
-        # The local convolution sees what the mixer sees, every edge once: the forward line
-        # alone for "fwd" (causal), both lines for "line", and for "grid" the down-left and
-        # up-right DAGs, which together hold each of the four neighbour directions once.
-        return dags, torch.cat(dags[1:3] if len(dags) == 4 else dags, 1)
+        # The local convolution sees what the mixer sees (local_neighbors).
+        return dags, local_neighbors(dags, num_nodes)[0]
+
+    @torch.jit.ignore
+    def _decomposed_neighbors(self, xbc: Tensor, dags: List[Tensor], edge_index: Tensor) -> Tensor:
+        """Sum of xbc over the local convolution's neighbours of a decomposition."""
+        operator = local_neighbors(dags, xbc.size(0))[1]
+        if operator is None:
+            return self.propagate(edge_index.long(), x=xbc, size=(xbc.size(0), xbc.size(0)))
+        return operator.matmul(xbc.new_ones(edge_index.size(1), 1), xbc.unsqueeze(1)).squeeze(1)
 
     @torch.jit.ignore
     def _decomposed_mix(self, values: Tensor, B: Tensor, C: Tensor, delta: Tensor, dags: List[Tensor],
                         batch: OptTensor, grid_size: OptTensor) -> Tensor:
-        # B, C: [N, num_sets * S] -> [N, num_sets, H, S], every head of a set sharing them as in mix().
+        # B, C: [N, num_sets * S] -> [N, num_sets, 1, S], every head of a set sharing them as in mix().
         shape = (values.size(0), self.num_sets, 1, self.state_dim)
-        B = B.reshape(shape).expand(-1, -1, self.heads, -1)
-        C = C.reshape(shape).expand(-1, -1, self.heads, -1)
+        B, C = B.reshape(shape), C.reshape(shape)
         return decomposed_resolvent_attention(C, B, values, delta, dags, self.groups, batch=batch,
                                               grid_size=grid_size if self.decomposition == "grid" else None,
                                               method=self.method, num_terms=self.num_terms, tol=self.tol,
@@ -381,7 +387,10 @@ class ChimeraConv(MessagePassing):
 
         z, xbc, dt, psi = self.in_proj(x).split([self.inner, self.conv_width, heads, heads], dim=-1)
         if self.local_conv:
-            neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
+            if dags is None:
+                neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
+            else:
+                neighbors = self._decomposed_neighbors(xbc, dags, edge_index)
             xbc = xbc * self.conv_self + neighbors * self.conv_neighbors + self.conv_bias
         values, B, C = F.silu(xbc).split([self.inner, self.state_dim * self.num_sets,
                                           self.state_dim * self.num_sets], dim=-1)

@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.common import host_reads_allowed
+from ..ops._extension import HAS_EXTENSION
+from ..ops.common import CsrOperator, host_reads_allowed
 from ..ops.grid import GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, grid_weights, segment_rows_for
 from ..utils.topology import line_graph_dags
 
@@ -184,6 +185,19 @@ def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optiona
 _SINGLE_SEQUENCE: Dict[Tuple[int, str], List[Tensor]] = {}
 
 
+def local_neighbors(dags: List[Tensor], num_nodes: int) -> Tuple[Tensor, Optional[CsrOperator]]:
+    r"""The edges of a decomposition's local convolution, every neighbour once: the forward line
+    alone for ``"fwd"`` (causal), both lines for ``"line"``, and for ``"grid"`` the down-left and
+    up-right DAGs, which together hold each of the four neighbour directions once. With the
+    compiled extension on CPU, also their CSR operator (the sum over neighbours as one
+    ``chimera::spmm``, kept with the DAGs)."""
+    def build():
+        edge_index = torch.cat(dags[1:3] if len(dags) == 4 else dags, 1)
+        operator = CsrOperator(edge_index, num_nodes) if HAS_EXTENSION and edge_index.device.type == "cpu" else None
+        return edge_index, operator
+    return _CACHE.get("local", dags[0], build)
+
+
 def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, delta: Tensor, dags: List[Tensor],
                                    groups: Tuple[int, ...], *, batch: Optional[Tensor] = None,
                                    grid_size: Optional[Tensor] = None, method: str = "auto",
@@ -199,8 +213,9 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
     and :math:`g(d)` = ``groups[d]`` picks the parameter set of ``B, C`` (:data:`SHARING`).
 
     Args:
-        query (Tensor): :math:`\mathbf{C}`, ``[N, num_sets, H, S]``.
-        key (Tensor): :math:`\mathbf{B}`, ``[N, num_sets, H, S]``.
+        query (Tensor): :math:`\mathbf{C}`, ``[N, num_sets, H, S]``, or ``[N, num_sets, 1, S]``
+            when the heads share it.
+        key (Tensor): :math:`\mathbf{B}`, shaped like ``query``.
         value (Tensor): :math:`\mathbf{V}`, ``[N, H, P]``.
         delta (Tensor): selectivity :math:`\Delta \ge 0`, ``[N, H]``, shared by the DAGs.
         dags (list of LongTensor): the DAGs, ``[2, E_d]`` each (:func:`decomposition_dags`).
@@ -223,24 +238,30 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
     if len(groups) != len(dags):
         raise ValueError(f"groups: expected one parameter set per DAG ({len(dags)}), got {len(groups)}")
     if query.dim() != 4 or key.shape != query.shape or max(groups) >= query.size(1):
-        raise ValueError(f"query: expected shape [N, num_sets, H, S] with num_sets > {max(groups)}, like key, got "
-                         f"{list(query.shape)} and {list(key.shape)}")
+        raise ValueError(f"query: expected shape [N, num_sets, H, S] (or [N, num_sets, 1, S], shared by the heads) "
+                         f"with num_sets > {max(groups)}, like key, got {list(query.shape)} and {list(key.shape)}")
+    heads = value.size(1)
+    if query.size(2) not in (1, heads):
+        raise ValueError(f"query: expected H = {heads} heads (like value) or 1, got shape {list(query.shape)}")
     walks = None
-    if grid_size is not None and method == "auto" and grid_available(query):
+    if grid_size is not None and method == "auto" and grid_available(value):
         if len(dags) != len(GRID_DIRECTIONS):
             raise ValueError(f"grid_size: given for the four grid DAGs, but dags has {len(dags)}")
         walks = _CACHE.get("grid_walks", grid_size, lambda: grid_walks(grid_size, dags))
-        segment_rows = segment_rows_for(walks, query.size(-1) * value.size(-1), query.element_size())
-    out = None
+        segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
+        value = value.contiguous()  # once, not in every DAG's kernel call
+    out: Optional[Tensor] = None
     for d, (dag, group) in enumerate(zip(dags, groups)):
         edge_weight, key_scale = dag_adjacency(delta, dag)
+        # Select the set, then broadcast over heads: gradients stay [N, num_sets, 1, S]-sized.
+        query_d = query[:, group].expand(-1, heads, -1)
+        key_d = key[:, group] * key_scale.unsqueeze(-1)
         if walks is not None:
-            weight = grid_weights(edge_weight, walks.weight_index[d], query.size(0))
-            y = grid_attention(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query[:, group],
-                               key[:, group] * key_scale.unsqueeze(-1), value, segment_rows)
-            out = y if out is None else out + y
-            continue
-        y = resolvent_attention(query[:, group], key[:, group] * key_scale.unsqueeze(-1), value, dag, edge_weight,
-                                method=method, batch=batch, **solver_options)
-        out = y if out is None else out + y
+            weight = grid_weights(edge_weight, walks.weight_index[d], value.size(0))
+            y = grid_attention(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query_d, key_d, value,
+                               segment_rows)
+        else:
+            y = resolvent_attention(query_d, key_d, value, dag, edge_weight, method=method, batch=batch,
+                                    **solver_options)
+        out = y if out is None else out.add_(y)  # y is a fresh tensor; add's backward needs neither
     return out

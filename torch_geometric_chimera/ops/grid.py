@@ -14,9 +14,10 @@ for that DAG, exactly. The level-by-level ``dag`` path computes the same thing b
 ``S x P`` state of every node and head (half a gigabyte for 64 images of 32 x 32 patches at width 64)
 and is bound by that memory traffic. ``chimera::grid_attention`` keeps two rows of states in cache,
 writes only ``y`` and the states of every ``segment_rows``-th row, and the backward recomputes each
-segment from its checkpoint before running the adjoint recurrence over it. Cost: about 3 S P flops
-per position and head forward, 10 S P backward (recomputation included); memory ``N H S P /
-segment_rows``.
+segment from its checkpoint before running the adjoint recurrence over it. Segments are as long as
+a core's L2 cache allows, so images of up to about 60 rows of 32 patches keep no checkpoint at
+all. Cost: about 8 S P flops per position and head forward, 22 S P backward (recomputation
+included); memory ``N H S P / segment_rows``.
 
 :func:`grid_attention_reference` is the same recurrence in plain PyTorch, position by position.
 """
@@ -28,9 +29,12 @@ from torch import Tensor
 
 from ._extension import HAS_EXTENSION
 
-#: Keep a segment's recomputed states (``segment_rows + 3`` rows of ``W S P`` values) about this
-#: small, so the backward's working set stays in a core's L2 cache.
-SEGMENT_BYTES = 512 * 1024
+#: The kernel processes state rows ``s`` in blocks, a row of a block (``W x block x P`` values)
+#: taking about this much (``kRowBlockBytes`` in ``csrc/cpu/grid_scan_cpu.cpp``).
+ROW_BLOCK_BYTES = 32 * 1024
+#: A recomputed segment of the backward (``segment_rows + 3`` rows of a block) stays in a core's
+#: L2 cache.
+SEGMENT_BYTES = 1024 * 1024
 
 
 class GridWalks(NamedTuple):
@@ -89,12 +93,20 @@ def grid_walks(grid_size: Tensor, dags: List[Tensor]) -> GridWalks:
     return GridWalks(graph_ptr, width, walks, weight_index, max_rows, max_width)
 
 
-def segment_rows_for(walks: GridWalks, state_size: int, element_size: int) -> int:
-    r"""Rows per recomputed segment: about :math:`\sqrt{\text{rows}}` (checkpoint memory and
-    recomputation balanced), fewer where a segment would not fit :data:`SEGMENT_BYTES`."""
-    row_bytes = max(1, walks.max_width * state_size * element_size)
-    fits = max(1, SEGMENT_BYTES // row_bytes - 3)
-    return max(1, min(math.isqrt(max(1, walks.max_rows)), fits))
+def state_block(row_width: int, state_dim: int, head_dim: int, element_size: int) -> int:
+    """State rows per block of the kernel: one row of a block, ``W x block x P`` values, near
+    :data:`ROW_BLOCK_BYTES` (the same rule as ``state_block`` in ``csrc/cpu/grid_scan_cpu.cpp``)."""
+    return max(1, min(state_dim, ROW_BLOCK_BYTES // max(1, row_width * head_dim * element_size)))
+
+
+def segment_rows_for(walks: GridWalks, state_dim: int, head_dim: int, element_size: int) -> int:
+    r"""Rows per recomputed segment of the backward: as many as fit :data:`SEGMENT_BYTES` (every
+    row is recomputed once whatever the segment length, so longer segments only save checkpoint
+    memory), at most the tallest image's rows (then nothing is checkpointed)."""
+    width = max(1, walks.max_width)
+    row_bytes = width * state_block(width, state_dim, head_dim, element_size) * head_dim * element_size
+    fits = max(1, SEGMENT_BYTES // max(1, row_bytes) - 3)
+    return max(1, min(walks.max_rows, fits))
 
 
 def num_checkpoints(graph_ptr: Tensor, row_width: Tensor, segment_rows: int) -> int:
@@ -171,7 +183,7 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
         sizes = graph_ptr.diff()
         rows = int((sizes // row_width.clamp_min(1)).max()) if sizes.numel() else 0
         walks = GridWalks(graph_ptr, row_width, [], [], rows, int(row_width.max()) if row_width.numel() else 0)
-        segment_rows = segment_rows_for(walks, query.size(-1) * value.size(-1), query.element_size())
+        segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
     count = num_checkpoints(graph_ptr, row_width, segment_rows)
     return torch.ops.chimera.grid_attention(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows,
                                             count)[0]
@@ -212,4 +224,4 @@ def grid_available(query: Tensor) -> bool:
 
 
 __all__: Tuple[str, ...] = ("GridWalks", "grid_walks", "grid_attention", "grid_attention_reference", "grid_weights",
-                            "segment_rows_for", "num_checkpoints", "grid_available", "GRID_DIRECTIONS")
+                            "segment_rows_for", "state_block", "num_checkpoints", "grid_available", "GRID_DIRECTIONS")
