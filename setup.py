@@ -66,13 +66,29 @@ def extensions():
     force_cuda = os.getenv("FORCE_CUDA", "0") == "1"
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and (torch.cuda.is_available() or force_cuda))
-    extra = {"cxx": ["-O3", "-fopenmp-simd"]}  # OpenMP simd pragmas only: vector reductions
+    extra = {"cxx": ["-O3", "-fopenmp-simd"]}  # OpenMP simd pragmas: vector reductions
     if os.getenv("CHIMERA_DEBUG_BUILD", "0") == "1":
         extra["cxx"] = ["-O0", "-g"]
+    link = []
+    if openmp_backend():
+        # at::parallel_for is a header template: with ATen's OpenMP backend it runs its loop under
+        # `#pragma omp parallel`, which only a translation unit compiled with -fopenmp honours.
+        # Without it every kernel of this extension ran on one thread.
+        extra["cxx"] += ["-fopenmp"]
+        link = ["-fopenmp"]
     if with_cuda:
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-        return [CUDAExtension("torch_geometric_chimera._C", sources + cuda_sources, extra_compile_args=extra)]
-    return [CppExtension("torch_geometric_chimera._C", sources, extra_compile_args=extra)]
+        return [CUDAExtension("torch_geometric_chimera._C", sources + cuda_sources, extra_compile_args=extra,
+                              extra_link_args=link)]
+    return [CppExtension("torch_geometric_chimera._C", sources, extra_compile_args=extra, extra_link_args=link)]
+
+
+def openmp_backend() -> bool:
+    """Whether ATen parallelizes with OpenMP (the Linux wheels do) and the compiler has it."""
+    if sys.platform == "win32" or os.getenv("CHIMERA_NO_OPENMP", "0") == "1":
+        return False
+    info = torch.__config__.parallel_info()
+    return "ATen parallel backend: OpenMP" in info and "OpenMP not found" not in info
 
 
 # GraphGym (yacs, PyTorch Lightning) is tested too; none of these pulls another torch.
