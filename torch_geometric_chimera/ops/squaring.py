@@ -314,12 +314,11 @@ def masked_attention_backward(resolvent: Tensor, q: Tensor, k: Tensor, v: Tensor
 
 
 def fused_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on ``device``: CUDA with Triton installed, or CPU under
-    the Triton interpreter (``TRITON_INTERPRET=1`` in the environment, for tests)."""
-    from .triton_attention import HAS_TRITON
-    if not HAS_TRITON:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    """Whether the Triton kernels of :mod:`~.triton_attention` can run on ``device``: CUDA with Triton
+    installed, or any device when Triton was imported under ``TRITON_INTERPRET=1`` (its interpreter,
+    for tests on CPU)."""
+    from .triton_attention import HAS_TRITON, INTERPRETED
+    return HAS_TRITON and (INTERPRETED or device.type == "cuda")
 
 
 class SquaringResolventAttention(torch.autograd.Function):
@@ -560,8 +559,9 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
             batches, chosen by :func:`choose_buckets` with :func:`bucket_cost` (reads the sizes on the
             host). (default: ``1``, one padded batch)
         fused (bool, optional): ``(L ⊙ QKᵀ)V`` and its backward in the Triton kernels of
-            :mod:`~.triton_attention` (CUDA with Triton, or CPU under ``TRITON_INTERPRET=1``), which
-            materialize nothing larger than ``L``. (default: :obj:`False`)
+            :mod:`~.triton_attention` (CUDA with Triton, or Triton's interpreter when ``TRITON_INTERPRET=1``
+            was set before Triton was imported), which materialize nothing larger than ``L``; float32, or
+            float64 with ``precision="float32"``. (default: :obj:`False`)
 
     float16 and bfloat16 inputs are computed in float32 and the output rounded back.
 
@@ -571,7 +571,7 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
     if not isinstance(max_buckets, int) or isinstance(max_buckets, bool) or max_buckets < 1:
         raise ValueError(f"max_buckets: expected a positive int, got {max_buckets!r}")
     if fused and not fused_available(query.device):
-        raise ValueError(f"fused: the Triton kernels need Triton and CUDA tensors (or CPU tensors with "
+        raise ValueError(f"fused: the Triton kernels need Triton and CUDA tensors (or Triton imported under "
                          f"TRITON_INTERPRET=1), got tensors on {query.device}")
     num_nodes, heads = query.shape[:2]
     dtype = query.dtype
