@@ -38,33 +38,46 @@ and :math:`\|(\mathbf{I} - \mathbf{A})^{-1}\|_\infty \le 1 / (1 - \gamma)`: the 
 the exact gradient of the resolvent :math:`(\mathbf{I} - \mathbf{A})^{-1}` (paper Eq. 26), read at the
 edges only. Padding rows and columns of ``Q``, ``K``, ``V`` are zero, so every padded entry of
 :math:`\partial\mathbf{L} = \partial\mathbf{M} \odot \mathbf{S}` is zero: the gradient is masked to the
-valid nodes by construction. Forward and backward together make a fixed number of operations (for
-``k = 7`` in float32: 66, whatever the number of graphs or of distinct sizes; ``tests/ops/test_squaring_path.py``).
+valid nodes by construction.
+
+**Operations.** Forward and backward together make a fixed number of operations: with ``k = 8``
+(``gamma = 0.9``, float32) 81 aten operations, views included, for 64 graphs of 46 distinct sizes
+and for 128 graphs of 92 (66 when the :func:`padded_layout` is computed once and passed in); with
+``gamma`` (or ``depth`` or ``num_squarings``), ``max_nodes`` and ``num_graphs`` given, none reads a
+value on the host (``tests/ops/test_squaring_path.py``).
 
 **Precision.** ``precision="tf32"`` or ``"bf16"`` rounds the inputs of every matrix product to that
 format (10 or 7 explicit mantissa bits) and accumulates in float32, as tensor cores do. On CUDA the
 hardware does it (``torch.backends.cuda.matmul.fp32_precision = "tf32"``; bf16 products with
 ``out_dtype=torch.float32``); elsewhere it is emulated: bf16 is ``x.to(torch.bfloat16).float()``, tf32
-rounds the float32 mantissa to nearest on 10 bits (:func:`round_to_precision`; NVIDIA's tensor cores
-may truncate instead, which doubles the unit roundoff). Measured on CPU with the emulation
-(``benchmarks/squaring_precision.py``, float32 inputs, 64 graphs of 8 to 64 nodes, H = 4, S = P = 16,
-q, k, v standard normal; error = max |x - x_ref| / max |x_ref| over 5 seeds, against the float64
-inverse):
+rounds the float32 mantissa to nearest on 10 bits (:func:`round_to_precision`; cuBLAS's tf32 may
+truncate instead, which doubles the unit roundoff). Measured on CPU with the emulation
+(``benchmarks/bench_squaring_precision.py``, results in ``benchmarks/results/squaring_precision_cpu.json``:
+float32 inputs, 64 graphs of 8 to 64 nodes, about 3 edges per node, H = 4, S = P = 16, q, k, v
+and the output gradient standard normal; error = max |x - x_ref| / max |x_ref|, worst of 5 seeds,
+against the float64 inverse; ``dense float32``: the exact path with a float32 inverse):
 
-==========================================  =========  =========  =========  =========  =========
-graphs (``k``: float32 / tf32 / bf16)       precision  y          dA (edges) dQ, dK     dV
-==========================================  =========  =========  =========  =========  =========
-general, rows sum to 0.9 (8 / 7 / 6)        float32    3.4e-07    3.8e-07    3.1e-07    3.4e-07
-                                            tf32       1.2e-03    1.5e-03    1.0e-03    1.2e-03
-                                            bf16       9.7e-03    1.2e-02    7.9e-03    1.0e-02
-DAGs, exact ``k`` from depth (6)            float32    2.6e-07    3.3e-07    2.5e-07    2.7e-07
-                                            tf32       8.4e-04    1.1e-03    9.2e-04    9.4e-04
-                                            bf16       6.5e-03    8.5e-03    6.9e-03    7.4e-03
-==========================================  =========  =========  =========  =========  =========
+=====================================  ==============  =======  ===============  =======  =======  =======
+graphs                                 precision (k)   y        dA (at edges)    dQ       dK       dV
+=====================================  ==============  =======  ===============  =======  =======  =======
+general: cycles, rows of |A| sum to    dense float32   3.1e-07  9.4e-07          2.9e-07  3.2e-07  4.5e-07
+0.9 (``general`` adjacency, gamma      float32 (8)     3.1e-07  6.5e-07          2.8e-07  3.5e-07  3.0e-07
+0.9); k from the bound                 tf32 (7)        2.4e-03  5.6e-03          2.9e-03  2.0e-03  2.4e-03
+                                       bf16 (6)        1.6e-02  3.7e-02          1.7e-02  1.7e-02  2.1e-02
+DAGs (``dag`` adjacency, depth <= 9);  dense float32   1.9e-07  2.4e-07          1.6e-07  2.3e-07  2.5e-07
+k exact from the depth                 float32 (4)     1.9e-07  1.9e-07          1.6e-07  2.3e-07  2.5e-07
+                                       tf32 (4)        7.2e-04  7.0e-04          6.6e-04  6.5e-04  1.2e-03
+                                       bf16 (4)        6.0e-03  5.0e-03          5.7e-03  5.6e-03  5.9e-03
+=====================================  ==============  =======  ===============  =======  =======  =======
 
-That is about 3 unit roundoffs of the format (2^-11 = 4.9e-4 for tf32, 2^-8 = 3.9e-3 for bf16): the
-errors do not grow with the number of squarings, since every rounded product is a contraction
-(:math:`\|\mathbf{A}^{2^j}\|_\infty \le \gamma^{2^j}`).
+In units of the format's roundoff u (2^-11 = 4.9e-4 for tf32, 2^-8 = 3.9e-3 for bf16): on DAGs about
+1.5 u (2.5 u at most); on general graphs about 5 u for the output and up to 11.5 u for the edge
+gradients. There most of it comes from rounding inside the chain: rounding ``A`` by a relative
+``u`` moves :math:`(\mathbf{I} - \mathbf{A})^{-1}` by up to :math:`\|\mathbf{L}\|\|\mathbf{A}\| u
+\le \gamma u / (1 - \gamma) = 9 u`. With the chain in float32 and only the attention products in
+tf32 / bf16, the output error drops to 8.7e-4 / 3.4e-3 (measured on 2 seeds of 32 graphs), at the
+cost of computing the chain, most of the flops, in float32. In float32 the path is as accurate as
+the exact ``dense`` path (DESIGN.md §6: at most twice its error; here at most equal).
 """
 import math
 import os
@@ -162,29 +175,33 @@ def padded_layout(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = 
     return PaddedLayout(num_graphs, max_nodes, graph, local, graph[dst], local[dst], local[src])
 
 
-def _node_index(layout: PaddedLayout, heads: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Advanced index ``[G, H, m, .][graph, head, local]`` broadcast to ``[N, H]``."""
-    head = torch.arange(heads, device=layout.graph.device).view(1, -1)
-    return layout.graph.view(-1, 1), head, layout.local.view(-1, 1)
+def _node_index(layout: PaddedLayout, heads: int) -> Tuple[Tensor, Tensor]:
+    """Advanced index of every node and head in a padded ``[G * H, m, F]`` tensor: ``(graph * H +
+    head, local)``, broadcast to ``[N, H]``."""
+    head = torch.arange(heads, device=layout.graph.device)
+    return layout.graph.view(-1, 1) * heads + head, layout.local.view(-1, 1)
 
 
-def _edge_index(layout: PaddedLayout, heads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Advanced index ``[G, H, m, m][graph, head, target, source]`` broadcast to ``[E, H]``."""
-    head = torch.arange(heads, device=layout.graph.device).view(1, -1)
-    return layout.edge_graph.view(-1, 1), head, layout.edge_target.view(-1, 1), layout.edge_source.view(-1, 1)
+def _edge_index(layout: PaddedLayout, heads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Advanced index of every edge and head in a padded ``[G * H, m, m]`` ``A``: ``(graph * H + head,
+    target, source)``, broadcast to ``[E, H]``."""
+    head = torch.arange(heads, device=layout.graph.device)
+    return (layout.edge_graph.view(-1, 1) * heads + head, layout.edge_target.view(-1, 1),
+            layout.edge_source.view(-1, 1))
 
 
-def _pad(x: Tensor, index: Tuple[Tensor, ...], num_graphs: int, max_nodes: int) -> Tensor:
-    """``[N, H, F] -> [G, H, m, F]``, zero at padding positions, in one scatter."""
-    out = x.new_zeros(num_graphs, x.size(1), max_nodes, x.size(2))
+def _pad(x: Tensor, index: Tuple[Tensor, Tensor], num_graphs: int, max_nodes: int) -> Tensor:
+    """``[N, H, F] -> [G * H, m, F]``, zero at padding positions, in one scatter."""
+    out = x.new_zeros(num_graphs * x.size(1), max_nodes, x.size(2))
     return out.index_put_(index, x)
 
 
-def _scatter_adjacency(edge_weight: Tensor, layout: PaddedLayout) -> Tensor:
-    """``A[g, h, i, j] = sum of edge_weight[e, h]`` over the edges ``e = (j -> i)`` of graph ``g``."""
-    heads = edge_weight.size(1)
-    adj = edge_weight.new_zeros(layout.num_graphs, heads, layout.max_nodes, layout.max_nodes)
-    return adj.index_put_(_edge_index(layout, heads), edge_weight, accumulate=True)
+def _scatter_adjacency(edge_weight: Tensor, index: Tuple[Tensor, Tensor, Tensor], num_graphs: int,
+                       max_nodes: int) -> Tensor:
+    """``A[g * H + h, i, j] = sum of edge_weight[e, h]`` over the edges ``e = (j -> i)`` of graph ``g``
+    (``index`` from :func:`_edge_index`), in one ``index_put_`` with ``accumulate=True``."""
+    adj = edge_weight.new_zeros(num_graphs * edge_weight.size(1), max_nodes, max_nodes)
+    return adj.index_put_(index, edge_weight, accumulate=True)
 
 
 def padded_adjacency(edge_index: Tensor, edge_weight: Tensor, batch: Optional[Tensor] = None,
@@ -207,7 +224,9 @@ def padded_adjacency(edge_index: Tensor, edge_weight: Tensor, batch: Optional[Te
     if num_nodes is None:
         num_nodes = batch.numel() if batch is not None else (int(edge_index.max()) + 1 if edge_index.numel() else 0)
     weight = edge_weight.view(-1, 1) if edge_weight.dim() == 1 else edge_weight
-    return _scatter_adjacency(weight, padded_layout(edge_index, num_nodes, batch, max_nodes, num_graphs))
+    layout = padded_layout(edge_index, num_nodes, batch, max_nodes, num_graphs)
+    adj = _scatter_adjacency(weight, _edge_index(layout, weight.size(1)), layout.num_graphs, layout.max_nodes)
+    return adj.view(layout.num_graphs, weight.size(1), layout.max_nodes, layout.max_nodes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,22 +260,27 @@ def _cuda_fp32_precision(precision: str) -> Iterator[None]:
 
 def _matmul(a: Tensor, b: Tensor, precision: str, add: Optional[Tensor] = None) -> Tensor:
     """``add + a @ b`` over the leading (batch) dimensions, with the inputs of the product in
-    ``precision`` and the sum in the dtype of ``a``."""
+    ``precision`` and the sum in the dtype of ``a``. Three-dimensional inputs go to ``bmm`` /
+    ``baddbmm`` as they are (no reshape: one operation per product)."""
     batch_shape = a.shape[:-2]
-    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-    c3 = None if add is None else add.reshape(-1, *add.shape[-2:])
+    if a.dim() != 3:
+        a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+        add = None if add is None else add.reshape(-1, *add.shape[-2:])
+    same = a is b  # A^(2^j) squared: round (or cast) it once
     if a.device.type == "cuda" and a.dtype == torch.float32:  # the tensor cores round the inputs
         if precision == "bf16":
-            a16, b16 = a3.to(torch.bfloat16), b3.to(torch.bfloat16)
-            out = (torch.bmm(a16, b16, out_dtype=torch.float32) if c3 is None
-                   else torch.baddbmm(c3, a16, b16, out_dtype=torch.float32))
+            a16 = a.to(torch.bfloat16)
+            b16 = a16 if same else b.to(torch.bfloat16)
+            out = (torch.bmm(a16, b16, out_dtype=torch.float32) if add is None
+                   else torch.baddbmm(add, a16, b16, out_dtype=torch.float32))
         else:
             with _cuda_fp32_precision(precision):
-                out = torch.bmm(a3, b3) if c3 is None else torch.baddbmm(c3, a3, b3)
+                out = torch.bmm(a, b) if add is None else torch.baddbmm(add, a, b)
     else:  # emulated: round the inputs, multiply and add in the dtype of a
-        a3, b3 = round_to_precision(a3, precision), round_to_precision(b3, precision)
-        out = torch.bmm(a3, b3) if c3 is None else torch.baddbmm(c3, a3, b3)
-    return out.view(*batch_shape, *out.shape[-2:])
+        a = round_to_precision(a, precision)
+        b = a if same else round_to_precision(b, precision)
+        out = torch.bmm(a, b) if add is None else torch.baddbmm(add, a, b)
+    return out if len(batch_shape) == 1 else out.view(*batch_shape, *out.shape[-2:])
 
 
 def squaring_chain(adj: Tensor, num_squarings: int, precision: str = "float32") -> Tensor:
@@ -331,23 +355,26 @@ class SquaringResolventAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, edge_weight: Tensor, query: Tensor, key: Tensor, value: Tensor, layout: PaddedLayout,
                 num_squarings: int, precision: str, fused: bool) -> Tensor:
-        node_index = _node_index(layout, query.size(1))
-        q, k, v = (_pad(t, node_index, layout.num_graphs, layout.max_nodes) for t in (query, key, value))
-        resolvent = squaring_chain(_scatter_adjacency(edge_weight, layout), num_squarings, precision)
+        heads, num_graphs, m = query.size(1), layout.num_graphs, layout.max_nodes
+        node_index, edge_index = _node_index(layout, heads), _edge_index(layout, heads)
+        q, k, v = (_pad(t, node_index, num_graphs, m) for t in (query, key, value))  # [G * H, m, F]
+        resolvent = squaring_chain(_scatter_adjacency(edge_weight, edge_index, num_graphs, m), num_squarings,
+                                   precision)
         if fused:
             from .triton_attention import attention_forward
             y = attention_forward(resolvent, q, k, v, precision)
         else:
             y = masked_attention(resolvent, q, k, v, precision)
         ctx.save_for_backward(resolvent, q, k, v)
-        ctx.layout, ctx.node_index, ctx.precision, ctx.fused = layout, node_index, precision, fused
-        return y[node_index]
+        ctx.layout, ctx.node_index, ctx.edge_index, ctx.precision, ctx.fused = (layout, node_index, edge_index,
+                                                                                precision, fused)
+        return y[node_index]  # [N, H, P]
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         resolvent, q, k, v = ctx.saved_tensors
-        layout, node_index, precision = ctx.layout, ctx.node_index, ctx.precision
-        grad_y = _pad(grad_out, node_index, layout.num_graphs, layout.max_nodes)
+        node_index, precision = ctx.node_index, ctx.precision
+        grad_y = _pad(grad_out, node_index, ctx.layout.num_graphs, ctx.layout.max_nodes)
         if ctx.fused:
             from .triton_attention import attention_backward
             grad_resolvent, grad_q, grad_k, grad_v = attention_backward(resolvent, q, k, v, grad_y, precision)
@@ -356,8 +383,8 @@ class SquaringResolventAttention(torch.autograd.Function):
         grad_weight = None
         if ctx.needs_input_grad[0]:
             resolvent_t = resolvent.transpose(-1, -2)
-            grad_adj = _matmul(_matmul(resolvent_t, grad_resolvent, precision), resolvent_t, precision)
-            grad_weight = grad_adj[_edge_index(layout, grad_out.size(1))]  # [E, H]
+            grad_adj = _matmul(_matmul(resolvent_t, grad_resolvent, precision), resolvent_t, precision)  # Lᵀ dL Lᵀ
+            grad_weight = grad_adj[ctx.edge_index]  # [E, H]
         needs = ctx.needs_input_grad
         return (grad_weight, grad_q[node_index] if needs[1] else None, grad_k[node_index] if needs[2] else None,
                 grad_v[node_index] if needs[3] else None, None, None, None, None)
@@ -525,7 +552,7 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
                                  gamma: Optional[float] = None, tol: Optional[float] = None,
                                  precision: str = "float32", max_nodes: Optional[int] = None,
                                  num_graphs: Optional[int] = None, max_buckets: int = 1,
-                                 fused: bool = False) -> Tensor:
+                                 fused: bool = False, layout: Optional[PaddedLayout] = None) -> Tensor:
     r"""Resolvent attention :math:`\mathbf{y} = (\mathbf{L} \odot \mathbf{Q}\mathbf{K}^\top)\mathbf{V}`
     per graph and head, with :math:`\mathbf{L}` from the squaring trick on every graph padded to one
     size (module docstring): exact on DAGs, within a chosen bound of
@@ -562,6 +589,9 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
             :mod:`~.triton_attention` (CUDA with Triton, or Triton's interpreter when ``TRITON_INTERPRET=1``
             was set before Triton was imported), which materialize nothing larger than ``L``; float32, or
             float64 with ``precision="float32"``. (default: :obj:`False`)
+        layout (PaddedLayout, optional): :func:`padded_layout` of ``(edge_index, batch)``, which depends on
+            the topology only: computed once and passed in, it saves its dozen operations on every
+            call (``max_nodes`` and ``num_graphs`` are then ignored). (default: :obj:`None`)
 
     float16 and bfloat16 inputs are computed in float32 and the output rounded back.
 
@@ -582,8 +612,9 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
     if num_nodes == 0 or value.numel() == 0:
         return value.new_zeros(value.shape).to(dtype)
 
-    if max_buckets == 1:
-        layout = padded_layout(edge_index, num_nodes, batch, max_nodes, num_graphs)
+    if layout is not None or max_buckets == 1:
+        if layout is None:
+            layout = padded_layout(edge_index, num_nodes, batch, max_nodes, num_graphs)
         out = SquaringResolventAttention.apply(edge_weight, query, key, value, layout, k, precision, fused)
         return out.to(dtype)
 
