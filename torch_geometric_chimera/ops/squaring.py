@@ -80,7 +80,6 @@ cost of computing the chain, most of the flops, in float32. In float32 the path 
 the exact ``dense`` path (DESIGN.md §6: at most twice its error; here at most equal).
 """
 import math
-import os
 from contextlib import contextmanager
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -98,11 +97,11 @@ DEFAULT_TOL = {"float32": 2.0 ** -24, "tf32": 2.0 ** -11, "bf16": 2.0 ** -8, "fl
 #: ``num_squarings`` above this is refused: 2^30 Neumann terms are far beyond any useful graph.
 MAX_SQUARINGS = 30
 
-#: The bucketing cost model (:func:`choose_buckets`), an estimate for one H100 before calibration:
-#: every operation of a bucket's forward + backward costs :data:`LAUNCH_S` seconds (the launch and
-#: PyTorch's dispatch; a launch-bound layer measured about 5 us per kernel, ``findings/``), and the
-#: padded matrix products run at :data:`FLOP_RATE` flop/s (a fraction of tensor-core peak, the
-#: matrices being small).
+#: The bucketing cost model (:func:`bucket_cost`), an estimate for one H100, not yet calibrated on
+#: one: each of the :data:`OPS_PER_BUCKET` kernels of a bucket's forward + backward (about 60 of its
+#: 81 operations, the others being views) costs :data:`LAUNCH_S` seconds of launch and dispatch (a
+#: launch-bound layer measured about 5 us per kernel, ``findings/gpu-h100-2026-11-25.md``), and the
+#: padded products run at :data:`FLOP_RATE` flop/s (a fraction of tensor-core peak: small matrices).
 LAUNCH_S = 8e-6
 OPS_PER_BUCKET = 60
 FLOP_RATE = {"float32": 2.5e13, "tf32": 1.0e14, "bf16": 2.0e14}
@@ -164,13 +163,13 @@ def padded_layout(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = 
         true_max = None
     if max_nodes is None:
         max_nodes = true_max if true_max is not None else (int(local.max()) + 1 if num_nodes else 0)
-    elif host_reads_allowed(edge_index) and num_nodes:
+    elif host_reads_allowed(edge_index) and num_nodes:  # values are checked where reading them is free
         largest = true_max if true_max is not None else int(local.max()) + 1
         if max_nodes < largest:
             raise ValueError(f"max_nodes: expected at least the largest graph size {largest}, got {max_nodes}")
-        if batch is not None and int(graph.max()) >= num_graphs:
-            raise ValueError(f"num_graphs: expected more than the largest id in batch ({int(graph.max())}), "
-                             f"got {num_graphs}")
+    if batch is not None and num_nodes and host_reads_allowed(edge_index) and int(graph.max()) >= num_graphs:
+        raise ValueError(f"num_graphs: expected more than the largest id in batch ({int(graph.max())}), "
+                         f"got {num_graphs}")
     src, dst = edge_index[0].long(), edge_index[1].long()
     return PaddedLayout(num_graphs, max_nodes, graph, local, graph[dst], local[dst], local[src])
 
@@ -529,7 +528,8 @@ def resolve_num_squarings(num_squarings: Optional[int], depth: Optional[int], ga
         if isinstance(num_squarings, bool) or not isinstance(num_squarings, int) or not 1 <= num_squarings:
             raise ValueError(f"num_squarings: expected a positive int, got {num_squarings!r}")
         if num_squarings > MAX_SQUARINGS:
-            raise ValueError(f"num_squarings: at most MAX_SQUARINGS = {MAX_SQUARINGS} (2^30 terms), got {num_squarings}")
+            raise ValueError(f"num_squarings: at most MAX_SQUARINGS = {MAX_SQUARINGS} (2^30 terms), "
+                             f"got {num_squarings}")
         return num_squarings
     if depth is not None:
         if isinstance(depth, bool) or not isinstance(depth, int):

@@ -83,8 +83,8 @@ if HAS_TRITON:
                         BLOCK_P: tl.constexpr, NUM_BLOCKS: tl.constexpr, ROUND: tl.constexpr,
                         OPERAND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         """One block of rows of one (graph, head): ``Y_I = sum_J (L_IJ * Q_I K_Jᵀ) V_J``."""
-        bh = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = tl.program_id(0).to(tl.int64)  # (graph, head) on axis 0: up to 2^31 - 1
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         fs = tl.arange(0, BLOCK_S)
         fp = tl.arange(0, BLOCK_P)
         row_ok = rows < m
@@ -113,8 +113,8 @@ if HAS_TRITON:
                               OPERAND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         """One block of rows: ``dQ_I = sum_J (dM_IJ * L_IJ) K_J`` and ``dL_IJ = dM_IJ * Q_I K_Jᵀ``,
         with ``dM_IJ = dY_I V_Jᵀ``."""
-        bh = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = tl.program_id(0).to(tl.int64)  # (graph, head) on axis 0: up to 2^31 - 1
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         fs = tl.arange(0, BLOCK_S)
         fp = tl.arange(0, BLOCK_P)
         row_ok = rows < m
@@ -149,8 +149,8 @@ if HAS_TRITON:
                                  OPERAND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
         """One block of columns: ``dK_J = sum_I (dM_IJ * L_IJ)ᵀ Q_I`` and
         ``dV_J = sum_I (L_IJ * Q_I K_Jᵀ)ᵀ dY_I``."""
-        bh = tl.program_id(1).to(tl.int64)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        bh = tl.program_id(0).to(tl.int64)  # (graph, head) on axis 0: up to 2^31 - 1
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         fs = tl.arange(0, BLOCK_S)
         fp = tl.arange(0, BLOCK_P)
         col_ok = cols < m
@@ -202,7 +202,9 @@ def _launch_config(m: int, state_dim: int, head_dim: int, dtype: torch.dtype, pr
     block = min(64, max(16, triton.next_power_of_2(m)))
     rounding = PRECISIONS.index(precision)  # 0, 1 (tf32), 2 (bf16)
     # The interpreter multiplies bfloat16 operands as their raw uint16 bits: keep them in float32 there.
-    operand = tl.bfloat16 if rounding == 2 and not INTERPRETED else (tl.float64 if dtype == torch.float64 else tl.float32)
+    operand = tl.float64 if dtype == torch.float64 else tl.float32
+    if rounding == 2 and not INTERPRETED:
+        operand = tl.bfloat16
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_S=max(16, triton.next_power_of_2(state_dim)),
                 BLOCK_P=max(16, triton.next_power_of_2(head_dim)), NUM_BLOCKS=triton.cdiv(m, block), ROUND=rounding,
                 OPERAND=operand, INPUT_PRECISION="tf32" if rounding == 1 else "ieee")
@@ -247,7 +249,7 @@ def attention_forward(resolvent: Tensor, q: Tensor, k: Tensor, v: Tensor, precis
         return y.zero_()
     L, q3, k3, v3 = _flat(resolvent), _flat(q), _flat(k), _flat(v)
     meta = _launch_config(m, state_dim, head_dim, q.dtype, precision)
-    grid = (triton.cdiv(m, meta["BLOCK_M"]), L.size(0))
+    grid = (L.size(0), triton.cdiv(m, meta["BLOCK_M"]))  # axis 1 is limited to 65535
     _forward_kernel[grid](L, q3, k3, v3, y, m, state_dim, head_dim, **meta)
     return y
 
@@ -266,7 +268,7 @@ def attention_backward(resolvent: Tensor, q: Tensor, k: Tensor, v: Tensor, grad_
     grad_l, grad_q, grad_k, grad_v = (torch.zeros_like(t) for t in (L, q3, k3, v3))
     if L.numel() and (state_dim or head_dim):
         meta = _launch_config(m, state_dim, head_dim, q.dtype, precision)
-        grid = (triton.cdiv(m, meta["BLOCK_M"]), L.size(0))
+        grid = (L.size(0), triton.cdiv(m, meta["BLOCK_M"]))  # axis 1 is limited to 65535
         _backward_rows_kernel[grid](L, q3, k3, v3, dy, grad_l, grad_q, m, state_dim, head_dim,
                                                        **meta)
         _backward_columns_kernel[grid](L, q3, k3, v3, dy, grad_k, grad_v, m, state_dim, head_dim,
