@@ -538,6 +538,8 @@ def resolve_num_squarings(num_squarings: Optional[int], depth: Optional[int], ga
     if tol is None:
         tol = DEFAULT_TOL["float64" if dtype == torch.float64 and precision == "float32" else precision]
     if gamma is None:
+        if measure_gamma is None:
+            raise ValueError("gamma: expected a bound on the row sums of |A| (or num_squarings, or depth)")
         gamma = measure_gamma()
         if gamma >= 1:
             raise ValueError(f"edge_weight: a row of |A| sums to {gamma:.4g} >= 1, so the squaring series has no "
@@ -591,7 +593,7 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
             float64 with ``precision="float32"``. (default: :obj:`False`)
         layout (PaddedLayout, optional): :func:`padded_layout` of ``(edge_index, batch)``, which depends on
             the topology only: computed once and passed in, it saves its dozen operations on every
-            call (``max_nodes`` and ``num_graphs`` are then ignored). (default: :obj:`None`)
+            call (``max_nodes``, ``num_graphs`` and ``max_buckets`` are then ignored). (default: :obj:`None`)
 
     float16 and bfloat16 inputs are computed in float32 and the output rounded back.
 
