@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from torch_geometric_chimera.nn.adjacency import general_adjacency
-from torch_geometric_chimera.ops.reference import (inverse_resolvent_attention, squaring_resolvent,
-                                                   squarings_for_depth)
+from torch_geometric_chimera.ops.squaring import squarings_for_depth
+from torch_geometric_chimera.ops.reference import inverse_resolvent_attention, squaring_resolvent
 from torch_geometric_chimera.utils import topological_levels
 
 

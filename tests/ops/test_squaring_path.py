@@ -9,10 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_geometric_chimera.nn.adjacency import dag_adjacency, general_adjacency
 from torch_geometric_chimera.ops import squaring
-from torch_geometric_chimera.ops.reference import (dense_resolvent_attention, inverse_resolvent_attention,
-                                                   squaring_resolvent, squarings_for_depth)
+from torch_geometric_chimera.ops.dense import dense_resolvent_attention
+from torch_geometric_chimera.ops.reference import inverse_resolvent_attention, squaring_resolvent
 from torch_geometric_chimera.ops.squaring import (DEFAULT_TOL, choose_buckets, padded_adjacency, round_to_precision,
-                                                  squaring_chain, squaring_resolvent_attention, squarings_for_bound)
+                                                  squaring_chain, squaring_resolvent_attention, squarings_for_bound,
+                                                  squarings_for_depth)
 from torch_geometric_chimera.utils import topological_levels
 
 

@@ -12,22 +12,12 @@ Per node, the same thing in state form: ``X_j = K_j V_jᵀ`` (an ``S x P`` state
 are tested against, which no production path calls: one dense inverse (or power sum) of the whole
 block-diagonal matrix, a dense solve per graph for the band kernels, and the squaring trick.
 """
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .dense import batched_inverse
-
-
-def squarings_for_depth(depth: int) -> int:
-    r"""Fewest squarings :math:`k` with :math:`2^k \ge` ``depth + 1``: on a DAG whose longest path
-    has ``depth`` edges, :math:`A^{\mathrm{depth} + 1} = 0`, so :func:`squaring_resolvent` with
-    this :math:`k` is exact."""
-    if depth < 0:
-        raise ValueError(f"depth: expected a non-negative int, got {depth}")
-    return max(1, math.ceil(math.log2(depth + 1)))
 
 
 def squaring_resolvent(adj: Tensor, num_squarings: int) -> Tensor:
@@ -38,7 +28,7 @@ def squaring_resolvent(adj: Tensor, num_squarings: int) -> Tensor:
             = \sum_{m=0}^{2^k - 1} \mathbf{A}^m,
 
     :math:`2k - 1` matrix products for :math:`2^k` Neumann terms. Exact on a DAG once
-    :math:`k \ge` :func:`squarings_for_depth`; when every row of :math:`|\mathbf{A}|` sums to at most
+    :math:`k \ge` :func:`~.squaring.squarings_for_depth`; when every row of :math:`|\mathbf{A}|` sums to at most
     :math:`\gamma < 1` (the ``general`` adjacency), it differs from :math:`(\mathbf{I} - \mathbf{A})^{-1}`
     by at most :math:`\gamma^{2^k} / (1 - \gamma)` in the :math:`\infty`-norm. Differentiable (autograd through the products gives the
     gradient of the truncated sum itself). The reference of the batched GPU path (GPU issue).

@@ -16,7 +16,7 @@ over all ``G x H`` padded matrices.
 
 **How many squarings.** On a DAG whose longest path has ``depth`` edges, :math:`\mathbf{A}^{\mathrm{depth}+1}
 = 0`, so ``k = ceil(log2(depth + 1))`` squarings give the exact resolvent
-(:func:`~.reference.squarings_for_depth`); ``depth <= m - 1`` for every DAG of at most ``m`` nodes.
+(:func:`squarings_for_depth`); ``depth <= m - 1`` for every DAG of at most ``m`` nodes.
 On any graph whose rows of :math:`|\mathbf{A}|` sum to at most :math:`\gamma < 1` (the ``general``
 normalization), :math:`\|\mathbf{L}_k - (\mathbf{I} - \mathbf{A})^{-1}\|_\infty \le \gamma^{2^k} / (1 - \gamma)`,
 and :math:`\|(\mathbf{I} - \mathbf{A})^{-1}\|_\infty \le 1 / (1 - \gamma)`: the truncation error
@@ -86,7 +86,17 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .reference import host_reads_allowed, squarings_for_depth
+from .common import host_reads_allowed
+
+
+def squarings_for_depth(depth: int) -> int:
+    r"""Fewest squarings :math:`k` with :math:`2^k \ge` ``depth + 1``: on a DAG whose longest path
+    has ``depth`` edges, :math:`A^{\mathrm{depth} + 1} = 0`, so :func:`~.reference.squaring_resolvent` with
+    this :math:`k` is exact."""
+    if depth < 0:
+        raise ValueError(f"depth: expected a non-negative int, got {depth}")
+    return max(1, math.ceil(math.log2(depth + 1)))
+
 
 PRECISIONS = ("float32", "tf32", "bf16")
 
