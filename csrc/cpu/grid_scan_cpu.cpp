@@ -239,6 +239,10 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           scalar_t* __restrict__ dv = d.grad_value + (i * H + h) * P;
           if (s0 == 0)  // the first block writes every gradient of the position, later ones add
             for (int64_t f = 0; f < P; ++f) dv[f] = scalar_t(0);
+          // <G, H_parent> sums over s and f: with P fixed, keep per-f partial sums over the state rows
+          // and reduce once per position (two horizontal reductions per state row fewer).
+          constexpr int64_t kParts = kP > 0 ? kP : 1;
+          scalar_t part_up[kParts] = {}, part_left[kParts] = {};
           scalar_t d_up = 0, d_left = 0;
           for (int64_t s = 0; s < sn; ++s) {
             scalar_t* __restrict__ gs = adjoint + c * BP + s * P;
@@ -248,21 +252,42 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
             const scalar_t* __restrict__ us = up + s * P;
             const scalar_t* __restrict__ ls = left + s * P;
             const scalar_t qs = q[s], ks = k[s];
-            scalar_t acc_q = 0, acc_k = 0, acc_up = 0, acc_left = 0;
+            scalar_t acc_q = 0, acc_k = 0;
+            if constexpr (kP > 0) {
+#pragma omp simd reduction(+ : acc_q, acc_k)
+              for (int64_t f = 0; f < kP; ++f) {
+                const scalar_t g_f = qs * dy[f] + w_down * bs[f] + w_right * rs[f];
+                gs[f] = g_f;
+                acc_q += hs[f] * dy[f];
+                acc_k += g_f * v[f];
+                dv[f] += ks * g_f;
+                part_up[f] += g_f * us[f];
+                part_left[f] += g_f * ls[f];
+              }
+            } else {
+              scalar_t acc_up = 0, acc_left = 0;
 #pragma omp simd reduction(+ : acc_q, acc_k, acc_up, acc_left)
-            for (int64_t f = 0; f < P; ++f) {
-              const scalar_t g_f = qs * dy[f] + w_down * bs[f] + w_right * rs[f];
-              gs[f] = g_f;
-              acc_q += hs[f] * dy[f];
-              acc_k += g_f * v[f];
-              dv[f] += ks * g_f;
-              acc_up += g_f * us[f];
-              acc_left += g_f * ls[f];
+              for (int64_t f = 0; f < P; ++f) {
+                const scalar_t g_f = qs * dy[f] + w_down * bs[f] + w_right * rs[f];
+                gs[f] = g_f;
+                acc_q += hs[f] * dy[f];
+                acc_k += g_f * v[f];
+                dv[f] += ks * g_f;
+                acc_up += g_f * us[f];
+                acc_left += g_f * ls[f];
+              }
+              d_up += acc_up;  // zero without the parent
+              d_left += acc_left;
             }
             dq[s] = acc_q;
             dk[s] = acc_k;
-            d_up += acc_up;  // zero without the parent
-            d_left += acc_left;
+          }
+          if constexpr (kP > 0) {
+#pragma omp simd reduction(+ : d_up, d_left)
+            for (int64_t f = 0; f < kP; ++f) {
+              d_up += part_up[f];
+              d_left += part_left[f];
+            }
           }
           scalar_t *dw_up = d.grad_weight + (i * 2) * H + h, *dw_left = dw_up + H;
           *dw_up = (s0 == 0 ? scalar_t(0) : *dw_up) + d_up;  // zero without the parent
@@ -317,6 +342,15 @@ CHIMERA_GRID_LOOPS(double)
 #undef CHIMERA_GRID_BACKWARD
 #undef CHIMERA_GRID_HEAD_DIMS
 
+// Tasks per thread at least: small images (8 x 8 digits) would otherwise cost more in OpenMP
+// fork/join than in work, and much more on a loaded machine, where a barrier waits for a
+// descheduled thread. One chunk does at least about 2^18 state updates (a few hundred us).
+inline int64_t task_grain(const at::Tensor& query, const at::Tensor& value, int64_t num_graphs) {
+  const int64_t per_task = std::max<int64_t>(1, query.size(0) / std::max<int64_t>(1, num_graphs)) *
+                           std::max<int64_t>(1, query.size(2) * value.size(2));
+  return std::max<int64_t>(1, (int64_t{1} << 18) / per_task);
+}
+
 template <typename scalar_t>
 GridTask<scalar_t> make_task(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
                              const at::Tensor& key, const at::Tensor& value, int64_t segment_rows) {
@@ -343,7 +377,7 @@ std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "chimera_grid_attention_cpu", [&] {
     const auto task = make_task<scalar_t>(layout, weight, query, key, value, segment_rows);
     scalar_t *yp = y.data_ptr<scalar_t>(), *cp = checkpoints.data_ptr<scalar_t>();
-    at::parallel_for(0, num_graphs * heads, 1,
+    at::parallel_for(0, num_graphs * heads, task_grain(query, value, num_graphs),
                      [&](int64_t begin, int64_t end) { grid_forward_tasks(task, begin, end, yp, cp); });
   });
   return {y, checkpoints};
@@ -380,7 +414,7 @@ std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr,
     const GridGrads<scalar_t> grads{grad_y.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>(),
                                     grad_query.data_ptr<scalar_t>(), grad_key.data_ptr<scalar_t>(),
                                     grad_value.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>()};
-    at::parallel_for(0, num_graphs * heads, 1,
+    at::parallel_for(0, num_graphs * heads, task_grain(query, value, num_graphs),
                      [&](int64_t begin, int64_t end) { grid_backward_tasks(task, grads, begin, end); });
   });
   return {grad_weight, grad_query, grad_key, grad_value};
