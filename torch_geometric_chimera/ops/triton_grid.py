@@ -28,7 +28,7 @@ tile is the widest row rounded up to a power of two, masked per image. A launch 
 
 The entries ``(s, f)`` of the state have independent recurrences (only the read-outs couple them),
 so a program takes one block of ``BLOCK_S`` state rows by ``BLOCK_P`` head features, the tile
-staying near :data:`TILE_ELEMENTS` values: narrow images take all of ``S`` and ``P`` in one
+staying near :data:`TILE_BYTES`: narrow images take all of ``S`` and ``P`` in one
 program, wide ones split ``P`` first, then ``S``. Quantities summed over the split axis (``y`` over
 ``s``; in the backward ``dq``, ``dk`` over ``f``, ``dv`` over ``s``, the weight gradients over
 both) are written as partial sums, one slice per block, and added by PyTorch afterwards:
@@ -100,11 +100,14 @@ except ImportError:  # pragma: no cover - the module works without it, the kerne
 #: first imported (see :mod:`.triton_attention`).
 INTERPRETED = HAS_TRITON and bool(triton.knobs.runtime.interpret)
 
-#: Values of one ``[BLOCK_W, BLOCK_S, BLOCK_P]`` register tile a program aims at (32 per thread with
-#: 4 warps; a handful of such tiles are live in the row step).
-TILE_ELEMENTS = 4096
+#: Bytes of one ``[BLOCK_W, BLOCK_S, BLOCK_P]`` register tile a program aims at: 4096 float32 values
+#: (2048 float64), 16 per thread with :data:`NUM_WARPS` = 8; a handful of such tiles are live in a row
+#: step. Compiled for sm_90 (ptxas of Triton 3.6, ``-v``), the float32 kernels use 170 to 255
+#: registers and spill nothing but 56 bytes in the backward of 256-wide rows; 4 warps with the
+#: same tile spilled up to 550 bytes. Not tuned on a GPU.
+TILE_BYTES = 16 * 1024
 #: Warps per program on a GPU.
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 def _next_power_of_2(n: int) -> int:
@@ -138,9 +141,10 @@ def default_segment_rows(max_rows: int) -> int:
     return max(1, math.isqrt(max(0, max_rows - 1)) + 1) if max_rows > 1 else 1
 
 
-def tile_blocks(max_width: int, state_dim: int, head_dim: int, tile_elements: int = TILE_ELEMENTS) -> Tuple[int, int]:
+def tile_blocks(max_width: int, state_dim: int, head_dim: int, element_size: int = 4) -> Tuple[int, int]:
     """``(block_s, block_p)``: powers of two, the tile ``next_power_of_2(max_width) x block_s x block_p``
-    near ``tile_elements``; ``P`` is split before ``S`` (a split of ``S`` makes ``y`` a partial sum)."""
+    near :data:`TILE_BYTES`; ``P`` is split before ``S`` (a split of ``S`` makes ``y`` a partial sum)."""
+    tile_elements = max(1, TILE_BYTES // element_size)
     width = _next_power_of_2(max(1, max_width))
     block_s = min(_next_power_of_2(max(1, state_dim)), max(1, tile_elements // width))
     block_p = min(_next_power_of_2(max(1, head_dim)), max(1, tile_elements // (width * block_s)))
@@ -148,7 +152,7 @@ def tile_blocks(max_width: int, state_dim: int, head_dim: int, tile_elements: in
 
 
 def grid_plan(graph_ptr: Tensor, row_width: Tensor, state_dim: int, head_dim: int,
-              segment_rows: Optional[int] = None, *, block_s: Optional[int] = None,
+              segment_rows: Optional[int] = None, *, element_size: int = 4, block_s: Optional[int] = None,
               block_p: Optional[int] = None) -> GridPlan:
     r"""The :class:`GridPlan` of a batch: reads ``graph_ptr`` and ``row_width`` once (one host
     synchronization), and checks what the kernels assume but cannot check (every image's node count a
@@ -158,6 +162,7 @@ def grid_plan(graph_ptr: Tensor, row_width: Tensor, state_dim: int, head_dim: in
         graph_ptr (LongTensor): ``[G + 1]``. row_width (LongTensor): ``[G]``.
         state_dim (int): ``S``. head_dim (int): ``P`` (for :func:`grid_solve_triton`, ``F``).
         segment_rows (int, optional): rows between checkpoints (default :func:`default_segment_rows`).
+        element_size (int, optional): bytes per value (4 for float32, 8 for float64). (default: 4)
         block_s, block_p (int, optional): tile sizes, powers of two (default :func:`tile_blocks`).
     """
     if graph_ptr.dim() != 1 or graph_ptr.numel() < 1 or row_width.shape != (graph_ptr.numel() - 1,):
@@ -177,7 +182,7 @@ def grid_plan(graph_ptr: Tensor, row_width: Tensor, state_dim: int, head_dim: in
     if segment_rows < 1:
         raise ValueError(f"segment_rows: expected at least 1, got {segment_rows}")
     count = sum(max(0, -(-r // segment_rows) - 1) * w for r, w in zip(rows, widths) if r > 0)
-    auto_s, auto_p = tile_blocks(max_width, state_dim, head_dim)
+    auto_s, auto_p = tile_blocks(max_width, state_dim, head_dim, element_size)
     block_s, block_p = block_s or auto_s, block_p or auto_p
     for name, block in (("block_s", block_s), ("block_p", block_p)):
         if block < 1 or block & (block - 1):
@@ -576,7 +581,8 @@ def grid_attention_triton(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, w
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"query: expected a floating dtype, got {dtype}")
     if plan is None:
-        plan = grid_plan(graph_ptr, row_width, query.size(2), value.size(2), segment_rows)
+        plan = grid_plan(graph_ptr, row_width, query.size(2), value.size(2), segment_rows,
+                         element_size=query.element_size())
     if plan.num_nodes != num_nodes:
         raise ValueError(f"graph_ptr: the images must cover the N = {num_nodes} nodes, they cover {plan.num_nodes}")
     y, _ = torch.ops.chimera_triton.grid_attention(graph_ptr, row_width, nodes, weight, query, key, value,
@@ -678,7 +684,7 @@ def grid_solve_triton(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weigh
     if x.dtype in (torch.float16, torch.bfloat16):
         return grid_solve_triton(graph_ptr, row_width, nodes, weight.float(), x.float(), plan=plan).to(x.dtype)
     if plan is None:
-        plan = grid_plan(graph_ptr, row_width, 1, x.size(2))
+        plan = grid_plan(graph_ptr, row_width, 1, x.size(2), element_size=x.element_size())
     if plan.num_nodes != x.size(0):
         raise ValueError(f"graph_ptr: the images must cover the N = {x.size(0)} nodes, they cover {plan.num_nodes}")
     return torch.ops.chimera_triton.grid_solve(graph_ptr, row_width, nodes, weight, x, plan.max_width, plan.block_p)
@@ -707,4 +713,4 @@ def grid_solve_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, we
 
 __all__: Tuple[str, ...] = ("HAS_TRITON", "INTERPRETED", "GridPlan", "grid_plan", "default_segment_rows",
                             "tile_blocks", "grid_attention_triton", "grid_solve_triton", "grid_solve_reference",
-                            "TILE_ELEMENTS")
+                            "TILE_BYTES")
