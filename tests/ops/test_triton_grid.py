@@ -78,6 +78,8 @@ def test_attention_equals_the_reference_and_the_cpu_op(dtype):
     grad = torch.randn(inputs[3].shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
     # Default plan (2 rows per segment: one checkpoint row in the 3-row image), a checkpoint after
     # every row, no checkpoint at all, and the state split into 2 x 2 blocks (partial sums over s and f).
+    # Every walk runs two of them in float64, one in float32 (the interpreter takes about a second per
+    # forward and backward).
     plans = [tg.grid_plan(graph_ptr, row_width, STATE, HEAD_DIM, element_size=inputs[0].element_size()),
              tg.grid_plan(graph_ptr, row_width, STATE, HEAD_DIM, 1),
              tg.grid_plan(graph_ptr, row_width, STATE, HEAD_DIM, 3),
@@ -92,7 +94,8 @@ def test_attention_equals_the_reference_and_the_cpu_op(dtype):
             cpu = value_and_grads(lambda *t: grid.grid_attention(graph_ptr, row_width, nodes, *t), inputs, grad)
             for got, want in zip(cpu, expected):
                 torch.testing.assert_close(got, want, **tolerance(dtype))
-        for plan in plans:
+        chosen = [plans[d % 4], plans[(d + 1) % 4]] if dtype == torch.float64 else [plans[(d + 2) % 4]]
+        for plan in chosen:
             got = value_and_grads(
                 lambda *t: tg.grid_attention_triton(graph_ptr, row_width, nodes, *t, plan=plan), inputs, grad)
             for name, a, b in zip(("y", "weight", "query", "key", "value"), got, expected):
@@ -158,12 +161,12 @@ def test_solve_equals_the_dense_inverse(dtype):
     x = torch.randn(n, HEADS, 5, generator=gen, dtype=dtype).to(DEVICE)
     grad = torch.randn(n, HEADS, 5, generator=gen, dtype=dtype).to(DEVICE)
     split = tg.grid_plan(graph_ptr, row_width, 1, 5, block_p=2)  # three blocks of features
-    for nodes in w.nodes:
+    for d, nodes in enumerate(w.nodes):
         nodes = nodes.to(DEVICE)
         expected = value_and_grads(lambda *t: dense_solve(graph_ptr, row_width, nodes, *t), (weight, x), grad)
         reference = value_and_grads(lambda *t: tg.grid_solve_reference(graph_ptr, row_width, nodes, *t),
                                     (weight, x), grad)
-        for plan in (None, split):
+        for plan in ((None, split) if dtype == torch.float64 else ((None, split)[d % 2],)):
             got = value_and_grads(lambda *t: tg.grid_solve_triton(graph_ptr, row_width, nodes, *t, plan=plan),
                                   (weight, x), grad)
             for a, b, c in zip(got, expected, reference):
