@@ -102,9 +102,10 @@ INTERPRETED = HAS_TRITON and bool(triton.knobs.runtime.interpret)
 
 #: Bytes of one ``[BLOCK_W, BLOCK_S, BLOCK_P]`` register tile a program aims at: 4096 float32 values
 #: (2048 float64), 16 per thread with :data:`NUM_WARPS` = 8; a handful of such tiles are live in a row
-#: step. Compiled for sm_90 (ptxas of Triton 3.6, ``-v``), the float32 kernels use 170 to 255
-#: registers and spill nothing but 56 bytes in the backward of 256-wide rows; 4 warps with the
-#: same tile spilled up to 550 bytes. Not tuned on a GPU.
+#: step. Compiled for sm_90 by Triton 3.6 (``ptxas -v``) at the tiles :func:`tile_blocks` picks for
+#: rows of 8, 32 and 256 positions, S = 16 and P = 16 to 64, the kernels use 100 to 255 registers and
+#: spill at most 16 bytes (float32) or 60 bytes (float64), both in the attention's backward; 4 warps
+#: with the same tiles spilled up to 550 bytes. Not tuned on a GPU.
 TILE_BYTES = 16 * 1024
 #: Warps per program on a GPU.
 NUM_WARPS = 8
