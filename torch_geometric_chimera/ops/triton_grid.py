@@ -314,7 +314,8 @@ if HAS_TRITON:
                 nh = node * heads + h
                 k = tl.load(K + nh[:, None] * S + fs[None, :], mask=fwd_qk_ok, other=0.0)
                 v = tl.load(V + nh[:, None] * P + fp[None, :], mask=fwd_ok[:, None] & p_ok[None, :], other=0.0)
-                state = _scan_columns(w_left[:, None, None], w_up[:, None, None] * state + k[:, :, None] * v[:, None, :])
+                state = _scan_columns(w_left[:, None, None],
+                                      w_up[:, None, None] * state + k[:, :, None] * v[:, None, :])
                 tl.store(scratch + (r - r0 + 1) * TILE + j[:, None, None] * (BLOCK_S * BLOCK_P) + tile_offset, state)
                 r += 1
             tl.debug_barrier()  # the adjoint reads other threads' scratch entries
