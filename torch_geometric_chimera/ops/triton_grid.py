@@ -145,7 +145,7 @@ def default_segment_rows(max_rows: int) -> int:
 def tile_blocks(max_width: int, state_dim: int, head_dim: int, element_size: int = 4) -> Tuple[int, int]:
     """``(block_s, block_p)``: powers of two, the tile ``next_power_of_2(max_width) x block_s x block_p``
     near :data:`TILE_BYTES`; ``P`` is split before ``S`` (a split of ``S`` makes ``y`` a partial sum)."""
-    tile_elements = max(1, TILE_BYTES // element_size)
+    tile_elements = max(1, TILE_BYTES // max(4, element_size))  # float16 and bfloat16 run in float32
     width = _next_power_of_2(max(1, max_width))
     block_s = min(_next_power_of_2(max(1, state_dim)), max(1, tile_elements // width))
     block_p = min(_next_power_of_2(max(1, head_dim)), max(1, tile_elements // (width * block_s)))
@@ -426,6 +426,12 @@ if HAS_TRITON:
             tl.store(weight_grad + heads, tl.sum(adjoint * state_left, axis=1), mask=col_ok)
             below = adjoint
             r -= 1
+
+
+def grid_triton_available(tensor: Tensor) -> bool:
+    """Whether the kernels can run on ``tensor``'s device: CUDA with Triton installed, or any device
+    in Triton's interpreter (:data:`INTERPRETED`)."""
+    return HAS_TRITON and (INTERPRETED or tensor.device.type == "cuda")
 
 
 def _check_device(*tensors: Tensor) -> None:
@@ -714,5 +720,6 @@ def grid_solve_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, we
 
 
 __all__: Tuple[str, ...] = ("HAS_TRITON", "INTERPRETED", "GridPlan", "grid_plan", "default_segment_rows",
+                            "grid_triton_available",
                             "tile_blocks", "grid_attention_triton", "grid_solve_triton", "grid_solve_reference",
                             "TILE_BYTES")
