@@ -1,8 +1,9 @@
 """Resolvent attention and the methods behind it, one module per method: :mod:`.dense`,
 :mod:`.band`, :mod:`.dag`, :mod:`.grid`, :mod:`.line`, :mod:`.neumann`, :mod:`.iterative`; what they share in
 :mod:`.common`, the compiled extension in :mod:`._extension`, the test oracles in :mod:`.reference`,
-and the choice of method in :mod:`.resolvent`."""
-from . import band, common, dag, dense, grid, iterative, line, neumann, reference
+and the choice of method in :mod:`.resolvent`. :mod:`.triton_grid` holds the Triton kernels of the
+grid path (importable without Triton; its kernels need it)."""
+from . import band, common, dag, dense, grid, iterative, line, neumann, reference, triton_grid
 from ._extension import HAS_EXTENSION
 from .band import BandSchedule, band_resolvent_attention, band_schedule
 from .common import CsrOperator, edge_dot, spmm
@@ -30,6 +31,7 @@ __all__ = [
     "band",
     "dag",
     "grid",
+    "triton_grid",
     "line",
     "neumann",
     "iterative",

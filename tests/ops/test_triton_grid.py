@@ -1,0 +1,224 @@
+"""The Triton kernels of the grid path (ops/triton_grid.py) against the position-by-position
+reference, the CPU op ``chimera::grid_attention`` and a dense inverse: forward and every gradient,
+on the four walks of a batch of small images.
+
+Without a GPU the kernels run in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` before
+Triton is first imported; so :func:`test_kernels_in_the_interpreter` runs this file again in a
+subprocess with the variable set (the pattern of test_triton_attention.py). The kernels are also
+compiled for an H100 (sm_90) without running them, when Triton's ptxas is there.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from torch_geometric_chimera.nn.decomposition import batched_grid_dags  # noqa: E402
+from torch_geometric_chimera.ops import grid  # noqa: E402
+from torch_geometric_chimera.ops import triton_grid as tg  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and not tg.INTERPRETED
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_kernels = pytest.mark.skipif(not (tg.INTERPRETED or ON_GPU),
+                                   reason="the kernels run on CUDA or under TRITON_INTERPRET=1 (the subprocess of "
+                                          "test_kernels_in_the_interpreter)")
+
+
+def test_kernels_in_the_interpreter():
+    if tg.INTERPRETED:
+        pytest.skip("this process interprets the kernels already")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    assert " passed" in result.stdout and " failed" not in result.stdout, output
+
+
+# Three images (2 x 3, 3 x 2, 1 x 4): a segment boundary inside the 3-row one, a single row, widths
+# below the padded column tile of 4.
+GRID_SIZE = torch.tensor([[2, 3], [3, 2], [1, 4]])
+HEADS, STATE, HEAD_DIM = 2, 2, 4
+
+
+def walks():
+    return grid.grid_walks(GRID_SIZE, batched_grid_dags(GRID_SIZE))
+
+
+def attention_inputs(num_nodes, dtype, seed=0):
+    """``weight [N, 2, H]`` (nonzero everywhere, also where a position has no such parent), ``q, k, v``."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = 0.5 * torch.randn(num_nodes, 2, HEADS, generator=gen, dtype=dtype)
+    q = torch.randn(num_nodes, HEADS, STATE, generator=gen, dtype=dtype)
+    k = torch.randn(num_nodes, HEADS, STATE, generator=gen, dtype=dtype)
+    v = torch.randn(num_nodes, HEADS, HEAD_DIM, generator=gen, dtype=dtype)
+    return [t.to(DEVICE) for t in (weight, q, k, v)]
+
+
+def value_and_grads(fn, inputs, grad):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    return (y.detach(), *torch.autograd.grad(y, inputs, grad))
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_equals_the_reference_and_the_cpu_op(dtype):
+    w = walks()
+    graph_ptr, row_width = w.graph_ptr.to(DEVICE), w.row_width.to(DEVICE)
+    inputs = attention_inputs(int(w.graph_ptr[-1]), dtype)
+    grad = torch.randn(inputs[3].shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
+    # Default plan (2 rows per segment: one checkpoint row in the 3-row image), a checkpoint after
+    # every row, no checkpoint at all, and the state split into 2 x 2 blocks (partial sums over s and f).
+    # Every walk runs two of them in float64, one in float32 (the interpreter takes about a second per
+    # forward and backward).
+    plans = [tg.grid_plan(graph_ptr, row_width, STATE, HEAD_DIM, element_size=inputs[0].element_size()),
+             tg.grid_plan(graph_ptr, row_width, STATE, HEAD_DIM, 1),
+             tg.grid_plan(graph_ptr, row_width, STATE, HEAD_DIM, 3),
+             tg.grid_plan(graph_ptr, row_width, STATE, HEAD_DIM, 2, block_s=1, block_p=2)]
+    assert [p.num_checkpoints for p in plans] == [2, 3 + 2 * 2, 0, 2]
+    assert (plans[0].block_s, plans[0].block_p) == (STATE, HEAD_DIM)
+    for d, nodes in enumerate(w.nodes):
+        nodes = nodes.to(DEVICE)
+        expected = value_and_grads(
+            lambda *t: grid.grid_attention_reference(graph_ptr, row_width, nodes, *t), inputs, grad)
+        if grid.grid_available(inputs[1]):
+            cpu = value_and_grads(lambda *t: grid.grid_attention(graph_ptr, row_width, nodes, *t), inputs, grad)
+            for got, want in zip(cpu, expected):
+                torch.testing.assert_close(got, want, **tolerance(dtype))
+        chosen = [plans[d % 4], plans[(d + 1) % 4]] if dtype == torch.float64 else [plans[(d + 2) % 4]]
+        for plan in chosen:
+            got = value_and_grads(
+                lambda *t: tg.grid_attention_triton(graph_ptr, row_width, nodes, *t, plan=plan), inputs, grad)
+            for name, a, b in zip(("y", "weight", "query", "key", "value"), got, expected):
+                torch.testing.assert_close(a, b, **tolerance(dtype), msg=lambda m: f"walk {d}, {plan}, {name}: {m}")
+        # Missing parents: first row (slot 0) and first column (slot 1) of every image, zero gradient.
+        position = torch.empty_like(nodes)
+        position[nodes] = torch.arange(nodes.numel(), device=DEVICE)
+        local = position - graph_ptr[:-1].repeat_interleave(graph_ptr.diff())
+        width = row_width.repeat_interleave(graph_ptr.diff())
+        assert (got[1][:, 0][local < width] == 0).all() and (got[1][:, 1][local % width == 0] == 0).all()
+
+
+@needs_kernels
+def test_attention_default_segments_empty_images_and_half_precision():
+    # An empty image between two others, and a default call (its own plan).
+    graph_ptr = torch.tensor([0, 6, 6, 10], device=DEVICE)
+    row_width = torch.tensor([2, 5, 1], device=DEVICE)  # 3 x 2, empty, 4 x 1 (a chain)
+    nodes = torch.tensor([1, 0, 3, 2, 5, 4, 9, 8, 7, 6], device=DEVICE)
+    inputs = attention_inputs(10, torch.float64, seed=2)
+    grad = torch.randn_like(inputs[3])
+    got = value_and_grads(lambda *t: tg.grid_attention_triton(graph_ptr, row_width, nodes, *t), inputs, grad)
+    expected = value_and_grads(lambda *t: grid.grid_attention_reference(graph_ptr, row_width, nodes, *t), inputs,
+                               grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **tolerance(torch.float64))
+    half = [t.to(torch.bfloat16) for t in inputs]
+    y = tg.grid_attention_triton(graph_ptr, row_width, nodes, *half)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), grid.grid_attention_reference(graph_ptr, row_width, nodes,
+                                                                         *[t.double() for t in half]),
+                               rtol=2e-2, atol=2e-2)
+    empty = [t[:0] for t in inputs]
+    assert tg.grid_attention_triton(torch.zeros(1, dtype=torch.long, device=DEVICE),
+                                    torch.zeros(0, dtype=torch.long, device=DEVICE),
+                                    nodes[:0], *empty).shape == (0, HEADS, HEAD_DIM)
+
+
+def dense_solve(graph_ptr, row_width, nodes, weight, x):
+    """``(I - A)^{-1} x`` per head with ``A`` assembled from the weight table: an independent oracle."""
+    n, heads = x.shape[:2]
+    position = torch.empty_like(nodes)
+    position[nodes] = torch.arange(n, device=nodes.device)
+    start = graph_ptr[:-1].repeat_interleave(graph_ptr.diff())
+    width = row_width.repeat_interleave(graph_ptr.diff())
+    local = position - start
+    adjacency = x.new_zeros(heads, n, n)
+    for slot, has_parent, step in ((0, local >= width, width), (1, local % width > 0, torch.ones_like(width))):
+        child = torch.nonzero(has_parent).flatten()
+        parent = nodes[start[child] + local[child] - step[child]]
+        adjacency[:, child, parent] = weight[child, slot].t()
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(eye - adjacency, x.transpose(0, 1)).transpose(0, 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_solve_equals_the_dense_inverse(dtype):
+    w = walks()
+    graph_ptr, row_width = w.graph_ptr.to(DEVICE), w.row_width.to(DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    n = int(w.graph_ptr[-1])
+    weight = (0.5 * torch.randn(n, 2, HEADS, generator=gen, dtype=dtype)).to(DEVICE)
+    x = torch.randn(n, HEADS, 5, generator=gen, dtype=dtype).to(DEVICE)
+    grad = torch.randn(n, HEADS, 5, generator=gen, dtype=dtype).to(DEVICE)
+    split = tg.grid_plan(graph_ptr, row_width, 1, 5, block_p=2)  # three blocks of features
+    for d, nodes in enumerate(w.nodes):
+        nodes = nodes.to(DEVICE)
+        expected = value_and_grads(lambda *t: dense_solve(graph_ptr, row_width, nodes, *t), (weight, x), grad)
+        reference = value_and_grads(lambda *t: tg.grid_solve_reference(graph_ptr, row_width, nodes, *t),
+                                    (weight, x), grad)
+        for plan in ((None, split) if dtype == torch.float64 else ((None, split)[d % 2],)):
+            got = value_and_grads(lambda *t: tg.grid_solve_triton(graph_ptr, row_width, nodes, *t, plan=plan),
+                                  (weight, x), grad)
+            for a, b, c in zip(got, expected, reference):
+                torch.testing.assert_close(a, b, **tolerance(dtype))
+                torch.testing.assert_close(a, c, **tolerance(dtype))
+
+
+@needs_kernels
+def test_custom_ops_pass_opcheck_and_arguments_are_checked():
+    """``torch.library.opcheck``: schema, autograd registration, fake kernels against the real ones,
+    and AOT dispatch with dynamic shapes (which runs the backward ops through their fake kernels)."""
+    w = walks()
+    graph_ptr, row_width, nodes = w.graph_ptr.to(DEVICE), w.row_width.to(DEVICE), w.nodes[1].to(DEVICE)
+    inputs = [t.requires_grad_() for t in attention_inputs(int(w.graph_ptr[-1]), torch.float32)]
+    plan = tg.grid_plan(graph_ptr, row_width, STATE, HEAD_DIM)
+    assert plan.num_checkpoints > 0
+    torch.library.opcheck(torch.ops.chimera_triton.grid_attention.default,
+                          (graph_ptr, row_width, nodes, *inputs, plan.segment_rows, plan.num_checkpoints,
+                           plan.max_width, plan.block_s, plan.block_p))
+    torch.library.opcheck(torch.ops.chimera_triton.grid_solve.default,
+                          (graph_ptr, row_width, nodes, inputs[0], inputs[3], plan.max_width, 2))
+    inputs = [t.detach() for t in inputs]
+    with pytest.raises(ValueError, match="multiple of its positive row width"):
+        tg.grid_plan(torch.tensor([0, 5]), torch.tensor([2]), STATE, HEAD_DIM)
+    with pytest.raises(ValueError, match="cover the N = 15 nodes"):
+        tg.grid_attention_triton(w.graph_ptr, w.row_width, w.nodes[0][:15], *[t[:15] for t in inputs])
+    with pytest.raises(ValueError, match="expected shapes"):
+        tg.grid_attention_triton(w.graph_ptr, w.row_width, w.nodes[0], *inputs[:3], inputs[3][:, :1])
+    with pytest.raises(ValueError, match="power of two"):
+        tg.grid_plan(w.graph_ptr, w.row_width, STATE, HEAD_DIM, block_p=3)
+
+
+@pytest.mark.skipif(tg.INTERPRETED, reason="compiles the kernels themselves, not the interpreter's copies")
+def test_kernels_compile_for_an_h100():
+    """Lower every kernel to an sm_90 cubin with Triton's own ptxas (no GPU needed): the scans over a
+    3-D tile, the ``while`` loops on runtime bounds and the barriers compile for the hardware."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    int_pointers = {"GRAPH_PTR", "ROW_WIDTH", "NODES", "CKPT_PTR"}
+    block_s, block_p = tg.tile_blocks(32, 16, 32)
+    attention = dict(BLOCK_W=32, BLOCK_S=block_s, BLOCK_P=block_p, P_BLOCKS=32 // block_p)
+    cases = [(tg._attention_forward_kernel, attention), (tg._attention_backward_kernel, dict(attention, S_BLOCKS=1)),
+             (tg._solve_forward_kernel, dict(BLOCK_W=256, BLOCK_F=16)),
+             (tg._solve_backward_kernel, dict(BLOCK_W=256, BLOCK_F=16))]
+    scalars = {"num_nodes", "heads", "S", "P", "F", "segment_rows"}
+    for kernel, constants in cases:
+        signature = {name: "constexpr" if name in constants else "i32" if name in scalars
+                     else "*i64" if name in int_pointers else "*fp32" for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=tg.NUM_WARPS))
+        assert compiled.asm["cubin"], kernel
