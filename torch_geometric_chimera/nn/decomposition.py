@@ -11,7 +11,7 @@ Nodes of every graph are numbered consecutively, graph after graph, as PyG's ``D
 batches them; inside a sequence in order, inside an image in raster order (row by row).
 """
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from torch import Tensor
 from ..ops._extension import HAS_EXTENSION
 from ..ops.common import CsrOperator, host_reads_allowed
 from ..ops.grid import GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, grid_weights, segment_rows_for
+from ..ops.triton_grid import grid_attention_triton, grid_plan, grid_triton_available
 from ..utils.topology import line_graph_dags
 
 #: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line
@@ -104,7 +105,7 @@ class _DagCache:
         self.size = size
         self.entries: List[Tuple] = []
 
-    def get(self, kind: str, geometry: Tensor, build: Callable[[], List[Tensor]]) -> List[Tensor]:
+    def get(self, kind: Hashable, geometry: Tensor, build: Callable[[], Any]) -> Any:
         if geometry.is_inference():
             return build()
         for ref, version, entry_kind, dags in self.entries:
@@ -222,8 +223,9 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
         groups (tuple of int): parameter set of every DAG.
         batch (LongTensor, optional): ``[N]``, so exact solvers work graph by graph.
         grid_size (LongTensor, optional): ``[G, 2]`` when ``dags`` are the four grid DAGs of
-            :func:`batched_grid_dags`: with ``method="auto"`` on CPU they are then solved row by
-            row by :func:`~torch_geometric_chimera.ops.grid.grid_attention`.
+            :func:`batched_grid_dags`: with ``method="auto"`` they are then solved row by row, on
+            CPU by :func:`~torch_geometric_chimera.ops.grid.grid_attention`, on a GPU with Triton by
+            :func:`~torch_geometric_chimera.ops.triton_grid.grid_attention_triton`.
         method (str, optional): solver of every DAG, see
             :func:`~torch_geometric_chimera.ops.resolvent_attention`. (default: ``"auto"``, which
             takes ``"line"`` on directed lines and the row-by-row grid kernel on grids, where it
@@ -243,12 +245,18 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
     heads = value.size(1)
     if query.size(2) not in (1, heads):
         raise ValueError(f"query: expected H = {heads} heads (like value) or 1, got shape {list(query.shape)}")
-    walks = None
-    if grid_size is not None and method == "auto" and grid_available(value):
+    walks = plan = None
+    on_cpu, on_triton = grid_available(value), grid_triton_available(value)
+    if grid_size is not None and method == "auto" and (on_cpu or on_triton):
         if len(dags) != len(GRID_DIRECTIONS):
             raise ValueError(f"grid_size: given for the four grid DAGs, but dags has {len(dags)}")
         walks = _CACHE.get("grid_walks", grid_size, lambda: grid_walks(grid_size, dags))
-        segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
+        if on_cpu:
+            segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
+        else:  # the Triton row-scan kernels (GPU); the plan reads the sizes once per geometry and shape
+            key = ("grid_plan", query.size(-1), value.size(-1), query.element_size())
+            plan = _CACHE.get(key, grid_size, lambda: grid_plan(walks.graph_ptr, walks.row_width, query.size(-1),
+                                                                  value.size(-1), element_size=query.element_size()))
         value = value.contiguous()  # once, not in every DAG's kernel call
     out: Optional[Tensor] = None
     for d, (dag, group) in enumerate(zip(dags, groups)):
@@ -258,8 +266,12 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
         key_d = key[:, group] * key_scale.unsqueeze(-1)
         if walks is not None:
             weight = grid_weights(edge_weight, walks.weight_index[d], value.size(0))
-            y = grid_attention(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query_d, key_d, value,
-                               segment_rows)
+            if plan is None:
+                y = grid_attention(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query_d, key_d, value,
+                                   segment_rows)
+            else:
+                y = grid_attention_triton(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query_d, key_d,
+                                          value, plan=plan)
         else:
             y = resolvent_attention(query_d, key_d, value, dag, edge_weight, method=method, batch=batch,
                                     **solver_options)
