@@ -57,14 +57,20 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--graphs", type=int, default=None,
                         help="graphs per batch (default: the task's batch size; fewer for a smoke run)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="layers of every model (default: the task's; fewer for a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/lrgb_step.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.graphs is not None and args.graphs < 1:
         parser.error(f"--graphs: expected a positive number of graphs, got {args.graphs}")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers: expected a positive number of layers, got {args.layers}")
     results = {"device": device_name(device), "tasks": {}}
     for name in args.tasks.split(","):
-        task, hp = TASKS[name], TASKS[name].config
+        task, hp = TASKS[name], dict(TASKS[name].config)
+        if args.layers is not None:
+            hp["layers"] = args.layers
         options = {k: hp[k] for k in ("layers", "heads", "dropout", "head_layers", "state_dim", "expand",
                                       "norm_style")}
         torch.manual_seed(0)
@@ -94,7 +100,7 @@ def main():
         # Evaluation (forward only) costs about a third of a training step per batch.
         eval_batches = math.ceil(EVAL_GRAPHS[name] / num_graphs) / 3
         entry = {"nodes": int(data.num_nodes), "edges": int(data.num_edges), "graphs": int(data.num_graphs),
-                 "params": params, "epochs": hp["epochs"], "step": timings,
+                 "layers": hp["layers"], "params": params, "epochs": hp["epochs"], "step": timings,
                  "ratio_chimera_over_gps": timings["chimera"]["median_s"] / timings["gps"]["median_s"]}
         entry["hours_per_seed"] = {m: t["median_s"] * (batches + eval_batches) * hp["epochs"] / 3600
                                    for m, t in timings.items()}
