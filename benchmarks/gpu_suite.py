@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,13 +75,13 @@ def ratio_of(value: Optional[float], baseline: Optional[float]) -> Optional[floa
 @dataclass
 class Row:
     """One line of the summary table: a workload, how to read its figures from the benchmark's
-    JSON, and its target. ``extract(result, device_type)`` returns ``baseline`` and ``chimera``
+    JSON, and its target. ``extract(result)`` returns ``baseline`` and ``chimera``
     (text), ``ratio`` and optionally ``measured``, the number compared with ``target`` (the ratio
     when absent), and ``note``."""
     workload: str
     target: Optional[float]
     target_text: str
-    extract: Callable[[Dict, str], Dict]
+    extract: Callable[[Dict], Dict]
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Job:
 
 
 def lrgb_step_row(task: str) -> Row:
-    def extract(r, _):
+    def extract(r):
         step = r["tasks"][task]["step"]
         gps, chimera = step["gps"]["median_s"], step["chimera"]["median_s"]
         return {"baseline": f"GraphGPS {seconds_text(gps)}", "chimera": seconds_text(chimera),
@@ -107,21 +108,21 @@ def lrgb_step_row(task: str) -> Row:
                extract)
 
 
-def main_job_extract(r, _):
+def main_job_extract(r):
     seconds = r["seconds"]["peptides-mini"]
     gps, chimera = seconds.get("gps"), seconds.get("chimera")
     return {"baseline": f"GraphGPS {gps} s", "chimera": f"{chimera} s", "ratio": ratio_of(chimera, gps)}
 
 
-def layer_rows(kind: str, what: str) -> List[Row]:
+def layer_rows(what: str) -> List[Row]:
     key = "chimera_auto_expand2"
 
-    def time_extract(r, _):
+    def time_extract(r):
         entry = r[key]
-        return {"baseline": f"GPSConv {seconds_text(r['baseline_median_s'])}", "chimera": seconds_text(entry["median_s"]),
-                "ratio": ratio_of(entry["median_s"], r["baseline_median_s"])}
+        return {"baseline": f"GPSConv {seconds_text(r['baseline_median_s'])}",
+                "chimera": seconds_text(entry["median_s"]), "ratio": ratio_of(entry["median_s"], r["baseline_median_s"])}
 
-    def memory_extract(r, _):
+    def memory_extract(r):
         gps, chimera = r["gpsconv"].get("peak_bytes"), r[key].get("peak_bytes")
         if gps is None or chimera is None:
             return {"baseline": "n/a", "chimera": "n/a", "ratio": None,
@@ -133,19 +134,19 @@ def layer_rows(kind: str, what: str) -> List[Row]:
 
 
 def mixer_row(what: str) -> Row:
-    def extract(r, _):
+    def extract(r):
         return {"baseline": f"official {seconds_text(r['official']['median_s'])}",
                 "chimera": seconds_text(r["chimera"]["median_s"]), "ratio": r["ratio"]}
     return Row(f"mixer alone vs the official formulation, {what}", 0.5, "<= 0.5x", extract)
 
 
-def dag_extract(r, _):
+def dag_extract(r):
     return {"baseline": f"copy {seconds_text(r['state_copy']['median_s'])}",
             "chimera": f"{seconds_text(r['chimera_dag_solve']['median_s'])} ({r['levels']} levels)",
             "ratio": r["ratio"]}
 
 
-def line_extract(r, _):
+def line_extract(r):
     return {"baseline": f"chunked SSD {seconds_text(r['chunked_ssd']['median_s'])}",
             "chimera": seconds_text(r["line"]["median_s"]), "ratio": r["line_vs_ssd"]}
 
@@ -157,7 +158,7 @@ def scaling_runs(r):
     return size, chimera_runs[size], gps_runs.get(size)
 
 
-def scaling_time_extract(r, _):
+def scaling_time_extract(r):
     size, chimera, gps = scaling_runs(r)
     if chimera["oom"]:
         return {"baseline": "n/a", "chimera": "out of memory", "ratio": None, "measured": None}
@@ -167,7 +168,7 @@ def scaling_time_extract(r, _):
             "ratio": ratio_of(chimera["seconds"], gps_seconds), "measured": chimera["seconds"]}
 
 
-def scaling_memory_extract(r, _):
+def scaling_memory_extract(r):
     _, chimera, gps = scaling_runs(r)
 
     def peak(entry):
@@ -179,13 +180,13 @@ def scaling_memory_extract(r, _):
             "ratio": ratio_of(peak(chimera), peak(gps))}
 
 
-def images_extract(r, _):
+def images_extract(r):
     timings = r["images"]["timings"]
     return {"baseline": f"ViT attention {seconds_text(timings['vit_attention']['median_s'])}",
             "chimera": seconds_text(timings["chimera_grid"]["median_s"]), "ratio": timings["chimera_grid"]["ratio"]}
 
 
-def text_extract(r, _):
+def text_extract(r):
     timings = r["text"]["timings"]
     return {"baseline": f"SDPA {seconds_text(timings['sdpa_attention']['median_s'])}",
             "chimera": seconds_text(timings["chimera_line"]["median_s"]), "ratio": timings["chimera_line"]["ratio"]}
@@ -206,11 +207,11 @@ def jobs_for(device_type: str) -> List[Job]:
         Job("layer_uniform", "benchmarks/bench_layer.py",
             ["--graphs-kind", "uniform", "--methods", "auto,dense", "--expands", "2"],
             ["--graphs-kind", "uniform", "--methods", "auto", "--expands", "2", "--graphs", "4", "--reps", "1"], 900,
-            layer_rows("uniform", "64 graphs x 150 nodes")),
+            layer_rows("64 graphs x 150 nodes")),
         Job("layer_tree", "benchmarks/bench_layer.py",
             ["--graphs-kind", "tree", "--methods", "auto,dense", "--expands", "2"],
             ["--graphs-kind", "tree", "--methods", "auto", "--expands", "2", "--graphs", "4", "--reps", "1"], 900,
-            layer_rows("tree", "tree batch (64 graphs, 46 sizes)")),
+            layer_rows("tree batch (64 graphs, 46 sizes)")),
         Job("mixer_tree", "benchmarks/bench_mixer.py", ["--graphs-kind", "tree"],
             ["--graphs-kind", "tree", "--graphs", "3", "--reps", "1"], 600, [mixer_row("tree batch")]),
         Job("mixer_uniform", "benchmarks/bench_mixer.py", ["--graphs-kind", "uniform"],
@@ -263,28 +264,53 @@ def junit_counts(path: str) -> Dict[str, int]:
             "total": counts["tests"]}
 
 
+def run_logged(command: List[str], log: str, timeout: float, cwd: str = ROOT):
+    """Run ``command`` in its own process group with stdout and stderr written to ``log`` (which
+    can be followed while it runs). Returns ``(returncode, seconds)``; the return code is None when
+    the timeout killed the group (a benchmark's own subprocesses included)."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(f"$ {' '.join(['python'] + command[1:])}\n")
+        f.flush()
+        proc = subprocess.Popen(command, cwd=cwd, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = None
+            f.write(f"\ntimed out after {timeout:g} s\n")
+    return returncode, round(time.perf_counter() - start, 1)
+
+
+def last_line(log: str) -> str:
+    """The last non-empty line of a log: usually the error that ended the run."""
+    with open(log, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return (lines[-1] if len(lines) > 1 else "no output")[:300]
+
+
 def run_tests(paths: List[str], keywords: str, junit: str, log: str, timeout: float, cwd: str = ROOT) -> Dict:
     """``pytest paths -k keywords`` in a subprocess; the counts of its JUnit report and a status:
     ``ok`` (every selected test passed or was skipped), ``failed``, ``timeout`` or ``error`` (no
     report: pytest did not get to run the tests)."""
     command = [sys.executable, "-m", "pytest", *paths, "-k", keywords, "-q", "-p", "no:cacheprovider",
                f"--junitxml={junit}"]
-    entry = {"command": " ".join(["python"] + command[1:]), "junit": junit, "log": log}
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
-        output, returncode = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as error:
-        output, returncode = f"{error.stdout or ''}{error.stderr or ''}\ntimed out after {timeout} s", None
-    entry["seconds"] = round(time.perf_counter() - start, 1)
-    write_log(log, entry["command"], output)
+    if os.path.exists(junit):
+        os.remove(junit)  # a stale report must not pass for this run's
+    returncode, seconds = run_logged(command, log, timeout, cwd)
+    entry = {"command": " ".join(["python"] + command[1:]), "junit": junit, "log": log, "seconds": seconds,
+             "returncode": returncode}
     if returncode is None:
-        return {**entry, "status": "timeout"}
+        return {**entry, "status": "timeout", "error": f"timed out after {timeout:g} s"}
     if not os.path.exists(junit):
-        return {**entry, "status": "error", "returncode": returncode, "error": output.strip()[-500:]}
+        return {**entry, "status": "error", "error": last_line(log)}
     counts = junit_counts(junit)
+    # pytest exits with 5 when the keywords select no test: nothing failed.
     status = "ok" if counts["failed"] == 0 and counts["errors"] == 0 and returncode in (0, 5) else "failed"
-    return {**entry, **counts, "status": status, "returncode": returncode}
+    return {**entry, **counts, "status": status}
 
 
 def child_env() -> Dict[str, str]:
@@ -294,12 +320,6 @@ def child_env() -> Dict[str, str]:
     return env
 
 
-def write_log(path: str, command: str, output: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(f"$ {command}\n{output}")
-
-
 def job_command(job: Job, quick: bool, device: str, json_path: str, scratch: str) -> List[str]:
     argv = [a.format(scratch=scratch) for a in (job.quick if quick else job.argv)]
     return [sys.executable, job.script, *argv, "--device", device, job.out_flag, json_path]
@@ -307,27 +327,19 @@ def job_command(job: Job, quick: bool, device: str, json_path: str, scratch: str
 
 def run_job(job: Job, command: List[str], json_path: str, log: str, timeout: float) -> Dict:
     """Run one benchmark; ``status`` is ``ok`` (exit 0 and its JSON written), ``failed`` or ``timeout``."""
-    entry = {"name": job.name, "command": " ".join(["python"] + command[1:]), "json": json_path, "log": log}
     if os.path.exists(json_path):
         os.remove(json_path)  # a stale result must not pass for this run's
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
-        output, returncode = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as error:
-        output, returncode = f"{error.stdout or ''}{error.stderr or ''}\ntimed out after {timeout} s", None
-    entry["seconds"] = round(time.perf_counter() - start, 1)
-    write_log(log, entry["command"], output)
+    returncode, seconds = run_logged(command, log, timeout)
+    entry = {"name": job.name, "command": " ".join(["python"] + command[1:]), "json": json_path, "log": log,
+             "seconds": seconds, "returncode": returncode}
     if returncode is None:
-        return {**entry, "status": "timeout", "error": f"timed out after {timeout} s"}
+        return {**entry, "status": "timeout", "error": f"timed out after {timeout:g} s"}
     if returncode != 0 or not os.path.exists(json_path):
-        lines = [line for line in output.strip().splitlines() if line.strip()]
-        return {**entry, "status": "failed", "returncode": returncode,
-                "error": (lines[-1] if lines else "no output")[:300]}
-    return {**entry, "status": "ok", "returncode": 0}
+        return {**entry, "status": "failed", "error": last_line(log)}
+    return {**entry, "status": "ok"}
 
 
-def rows_of(job: Job, run: Dict, device_type: str) -> List[Dict]:
+def rows_of(job: Job, run: Dict) -> List[Dict]:
     """The summary rows of one job: figures read from its JSON when it ran, else its status."""
     result = None
     if run["status"] == "ok":
@@ -342,7 +354,7 @@ def rows_of(job: Job, run: Dict, device_type: str) -> List[Dict]:
             row["note"] = f"not measured: {run['status']}" + (f" ({run['error']})" if run.get("error") else "")
         else:
             try:
-                figures = spec.extract(result, device_type)
+                figures = spec.extract(result)
             except (KeyError, TypeError, ValueError) as error:
                 figures = {"note": f"not measured: {job.name}'s JSON lacks {error}"}
             row.update(figures)
@@ -402,7 +414,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
     import torch
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
     jobs = [job for job in jobs_for(device.type) if args.only is None or job.name in args.only]
     out = os.path.abspath(args.out or default_out(device.type))
     if args.list:
@@ -431,8 +446,9 @@ def main(argv=None) -> int:
         # oversubscribing its cores, which slows every process down far more than it helps.
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     os.makedirs(out, exist_ok=True)
-    summary = {"suite": "gpu_suite", "device": device_name(device) if device.type != "cuda" or
-               torch.cuda.is_available() else args.device, "device_type": device.type,
+    # A dry run may plan a CUDA run on a machine without one: name the device as given then.
+    name = args.device if device.type == "cuda" and not torch.cuda.is_available() else device_name(device)
+    summary = {"suite": "gpu_suite", "device": name, "device_type": device.type,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                **versions(), "command": " ".join(["python", "benchmarks/gpu_suite.py"] + args.argv),
                "quick": args.quick, "dry_run": args.dry_run, "out": out, "extension": extension}
@@ -466,7 +482,7 @@ def main(argv=None) -> int:
             else:
                 print(f"{job.name}: {' '.join(command[1:])}", flush=True)
                 run = run_job(job, command, json_path, log, args.timeout or job.timeout)
-            rows = rows_of(job, run, device.type)
+            rows = rows_of(job, run)
             summary["benchmarks"].append(run)
             summary["rows"] += rows
             if not args.dry_run:
