@@ -2,8 +2,9 @@
 
 GPSConv: GCN local model, multihead attention, width 64, 4 heads. ChimeraConv: width 64,
 4 heads, state size 16. Both run in this process on the same batch; the figure of merit is the
-time ratio Chimera / GPSConv. Two batches: random trees with rings (``--graphs-kind tree``, the
-batch of the first measurements) and real peptides built by RDKit (``--graphs-kind peptides``).
+time ratio Chimera / GPSConv. Three batches: random trees with rings (``--graphs-kind tree``, the
+batch of the first measurements; sizes 100 to 200 nodes), the same trees all of 150 nodes
+(``--graphs-kind uniform``) and real peptides built by RDKit (``--graphs-kind peptides``).
 
     python benchmarks/bench_layer.py --device cpu --out benchmarks/results/layer_cpu.json
     python benchmarks/bench_layer.py --device cpu --graphs-kind peptides --out benchmarks/results/layer_peptides_cpu.json
@@ -27,15 +28,20 @@ def main():
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--slow-reps", type=int, default=2, help="reps for the neumann and iterative paths")
     parser.add_argument("--methods", default="auto,dense,band,neumann,iterative")
-    parser.add_argument("--graphs-kind", default="tree", choices=["tree", "peptides"],
-                        help="tree: random trees with a few rings (bandwidth ~35); peptides: real peptide "
-                             "molecules of LRGB's size built with RDKit (chains, bandwidth ~5)")
+    parser.add_argument("--expands", default="1,2", help="comma list of ChimeraConv's expand (2 is the default)")
+    parser.add_argument("--graphs-kind", default="tree", choices=["tree", "uniform", "peptides"],
+                        help="tree: random trees with a few rings (bandwidth ~35); uniform: the same trees, all "
+                             "of 150 nodes; peptides: real peptide molecules of LRGB's size built with RDKit "
+                             "(chains, bandwidth ~5)")
     parser.add_argument("--out", default="benchmarks/results/layer.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
-    make_batch = peptide_like_batch if args.graphs_kind == "tree" else real_peptide_batch
-    edge_index, batch, num_nodes = make_batch(args.graphs, device=device)
+    if args.graphs_kind == "peptides":
+        edge_index, batch, num_nodes = real_peptide_batch(args.graphs, device=device)
+    else:
+        edge_index, batch, num_nodes = peptide_like_batch(args.graphs, device=device,
+                                                          same_size=args.graphs_kind == "uniform")
     x = torch.randn(num_nodes, args.channels, device=device)
     print(f"{args.graphs} graphs, {num_nodes} nodes, {edge_index.size(1)} directed edges on {device_name(device)}")
 
@@ -66,7 +72,7 @@ def main():
     results["gpsconv"]["peak_bytes"] = peak_memory(gps_step)
     print(f"GPSConv: {results['gpsconv']['median_s'] * 1e3:.1f} ms")
     for method in args.methods.split(","):
-        for expand in (1, 2):
+        for expand in (int(e) for e in args.expands.split(",")):
             chimera = ChimeraConv(args.channels, heads=args.heads, state_dim=args.state_dim, expand=expand,
                                   method=method).to(device)
             step = run(chimera, x, edge_index, None, batch)

@@ -1,9 +1,12 @@
 """method='line' against a pure-PyTorch chunked SSD (Mamba-2 style, chunk 64) and the generic DAG path.
 
-One sequence of T tokens with Mamba-2 transitions exp(-Δ_t), H heads, state S, head size P;
-forward + backward, all three in this process on the same inputs.
+A batch of ``--sequences`` sequences of T tokens each with Mamba-2 transitions exp(-Δ_t), H heads,
+state S, head size P; forward + backward, all three in this process on the same inputs. Chimera gets
+the batch as one graph of independent paths; the chunked SSD gets the sequences as more heads
+(sequences of equal length are independent, exactly as heads are).
 
     python benchmarks/bench_line.py --out benchmarks/results/line_cpu.json
+    python benchmarks/bench_line.py --device cuda --sequences 8 --length 8192 --heads 8 --out line.json
 """
 import argparse
 
@@ -42,7 +45,8 @@ def chunked_ssd(x, log_a, B, C, chunk=64):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--length", type=int, default=2048, help="tokens per sequence, a multiple of 64")
+    parser.add_argument("--sequences", type=int, default=1, help="sequences in the batch")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--state", type=int, default=64)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -51,19 +55,30 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
-    T, H, S, P = args.length, args.heads, args.state, args.head_dim
-    x = torch.randn(T, H, P, device=device, requires_grad=True)
-    B = torch.randn(T, H, S, device=device, requires_grad=True)
-    C = torch.randn(T, H, S, device=device, requires_grad=True)
-    delta = F.softplus(torch.randn(T, H, device=device)).requires_grad_()
-    forward, _ = line_graph_dags(T, device=device)
+    T, H, S, P, N = args.length, args.heads, args.state, args.head_dim, args.sequences
+    if T % 64 or T < 64:
+        parser.error(f"--length: the chunked SSD takes whole chunks of 64 tokens, got {T}")
+    if N < 1:
+        parser.error(f"--sequences: expected a positive number, got {N}")
+    # Tokens of sequence n are rows n * T ... (n + 1) * T - 1.
+    x = torch.randn(N * T, H, P, device=device, requires_grad=True)
+    B = torch.randn(N * T, H, S, device=device, requires_grad=True)
+    C = torch.randn(N * T, H, S, device=device, requires_grad=True)
+    delta = F.softplus(torch.randn(N * T, H, device=device)).requires_grad_()
+    batch = torch.arange(N, device=device).repeat_interleave(T) if N > 1 else None
+    forward, _ = line_graph_dags(N * T, batch=batch, device=device)
 
     def chimera(method):
-        weight = torch.exp(-delta[1:])  # A[t, t-1] = exp(-Δ_t)
-        return resolvent_attention(C, delta.unsqueeze(-1) * B, x, forward, weight, method=method)
+        weight = torch.exp(-delta[forward[1]])  # A[t, t-1] = exp(-Δ_t)
+        return resolvent_attention(C, delta.unsqueeze(-1) * B, x, forward, weight, method=method, batch=batch)
+
+    def as_heads(t):  # [N * T, H, F] -> [T, N * H, F]: the sequences side by side as heads
+        return t.view(N, T, H, -1).transpose(0, 1).reshape(T, N * H, -1)
 
     def baseline():
-        return chunked_ssd(x, -delta, delta.unsqueeze(-1) * B, C)
+        y = chunked_ssd(as_heads(x), as_heads(-delta.unsqueeze(-1)).squeeze(-1), as_heads(delta.unsqueeze(-1) * B),
+                        as_heads(C))
+        return y.view(T, N, H, P).transpose(0, 1).reshape(N * T, H, P)
 
     torch.testing.assert_close(chimera("line"), baseline(), rtol=1e-3, atol=1e-3)
 
@@ -74,7 +89,7 @@ def main():
             fn().square().mean().backward()
         return run
 
-    results = {"device": device_name(device), "T": T, "heads": H, "state": S, "head_dim": P,
+    results = {"device": device_name(device), "T": T, "sequences": N, "heads": H, "state": S, "head_dim": P,
                "baseline": "pure-PyTorch chunked SSD, chunk 64"}
     results.update(time_interleaved({"chunked_ssd": step(baseline), "line": step(lambda: chimera("line"))},
                                     device, reps=args.reps))

@@ -55,17 +55,28 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tasks", default="peptides-func,pascalvoc-sp")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--graphs", type=int, default=None,
+                        help="graphs per batch (default: the task's batch size; fewer for a smoke run)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="layers of every model (default: the task's; fewer for a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/lrgb_step.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.graphs is not None and args.graphs < 1:
+        parser.error(f"--graphs: expected a positive number of graphs, got {args.graphs}")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers: expected a positive number of layers, got {args.layers}")
     results = {"device": device_name(device), "tasks": {}}
     for name in args.tasks.split(","):
-        task, hp = TASKS[name], TASKS[name].config
+        task, hp = TASKS[name], dict(TASKS[name].config)
+        if args.layers is not None:
+            hp["layers"] = args.layers
         options = {k: hp[k] for k in ("layers", "heads", "dropout", "head_layers", "state_dim", "expand",
                                       "norm_style")}
         torch.manual_seed(0)
-        data = (peptide_batch(hp["batch_size"]) if task.features == "molecule"
-                else superpixel_like_batch(hp["batch_size"])).to(device)
+        num_graphs = hp["batch_size"] if args.graphs is None else args.graphs
+        data = (peptide_batch(num_graphs) if task.features == "molecule"
+                else superpixel_like_batch(num_graphs)).to(device)
         chimera_params = count_parameters(LRGBModel(task, "chimera", hidden=hp["hidden"], **options))
         steps, params = {}, {}
         for model_name in ("chimera", "gps", "gcn"):
@@ -85,11 +96,11 @@ def main():
                 optimizer.step()
             steps[model_name] = step
         timings = time_interleaved(steps, device, warmup=1, reps=args.reps)
-        batches = math.ceil(TRAIN_GRAPHS[name] / hp["batch_size"])
+        batches = math.ceil(TRAIN_GRAPHS[name] / num_graphs)
         # Evaluation (forward only) costs about a third of a training step per batch.
-        eval_batches = math.ceil(EVAL_GRAPHS[name] / hp["batch_size"]) / 3
+        eval_batches = math.ceil(EVAL_GRAPHS[name] / num_graphs) / 3
         entry = {"nodes": int(data.num_nodes), "edges": int(data.num_edges), "graphs": int(data.num_graphs),
-                 "params": params, "epochs": hp["epochs"], "step": timings,
+                 "layers": hp["layers"], "params": params, "epochs": hp["epochs"], "step": timings,
                  "ratio_chimera_over_gps": timings["chimera"]["median_s"] / timings["gps"]["median_s"]}
         entry["hours_per_seed"] = {m: t["median_s"] * (batches + eval_batches) * hp["epochs"] / 3600
                                    for m, t in timings.items()}

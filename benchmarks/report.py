@@ -1,12 +1,17 @@
-"""Write BENCHMARKS.md from the JSON results in benchmarks/results/.
+"""Write BENCHMARKS.md from the JSON results in benchmarks/results/, and its GPU section from the
+summaries of ``benchmarks/gpu_suite.py`` in benchmarks/results/gpu/.
 
     python benchmarks/report.py
+    python benchmarks/report.py --gpu-dir /path/to/suite/results --output /tmp/BENCHMARKS.md
 """
+import argparse
+import glob
 import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
+GPU_RESULTS = os.path.join(RESULTS, "gpu")
 
 
 def load(name):
@@ -241,14 +246,67 @@ def images_text_section(r):
     return lines
 
 
-def main():
+def gpu_summaries(directory):
+    """The summaries written by ``benchmarks/gpu_suite.py`` in ``directory`` (its other JSON files
+    are the benchmarks' own results), oldest first."""
+    summaries = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        if isinstance(r, dict) and r.get("suite") == "gpu_suite":
+            summaries.append(r)
+    return sorted(summaries, key=lambda r: r["date"])
+
+
+def gpu_section(r):
+    """One run of ``benchmarks/gpu_suite.py``: device, date, command, tests and the table of issue 9's
+    targets."""
+    if r["dry_run"]:
+        kind = " (dry run: nothing measured)"
+    elif r["quick"] or r["device_type"] != "cuda":
+        kind = f" (smoke run on {r['device_type']}{', tiny sizes' if r['quick'] else ''}: not GPU figures)"
+    else:
+        kind = ""
+    tests = r["tests"]
+    if "passed" in tests:
+        tests_text = (f"{tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
+                      f"{tests['skipped']} skipped (`{tests['command']}`, {tests['seconds']} s)")
+    else:
+        tests_text = f"not run ({tests.get('reason') or tests['status']})"
+    lines = [f"## GPU figures (issue 9, item 5){kind}", "",
+             f"Device: {r['device']}; date: {r['date']}; torch {r['torch']} (CUDA {r['cuda']}), triton "
+             f"{r['triton']}, PyG {r['torch_geometric']}; command: `{r['command']}`", "",
+             f"GPU tests (`-k \"{tests['keywords']}\"`): {tests_text}.", "",
+             "| workload | baseline | chimera | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        met = {True: "yes", False: "**no**", None: row.get("note", "not measured")}[row["met"]]
+        lines.append(f"| {row['workload']} | {row['baseline'] or '-'} | {row['chimera'] or '-'} | {ratio} | "
+                     f"{row['target_text']} | {met} |")
+    targets = r["targets"]
+    lines += ["", f"Targets met: {targets['met']}, missed: {targets['missed']}, not measured: "
+                  f"{targets['not_measured']}. Each benchmark's JSON and log are beside the summary "
+                  f"(`benchmarks/gpu_suite.py --out`)."]
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu-dir", default=GPU_RESULTS, help="where the summaries of gpu_suite.py are")
+    parser.add_argument("--output", default=os.path.join(HERE, "..", "BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    gpu = gpu_summaries(args.gpu_dir) if os.path.isdir(args.gpu_dir) else []
+    lent = ("The GPU sections name their device; every other number here is CPU." if gpu else
+            "No GPU was lent to the sessions that produced these figures: every number here is CPU, and the "
+            "CUDA kernels are compiled but untested on a GPU.")
     out = ["# Benchmarks", "",
            "Every figure is a ratio against a baseline timed in the same process on the same inputs; the JSON "
            "behind each table is in `benchmarks/results/` and this file is written by "
            "`python benchmarks/report.py`. The shared 2-core development machine drifts by 15% or more "
            "between runs, so baselines are timed interleaved with (or before and after) the code under test: "
-           "compare ratios, not milliseconds. No GPU was lent to the sessions that produced these figures: "
-           "every number here is CPU, and the CUDA kernels are compiled but untested on a GPU.", ""]
+           f"compare ratios, not milliseconds. {lent}", ""]
+    for r in gpu:
+        out += gpu_section(r) + [""]
     for name, section in (("layer_cpu.json", layer_section), ("layer_peptides_cpu.json", layer_section),
                           ("band_vs_dense_cpu.json", band_section), ("lrgb_step_cpu.json", lrgb_step_section), ("main_job_cpu.json", main_job_section),
                           ("line_cpu.json", line_section),
@@ -260,9 +318,9 @@ def main():
         r = load(name)
         if r is not None:
             out += section(r) + [""]
-    with open(os.path.join(HERE, "..", "BENCHMARKS.md"), "w") as f:
+    with open(args.output, "w") as f:
         f.write("\n".join(out))
-    print("wrote BENCHMARKS.md")
+    print(f"wrote {os.path.relpath(args.output)}")
 
 
 if __name__ == "__main__":
