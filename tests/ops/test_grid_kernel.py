@@ -152,7 +152,8 @@ def raw_inputs(sizes=((2, 3), (1, 2), (3, 1)), heads=2, state_dim=2, head_dim=3,
 
 @pytest.mark.parametrize("segment_rows", [1, None])
 def test_gradcheck(segment_rows):
-    walks, nodes, *inputs = raw_inputs()
+    # segment_rows=1: the backward restarts every row from a checkpoint; None: none at all
+    walks, nodes, *inputs = raw_inputs(sizes=((3, 2), (1, 2), (2, 1)), heads=1)
     assert torch.autograd.gradcheck(
         lambda w, q, k, v: grid_attention(walks.graph_ptr, walks.row_width, nodes, w, q, k, v, segment_rows), inputs)
 
@@ -263,3 +264,23 @@ def test_weights_of_missing_parents_are_ignored_and_get_zero_gradient():
         assert bool((got[0][~missing] != 0).all())  # the present ones do get a gradient
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("segment_rows", [8, 2**40, 2**63 - 1])
+def test_segment_rows_past_the_tallest_image_checkpoint_nothing(segment_rows):
+    # The backward's buffer once held segment_rows rows whatever the image's height: 2**40 rows
+    # aborted the process (std::bad_alloc cannot leave the kernel's vector clones), and
+    # ceil(rows / segment_rows) overflowed near INT64_MAX.
+    problem = GridProblem(((7, 64), (3, 2)), heads=1, state_dim=16, head_dim=16, dtype=torch.float32)
+    assert num_checkpoints(problem.walks.graph_ptr, problem.walks.row_width, segment_rows) == 0
+    out = problem.kernel(segment_rows)
+    grad = torch.randn_like(out)
+    assert_all_close(values_and_grads(out, problem.inputs, grad),
+                     values_and_grads(problem.kernel(7), problem.inputs, grad))
+
+
+@pytest.mark.parametrize("segment_rows", [0, -2])
+def test_segment_rows_below_one_is_refused_by_name(segment_rows):
+    walks, nodes, *inputs = raw_inputs()
+    with pytest.raises(ValueError, match=f"segment_rows: expected a positive int, got {segment_rows}"):
+        grid_attention(walks.graph_ptr, walks.row_width, nodes, *inputs, segment_rows)
