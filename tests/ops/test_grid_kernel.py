@@ -3,6 +3,8 @@ grid DAGs of :func:`batched_grid_dags`, against :func:`grid_attention_reference`
 recurrence, position by position, in PyTorch) and the dense inverse oracle on the DAG's
 ``edge_index``. The malformed raw-op calls are in ``test_raw_op_safety.py``; the layer's grid path
 against the per-DAG path in ``tests/nn/test_decomposition.py``."""
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -61,6 +63,7 @@ def values_and_grads(output, inputs, grad):
 
 
 def assert_all_close(got, want, **tolerances):
+    assert len(got) == len(want) == 5
     names = ("y", "grad edge_weight", "grad query", "grad key", "grad value")
     for name, a, b in zip(names, got, want):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}", **tolerances)
@@ -68,7 +71,7 @@ def assert_all_close(got, want, **tolerances):
 
 # --- values and gradients -------------------------------------------------------------------------
 
-# float32: the kernel sums in another order than the oracles, over up to 13 positions of a walk.
+# float32: the kernel sums in another order than the oracles.
 TOLERANCES = {torch.float64: {}, torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
@@ -115,32 +118,54 @@ def test_several_state_blocks_match_the_reference(head_dim, width, dtype):
                      values_and_grads(problem.reference(), problem.inputs, grad), **TOLERANCES[dtype])
 
 
-def test_checkpoints_are_the_counted_rows_of_every_segment():
-    problem = GridProblem(((7, 3), (1, 4), (0, 3), (6, 1)), heads=2, state_dim=3, head_dim=2)
+def walk_states(graph_ptr, row_width, nodes, weight, key, value):
+    """``[N, H, S, P]``: the state of every position of the walks, by the recurrence, in walk order."""
+    states = torch.zeros(key.shape + value.shape[-1:], dtype=key.dtype)
+    for g in range(graph_ptr.numel() - 1):
+        start, end, width = int(graph_ptr[g]), int(graph_ptr[g + 1]), int(row_width[g])
+        for p in range(start, end):
+            i = int(nodes[p])
+            states[p] = key[i].unsqueeze(-1) * value[i].unsqueeze(-2)
+            if p - start >= width:
+                states[p] += weight[i, 0].view(-1, 1, 1) * states[p - width]
+            if (p - start) % width:
+                states[p] += weight[i, 1].view(-1, 1, 1) * states[p - 1]
+    return states
+
+
+def test_checkpoints_are_the_last_rows_of_every_segment_but_the_final_one():
+    problem = GridProblem(((7, 3), (1, 4), (0, 3), (6, 1)), direction=2, heads=2, state_dim=3, head_dim=2)
     walks = problem.walks
     weight = grid_weights(problem.edge_weight, problem.weight_index, problem.num_nodes).detach()
-    args = (walks.graph_ptr, walks.row_width, problem.nodes, weight, problem.query.detach(), problem.key.detach(),
-            problem.value.detach())
-    # 7 rows: ceil(7 / C) - 1 checkpointed rows of 3; 1 row: none; 6 rows of 1: ceil(6 / C) - 1.
-    for segment_rows, expected in ((1, 6 * 3 + 5), (2, 3 * 3 + 2), (3, 2 * 3 + 1), (7, 0)):
+    query, key, value = problem.query.detach(), problem.key.detach(), problem.value.detach()
+    states = walk_states(walks.graph_ptr, walks.row_width, problem.nodes, weight, key, value)
+    # 7 rows of 3: ceil(7 / C) - 1 checkpointed rows; 1 row: none; 6 rows of 1: ceil(6 / C) - 1.
+    for segment_rows, expected in ((1, 6 * 3 + 5), (2, 3 * 3 + 2), (3, 2 * 3 + 1), (6, 3), (7, 0)):
         count = num_checkpoints(walks.graph_ptr, walks.row_width, segment_rows)
         assert count == expected
-        y, checkpoints = torch.ops.chimera.grid_attention(*args, segment_rows, count)
-        assert checkpoints.shape == (expected, 2, 3 * 2)
-    # with one row a segment, the checkpoints are the states of every row but each image's last
-    y, checkpoints = torch.ops.chimera.grid_attention(*args, 1, 23)
-    state = torch.zeros(7 * 3, 2, 3, 2, dtype=torch.float64)
-    for p in range(18):  # the first image: its walk's first 6 rows, the state by hand
-        i = int(problem.nodes[p])
-        state[p] = args[5][i].unsqueeze(-1) * args[6][i].unsqueeze(-2)
-        if p >= 3:
-            state[p] += weight[i, 0].view(2, 1, 1) * state[p - 3]
-        if p % 3:
-            state[p] += weight[i, 1].view(2, 1, 1) * state[p - 1]
-    torch.testing.assert_close(checkpoints[:18], state[:18].flatten(2))
+        y, checkpoints = torch.ops.chimera.grid_attention(walks.graph_ptr, walks.row_width, problem.nodes, weight,
+                                                          query, key, value, segment_rows, count)
+        positions = [start + row * width + c
+                     for start, rows, width in ((0, 7, 3), (21, 1, 4), (25, 6, 1))
+                     for row in range(segment_rows - 1, rows - 1, segment_rows) for c in range(width)]
+        assert len(positions) == expected
+        torch.testing.assert_close(checkpoints, states[positions].flatten(2))
 
 
 # --- autograd and op checks ---------------------------------------------------------------------
+
+
+@contextmanager
+def num_threads(threads):
+    """``torch.set_num_threads(threads)`` inside the block, the previous count restored after it.
+    gradcheck and opcheck call the op hundreds of times on a few positions: one thread spares
+    each call a parallel region (which costs milliseconds on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def raw_inputs(sizes=((2, 3), (1, 2), (3, 1)), heads=2, state_dim=2, head_dim=3, direction=2):
@@ -154,8 +179,10 @@ def raw_inputs(sizes=((2, 3), (1, 2), (3, 1)), heads=2, state_dim=2, head_dim=3,
 def test_gradcheck(segment_rows):
     # segment_rows=1: the backward restarts every row from a checkpoint; None: none at all
     walks, nodes, *inputs = raw_inputs(sizes=((3, 2), (1, 2), (2, 1)), heads=1)
-    assert torch.autograd.gradcheck(
-        lambda w, q, k, v: grid_attention(walks.graph_ptr, walks.row_width, nodes, w, q, k, v, segment_rows), inputs)
+    with num_threads(1):
+        assert torch.autograd.gradcheck(
+            lambda w, q, k, v: grid_attention(walks.graph_ptr, walks.row_width, nodes, w, q, k, v, segment_rows),
+            inputs)
 
 
 def test_opcheck_forward_and_backward_ops():
@@ -164,11 +191,12 @@ def test_opcheck_forward_and_backward_ops():
     count = num_checkpoints(walks.graph_ptr, walks.row_width, segment_rows)
     assert count > 0  # the checkpoints are part of what is checked
     index = (walks.graph_ptr, walks.row_width, nodes)
-    torch.library.opcheck(torch.ops.chimera.grid_attention.default, (*index, *inputs, segment_rows, count))
     detached = [t.detach() for t in inputs]
-    y, checkpoints = torch.ops.chimera.grid_attention(*index, *detached, segment_rows, count)
-    torch.library.opcheck(torch.ops.chimera.grid_attention_backward.default,
-                          (*index, *detached, checkpoints, torch.randn_like(y), segment_rows, count))
+    with num_threads(1):
+        torch.library.opcheck(torch.ops.chimera.grid_attention.default, (*index, *inputs, segment_rows, count))
+        y, checkpoints = torch.ops.chimera.grid_attention(*index, *detached, segment_rows, count)
+        torch.library.opcheck(torch.ops.chimera.grid_attention_backward.default,
+                              (*index, *detached, checkpoints, torch.randn_like(y), segment_rows, count))
 
 
 def test_double_backward_is_refused_with_a_clear_error():
@@ -183,13 +211,12 @@ def test_result_does_not_depend_on_the_number_of_threads():
     problem = GridProblem(((5, 4), (3, 6), (1, 1), (4, 2)), direction=1, heads=3, state_dim=4, head_dim=16)
     before = torch.get_num_threads()
     results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with num_threads(threads):
+            assert torch.get_num_threads() == threads
             out = problem.kernel(segment_rows=2)
             results.append(values_and_grads(out, problem.inputs, torch.ones_like(out)))
-    finally:
-        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
     # every (image, head) is one task writing its own entries: bitwise the same
     for a, b in zip(*results):
         assert torch.equal(a, b)
