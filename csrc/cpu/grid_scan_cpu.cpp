@@ -37,9 +37,10 @@ struct GridLayout {
   std::vector<int64_t> checkpoint_ptr;  // per graph, first checkpoint position (G + 1 entries)
 };
 
-// Checkpoints of a graph with `rows` rows: the last row of every segment but the final one.
+// Checkpoints of a graph with `rows` rows: the last row of every segment but the final one,
+// ceil(rows / segment_rows) - 1, written so that no segment_rows up to INT64_MAX overflows.
 inline int64_t checkpoint_rows(int64_t rows, int64_t segment_rows) {
-  return rows == 0 ? 0 : (rows + segment_rows - 1) / segment_rows - 1;
+  return rows == 0 ? 0 : (rows - 1) / segment_rows;
 }
 
 GridLayout check_grid_inputs(const at::Tensor& graph_ptr, const at::Tensor& row_width, const at::Tensor& nodes,
@@ -184,7 +185,9 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
   if (size == 0) return;
   const int64_t P = kP > 0 ? kP : t.P;
   const int64_t W = t.row_width[g], R = size / W, S = t.S, SP = S * P, H = t.heads;
-  const int64_t C = t.segment_rows, segments = (R + C - 1) / C;
+  // A segment never holds more than the image's rows: the buffer below is sized by it, and a
+  // segment_rows past the tallest image (no checkpoints) must not allocate for rows that do not exist.
+  const int64_t C = std::min(t.segment_rows, R), segments = (R + C - 1) / C;
   const int64_t block = state_block(W, S, P, sizeof(scalar_t)), BP = block * P, row = W * BP;
   buffer.assign((C + 3) * row + BP, scalar_t(0));
   const scalar_t* zeros = buffer.data() + (C + 3) * row;  // the state or adjoint of a missing neighbour

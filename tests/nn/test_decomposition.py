@@ -232,3 +232,33 @@ def test_dags_of_one_sequence_go_to_the_requested_device():
         dags = decomposition_dags(decomposition, 6, device=torch.device("meta"))
         assert len(dags) == (2 if decomposition == "line" else 1)
         assert all(dag.device.type == "meta" and dag.shape == (2, 5) for dag in dags)
+
+
+@pytest.mark.parametrize("sharing", ["none", "complete", "row", "diagonal"])
+def test_grid_kernel_path_equals_the_per_dag_path(sharing, monkeypatch):
+    # method="auto" on CPU solves the four grid DAGs row by row (chimera::grid_attention),
+    # method="dense" inverts each DAG's I - A: the same layer, values and gradients.
+    import torch_geometric_chimera.nn.decomposition as decomposition
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])  # the walk
+        return grid_attention(*args, **kwargs)
+
+    grid_attention = decomposition.grid_attention
+    monkeypatch.setattr(decomposition, "grid_attention", counted)
+    data = image_batch(sizes=((3, 4), (1, 1), (0, 3), (1, 5), (4, 1), (6, 2)), channels=16)
+    grid = ChimeraConv(16, heads=2, state_dim=4, decomposition="grid", sharing=sharing).double()
+    dense = ChimeraConv(16, heads=2, state_dim=4, decomposition="grid", sharing=sharing, method="dense").double()
+    dense.load_state_dict(grid.state_dict())
+    results = []
+    for conv in (grid, dense):
+        x = data.x.double().requires_grad_()
+        out = conv(x, data.edge_index, batch=data.batch, grid_size=data.grid_size)
+        grads = torch.autograd.grad(out, [x] + list(conv.parameters()), torch.ones_like(out))
+        results.append((out,) + grads)
+        assert len(calls) == 4  # the grid layer's four DAGs; none for the dense one
+    names = ["out", "x"] + [name for name, _ in grid.named_parameters()]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+    assert results[0][0].abs().max() > 0.01

@@ -110,11 +110,13 @@ def segment_rows_for(walks: GridWalks, state_dim: int, head_dim: int, element_si
 
 
 def num_checkpoints(graph_ptr: Tensor, row_width: Tensor, segment_rows: int) -> int:
-    """Positions whose states the forward keeps: every segment's last row but the final one's."""
+    """Positions whose states the forward keeps: every segment's last row but the final one's,
+    ``ceil(rows / segment_rows) - 1`` rows of every image."""
+    if segment_rows < 1:
+        raise ValueError(f"segment_rows: expected a positive int, got {segment_rows!r}")
     sizes = graph_ptr.diff()
     rows = torch.where(sizes > 0, sizes // row_width.clamp_min(1), torch.zeros_like(sizes))
-    segments = (rows + segment_rows - 1) // segment_rows
-    return int(((segments - 1).clamp_min(0) * row_width).sum())
+    return int(((rows - 1).clamp_min(0) // segment_rows * row_width).sum())  # no overflow near INT64_MAX
 
 
 if HAS_EXTENSION:
@@ -168,8 +170,8 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
             walk, ``weight[i, 1]`` from the node before it in its row. Entries without such a
             parent (first row, first column) are ignored and get zero gradient.
         query (Tensor): ``[N, H, S]``. key (Tensor): ``[N, H, S]``. value (Tensor): ``[N, H, P]``.
-        segment_rows (int, optional): rows between checkpoints of the backward; by default
-            :func:`segment_rows_for`.
+        segment_rows (int, optional): rows between checkpoints of the backward (at least 1; more
+            than the tallest image's rows checkpoints nothing); by default :func:`segment_rows_for`.
 
     Differentiable in ``weight``, ``query``, ``key`` and ``value``; float16 / bfloat16 run in float32.
 
