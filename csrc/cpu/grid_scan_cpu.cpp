@@ -117,22 +117,24 @@ inline int64_t state_block(int64_t W, int64_t S, int64_t P, int64_t element_size
   return std::max<int64_t>(1, std::min<int64_t>(S, kRowBlockBytes / std::max<int64_t>(1, W * P * element_size)));
 }
 
-// One (graph, head): y and the checkpoint rows. Two rows of a block of states live in `rows`.
+// One (graph, head): y and the checkpoint rows. Two rows of a block of states live in `rows`
+// (forward_scratch values, allocated by the caller: nothing in a vector clone may throw, since with
+// GCC 12 an exception leaving a target_clones function terminates the process).
 // kP > 0: the head dimension P known at compile time (the loops over it unrolled, accumulators
 // kept in registers); kP = 0: any P.
 template <typename scalar_t, int64_t kP>
 CHIMERA_INLINE void grid_forward_task(const GridTask<scalar_t>& t, int64_t g, int64_t h, scalar_t* y,
-                                      scalar_t* checkpoints, std::vector<scalar_t>& rows) {
+                                      scalar_t* checkpoints, scalar_t* rows) {
   const int64_t base = t.graph_ptr[g], size = t.graph_ptr[g + 1] - base;
   if (size == 0) return;
   const int64_t P = kP > 0 ? kP : t.P;
   const int64_t W = t.row_width[g], R = size / W, S = t.S, SP = S * P, H = t.heads;
   const int64_t block = state_block(W, S, P, sizeof(scalar_t)), BP = block * P;
-  rows.assign(2 * W * BP + BP, scalar_t(0));
-  const scalar_t* zeros = rows.data() + 2 * W * BP;  // the state of a missing parent
+  std::fill(rows, rows + 2 * W * BP + BP, scalar_t(0));
+  const scalar_t* zeros = rows + 2 * W * BP;  // the state of a missing parent
   for (int64_t s0 = 0; s0 < S; s0 += block) {
     const int64_t sn = std::min(block, S - s0);
-    scalar_t *above = rows.data(), *current = rows.data() + W * BP;
+    scalar_t *above = rows, *current = rows + W * BP;
     int64_t checkpoint = t.checkpoint_ptr[g];
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t c = 0; c < W; ++c) {
@@ -180,7 +182,7 @@ struct GridGrads {
 // the checkpoint it restarts from) and two rows of adjoint states, for one block of state rows.
 template <typename scalar_t, int64_t kP>
 CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGrads<scalar_t>& d, int64_t g,
-                                       int64_t h, std::vector<scalar_t>& buffer) {
+                                       int64_t h, scalar_t* buffer) {
   const int64_t base = t.graph_ptr[g], size = t.graph_ptr[g + 1] - base;
   if (size == 0) return;
   const int64_t P = kP > 0 ? kP : t.P;
@@ -189,13 +191,13 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
   // segment_rows past the tallest image (no checkpoints) must not allocate for rows that do not exist.
   const int64_t C = std::min(t.segment_rows, R), segments = (R + C - 1) / C;
   const int64_t block = state_block(W, S, P, sizeof(scalar_t)), BP = block * P, row = W * BP;
-  buffer.assign((C + 3) * row + BP, scalar_t(0));
-  const scalar_t* zeros = buffer.data() + (C + 3) * row;  // the state or adjoint of a missing neighbour
+  std::fill(buffer, buffer + (C + 3) * row + BP, scalar_t(0));
+  const scalar_t* zeros = buffer + (C + 3) * row;  // the state or adjoint of a missing neighbour
   auto weight = [&](int64_t i, int64_t slot) { return t.weight[(i * 2 + slot) * H + h]; };
   for (int64_t s0 = 0; s0 < S; s0 += block) {
     const int64_t sn = std::min(block, S - s0);
-    scalar_t* states = buffer.data();  // row 0: the row above the segment
-    scalar_t *adjoint_below = buffer.data() + (C + 1) * row, *adjoint = adjoint_below + row;
+    scalar_t* states = buffer;  // row 0: the row above the segment
+    scalar_t *adjoint_below = buffer + (C + 1) * row, *adjoint = adjoint_below + row;
     std::fill(adjoint_below, adjoint_below + row, scalar_t(0));  // no row below the last
     for (int64_t segment = segments - 1; segment >= 0; --segment) {
       const int64_t r0 = segment * C, r1 = std::min(R, r0 + C);
@@ -319,18 +321,16 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
   }
 #define CHIMERA_GRID_LOOPS(scalar_t)                                                                               \
   CHIMERA_VECTOR_CLONES void grid_forward_tasks(const GridTask<scalar_t>& t, int64_t begin, int64_t end,           \
-                                                scalar_t* y, scalar_t* checkpoints) {                              \
+                                                scalar_t* y, scalar_t* checkpoints, scalar_t* rows) {              \
     using value_t = scalar_t;                                                                                      \
-    std::vector<scalar_t> rows;                                                                                    \
     for (int64_t task = begin; task < end; ++task) {                                                               \
       const int64_t g = task / t.heads, h = task % t.heads;                                                        \
       CHIMERA_GRID_HEAD_DIMS(CHIMERA_GRID_FORWARD)                                                                 \
     }                                                                                                              \
   }                                                                                                                \
   CHIMERA_VECTOR_CLONES void grid_backward_tasks(const GridTask<scalar_t>& t, const GridGrads<scalar_t>& d,         \
-                                                 int64_t begin, int64_t end) {                                      \
+                                                 int64_t begin, int64_t end, scalar_t* buffer) {                    \
     using value_t = scalar_t;                                                                                      \
-    std::vector<scalar_t> buffer;                                                                                  \
     for (int64_t task = begin; task < end; ++task) {                                                               \
       const int64_t g = task / t.heads, h = task % t.heads;                                                        \
       CHIMERA_GRID_HEAD_DIMS(CHIMERA_GRID_BACKWARD)                                                                \
@@ -344,6 +344,23 @@ CHIMERA_GRID_LOOPS(double)
 #undef CHIMERA_GRID_FORWARD
 #undef CHIMERA_GRID_BACKWARD
 #undef CHIMERA_GRID_HEAD_DIMS
+
+// Values of scratch one thread needs for any graph of the batch: two rows of a block of states and
+// a zero block forward; a segment (at most the image's rows), two adjoint rows and a zero block backward.
+inline int64_t scratch_values(const GridLayout& layout, int64_t S, int64_t P, int64_t element_size,
+                              int64_t segment_rows, bool backward) {
+  const int64_t* ptr = layout.graph_ptr.data_ptr<int64_t>();
+  const int64_t* width = layout.row_width.data_ptr<int64_t>();
+  int64_t most = 0;
+  for (int64_t g = 0; g + 1 < layout.graph_ptr.numel(); ++g) {
+    const int64_t size = ptr[g + 1] - ptr[g];
+    if (size == 0) continue;
+    const int64_t W = width[g], R = size / W, BP = state_block(W, S, P, element_size) * P;
+    const int64_t rows = backward ? std::min(segment_rows, R) + 3 : 2;
+    most = std::max(most, rows * W * BP + BP);
+  }
+  return most;
+}
 
 // Tasks per thread at least: small images (8 x 8 digits) would otherwise cost more in OpenMP
 // fork/join than in work, and much more on a loaded machine, where a barrier waits for a
@@ -381,7 +398,10 @@ std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at
     const auto task = make_task<scalar_t>(layout, weight, query, key, value, segment_rows);
     scalar_t *yp = y.data_ptr<scalar_t>(), *cp = checkpoints.data_ptr<scalar_t>();
     at::parallel_for(0, num_graphs * heads, task_grain(query, value, num_graphs),
-                     [&](int64_t begin, int64_t end) { grid_forward_tasks(task, begin, end, yp, cp); });
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<scalar_t> rows(scratch_values(layout, S, P, sizeof(scalar_t), segment_rows, false));
+                       grid_forward_tasks(task, begin, end, yp, cp, rows.data());
+                     });
   });
   return {y, checkpoints};
 }
@@ -418,7 +438,10 @@ std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr,
                                     grad_query.data_ptr<scalar_t>(), grad_key.data_ptr<scalar_t>(),
                                     grad_value.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>()};
     at::parallel_for(0, num_graphs * heads, task_grain(query, value, num_graphs),
-                     [&](int64_t begin, int64_t end) { grid_backward_tasks(task, grads, begin, end); });
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<scalar_t> buffer(scratch_values(layout, S, P, sizeof(scalar_t), segment_rows, true));
+                       grid_backward_tasks(task, grads, begin, end, buffer.data());
+                     });
   });
   return {grad_weight, grad_query, grad_key, grad_value};
 }
