@@ -1,13 +1,14 @@
 """Resolvent attention and the methods behind it, one module per method: :mod:`.dense`,
-:mod:`.band`, :mod:`.dag`, :mod:`.grid`, :mod:`.line`, :mod:`.neumann`, :mod:`.iterative`; what they share in
-:mod:`.common`, the compiled extension in :mod:`._extension`, the test oracles in :mod:`.reference`,
+:mod:`.squaring`, :mod:`.band`, :mod:`.dag`, :mod:`.grid`, :mod:`.line`, :mod:`.neumann`, :mod:`.iterative`;
+what they share in :mod:`.common`, the compiled extension in :mod:`._extension`, the test oracles in :mod:`.reference`,
 and the choice of method in :mod:`.resolvent`."""
-from . import band, common, dag, dense, grid, iterative, line, neumann, reference
+from . import band, common, dag, dense, grid, iterative, line, neumann, reference, squaring
 from ._extension import HAS_EXTENSION
 from .band import BandSchedule, band_resolvent_attention, band_schedule
 from .common import CsrOperator, edge_dot, spmm
 from .dag import dag_attention, dag_solve
-from .resolvent import DENSE_MAX_NODES, METHODS, GraphTopology, choose_method, resolvent_attention
+from .resolvent import (DENSE_MAX_NODES, METHODS, SQUARING_MAX_NODES, GraphTopology, choose_method,
+                        resolvent_attention)
 
 __all__ = [
     "resolvent_attention",
@@ -15,6 +16,7 @@ __all__ = [
     "choose_method",
     "METHODS",
     "DENSE_MAX_NODES",
+    "SQUARING_MAX_NODES",
     "spmm",
     "dag_solve",
     "dag_attention",
@@ -27,6 +29,7 @@ __all__ = [
     "reference",
     "common",
     "dense",
+    "squaring",
     "band",
     "dag",
     "grid",
