@@ -12,13 +12,20 @@ import torch
 from torch_geometric.utils import to_undirected
 
 
-def peptide_like_batch(num_graphs: int = 64, mean_nodes: int = 150, seed: int = 0, device="cpu"):
+def peptide_like_batch(num_graphs: int = 64, mean_nodes: int = 150, seed: int = 0, device="cpu", sizes=None):
     """Molecule-like graphs: a random tree plus a few ring-closing bonds, both directions stored,
-    so about ``2 * n`` directed edges per graph of ``n`` nodes (peptides-func: 150 nodes, 307 edges)."""
+    so about ``2 * n`` directed edges per graph of ``n`` nodes (peptides-func: 150 nodes, 307 edges).
+    Sizes are drawn from ``[2/3, 4/3] * mean_nodes``, or given as ``sizes`` (then ``num_graphs`` is
+    ``len(sizes)``)."""
     generator = torch.Generator().manual_seed(seed)
     edges, batch, offset = [], [], 0
+    if sizes is not None:
+        num_graphs = len(sizes)
     for g in range(num_graphs):
-        n = int(torch.randint(mean_nodes * 2 // 3, mean_nodes * 4 // 3 + 1, (1,), generator=generator))
+        if sizes is None:
+            n = int(torch.randint(mean_nodes * 2 // 3, mean_nodes * 4 // 3 + 1, (1,), generator=generator))
+        else:
+            n = int(sizes[g])
         parent = (torch.rand(n - 1, generator=generator) * torch.arange(1, n)).long()
         tree = torch.stack([parent, torch.arange(1, n)])
         rings = torch.randint(0, n, (2, max(1, n // 50)), generator=generator)
