@@ -9,8 +9,10 @@ from torch_geometric_chimera.ops.neumann import checkpointed_neumann, neumann_so
 from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
 from torch_geometric_chimera.utils import topological_levels
 
-EXACT_GENERAL = ["dense", "squaring", "band", "iterative"]  # squaring: rows of |A| sum to 0.8
-EXACT_DAG = ["dense", "squaring", "band", "dag", "iterative", "neumann"]  # neumann with the default K = longest path is exact
+# squaring on cyclic graphs: the tests row-normalize |A| to 0.8, so its truncation is below the roundoff
+EXACT_GENERAL = ["dense", "squaring", "band", "iterative"]
+# neumann with the default K = longest path is exact
+EXACT_DAG = ["dense", "squaring", "band", "dag", "iterative", "neumann"]
 
 
 def band_is_cpu_only(method, device, call):

@@ -4,6 +4,7 @@ This module only chooses and dispatches: :class:`GraphTopology` (what depends on
 cached), :func:`choose_method` and its cost model, the input checks, and the dispatch to the
 methods, one module each: :mod:`.dense`, :mod:`.squaring`, :mod:`.band`, :mod:`.dag`, :mod:`.line`,
 :mod:`.neumann` and :mod:`.iterative`."""
+import math
 import weakref
 from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -274,11 +275,12 @@ class GraphTopology:
         return batch_ref is not None and batch_ref() is batch and batch_version == batch._version
 
     def mark_inputs_checked(self, edge_index: Tensor, batch: Optional[Tensor]) -> None:
-        """Records that the values of ``edge_index`` and ``batch`` passed the checks (see :meth:`inputs_checked`)."""
+        """Records that the values of ``edge_index`` and ``batch`` passed the checks (see
+        :meth:`inputs_checked`)."""
         if edge_index.is_inference() or (batch is not None and batch.is_inference()):
             return  # no version counter to tell a later write
-        self._checked_inputs = (weakref.ref(edge_index), edge_index._version,
-                                None if batch is None else weakref.ref(batch), None if batch is None else batch._version)
+        batch_record = (None, None) if batch is None else (weakref.ref(batch), batch._version)
+        self._checked_inputs = (weakref.ref(edge_index), edge_index._version, *batch_record)
 
     def padded_indices(self, heads: int) -> List[PaddedIndex]:
         """:func:`~.squaring.padded_index` of every layout of :attr:`padded_layouts` for ``heads`` heads,
@@ -531,8 +533,9 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     if dtype in (torch.float16, torch.bfloat16):
         # Factorizations, inverses, series and iterations run in float32; the output is rounded once.
         query, key, value, edge_weight = (t.float() for t in (query, key, value, edge_weight))
-    if method == "squaring":  # tol = 0 means "no stopping test" to iterative: no bound here
-        out = _squaring(query, key, value, edge_weight, topology, gamma, tol if tol is not None and 0 < tol < 1 else None)
+    if method == "squaring":
+        bound = tol if tol is not None and 0 < tol < 1 else None  # tol = 0 means "no stopping test" to iterative
+        out = _squaring(query, key, value, edge_weight, topology, gamma, bound)
     else:
         if tol is None:
             tol = default_tolerance(dtype)
@@ -599,27 +602,30 @@ def _dispatch(method: str, query: Tensor, key: Tensor, value: Tensor, edge_weigh
 
 def _squaring(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology,
               gamma: Optional[float], tol: Optional[float]) -> Tensor:
-    """The ``squaring`` path on the topology's padded batches: ``k`` exact for the DAG depth, or from
-    ``gamma``, or (neither known) from the measured row sums, a host read; the fewer of the first two
-    when both are known."""
+    """The ``squaring`` path on the topology's padded batches. Its number of squarings: exact for the
+    DAG depth, or below ``tol`` for the bound ``gamma`` (the fewer of the two when both are known);
+    with neither, for the measured row sums of ``|A|``, a host read (one synchronization on a GPU).
+    A given ``gamma`` is checked where reading the row sums is free."""
     depth = topology.depth  # cached: None on graphs with a cycle
-    if gamma is not None and common.host_reads_allowed(edge_weight):
+    measured = None
+    if (depth is None and gamma is None) or (gamma is not None and common.host_reads_allowed(edge_weight)):
         measured = row_sum_bound(topology.edge_index, edge_weight, topology.num_nodes)
-        if measured > gamma * (1 + GAMMA_SLACK):
-            raise ValueError(f"gamma: a row of |A| sums to {measured:.6g}, above the bound gamma = {gamma}; pass the "
-                             f"true bound, or gamma=None to measure it")
+        if math.isnan(measured):
+            raise ValueError("edge_weight: contains NaN, so the rows of |A| have no bound (method='squaring')")
+    if gamma is not None and measured is not None and measured > gamma * (1 + GAMMA_SLACK):
+        raise ValueError(f"gamma: a row of |A| sums to {measured:.6g}, above the bound gamma = {gamma}; pass the "
+                         f"true bound, or gamma=None to measure it")
+    if depth is None and gamma is None:
+        if measured >= 1:
+            raise ValueError(f"edge_weight: a row of |A| sums to {measured:.4g} >= 1, and the graph has a cycle: "
+                             f"method='squaring' converges only when every row sums to less than 1 (e.g. the "
+                             f"'general' adjacency with gamma < 1); use method='dense'")
+        gamma = measured
     known = []
     if depth is not None:  # exact
         known.append(resolve_num_squarings(None, depth, None, tol, "float32", query.dtype))
     if gamma is not None:  # truncation below tol (default: the roundoff)
         known.append(resolve_num_squarings(None, None, gamma, tol, "float32", query.dtype))
-    if not known:  # a graph with a cycle and no bound given: measure the row sums (one synchronization on a GPU)
-        measured = row_sum_bound(topology.edge_index, edge_weight, topology.num_nodes)
-        if measured >= 1:
-            raise ValueError(f"edge_weight: a row of |A| sums to {measured:.4g} >= 1, and the graph has a cycle: "
-                             f"method='squaring' converges only when every row sums to less than 1 (e.g. the "
-                             f"'general' adjacency with gamma < 1); use method='dense'")
-        known.append(resolve_num_squarings(None, None, measured, tol, "float32", query.dtype))
     num_squarings = min(known)
     fused = query.device.type == "cuda" and fused_available(query.device)
     layouts, inverse = topology.padded_layouts
