@@ -96,22 +96,18 @@ def block_inverse(matrix: Tensor, base: int = CPU_BATCHED_LU_MAX_ROWS) -> Tensor
     return copy
 
 
-def resolvent_matrix(adj: Tensor, diagonally_dominant: Optional[bool] = None) -> Tensor:
-    """``(I - A)^{-1}`` for a batch ``[B, m, m]`` of dense ``A`` in one batched computation.
+def resolvent_matrix(adj: Tensor) -> Tensor:
+    """``(I - A)^{-1}`` for a batch ``[..., m, m]`` of dense ``A`` in one batched computation.
 
-    On CPU: block elimination (:func:`block_inverse_`) when every row of ``|A|`` sums to less than 1
-    (always true for the ``general`` adjacency), LU with pivoting otherwise, one matrix at a time
-    above :data:`CPU_BATCHED_LU_MAX_ROWS` rows (:func:`batched_inverse`). ``diagonally_dominant``
-    says whether the rows sum to less than 1; :obj:`None` measures it where values may be read on
-    the host for free (:func:`~.common.host_reads_allowed`) and otherwise assumes not.
-    Elsewhere: one batched LU with pivoting (a fixed number of kernels)."""
+    On CPU: block Gauss-Jordan (:func:`block_inverse_`) when every row of ``|A|`` sums to less than
+    1 (always true for the ``general`` adjacency; measured, as values may be read on the host for
+    free there, see :func:`~.common.host_reads_allowed`), LU with pivoting otherwise, one matrix at
+    a time above :data:`CPU_BATCHED_LU_MAX_ROWS` rows (:func:`batched_inverse`). Elsewhere: one
+    batched LU with pivoting (a fixed number of kernels, no host read)."""
     matrix = torch.eye(adj.size(-1), dtype=adj.dtype, device=adj.device) - adj
-    if adj.device.type == "cpu" and adj.numel():
-        if diagonally_dominant is None:
-            diagonally_dominant = (common.host_reads_allowed(adj)
-                                   and float(adj.abs().sum(-1).amax()) < 1.0)
-        if diagonally_dominant:
-            return block_inverse_(matrix.view(-1, *matrix.shape[-2:])).view(matrix.shape)
+    if (adj.device.type == "cpu" and adj.numel() and common.host_reads_allowed(adj)
+            and float(adj.abs().sum(-1).amax()) < 1.0):
+        return block_inverse_(matrix.view(-1, *matrix.shape[-2:])).view(matrix.shape)
     return batched_inverse(matrix)
 
 
@@ -124,9 +120,9 @@ class DenseResolventAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, edge_weight: Tensor, query: Tensor, key: Tensor, value: Tensor, layout: PaddedLayout,
-                index: Optional[PaddedIndex], diagonally_dominant: Optional[bool]) -> Tensor:
-        return padded_attention_forward(ctx, edge_weight, query, key, value, layout, index,
-                                        lambda adj: resolvent_matrix(adj, diagonally_dominant), "float32", False)
+                index: Optional[PaddedIndex]) -> Tensor:
+        return padded_attention_forward(ctx, edge_weight, query, key, value, layout, index, resolvent_matrix,
+                                        "float32", False)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -134,15 +130,15 @@ class DenseResolventAttention(torch.autograd.Function):
 
 
 def dense_attention(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, layout: PaddedLayout,
-                    index: Optional[PaddedIndex] = None, diagonally_dominant: Optional[bool] = None) -> Tensor:
+                    index: Optional[PaddedIndex] = None) -> Tensor:
     r"""The dense path on inputs already checked (as :func:`~.resolvent.resolvent_attention` checks
     them) and a precomputed layout (:func:`~.squaring.padded_layout`, and optionally its
     :func:`~.squaring.padded_index` for the heads of ``query``): one padded batch, one batched
-    inverse. ``edge_weight`` is ``[E, H]``. ``diagonally_dominant`` as in :func:`resolvent_matrix`.
+    inverse. ``edge_weight`` is ``[E, H]``.
 
     :rtype: :class:`Tensor` of shape ``[N, H, P]``.
     """
-    return DenseResolventAttention.apply(edge_weight, query, key, value, layout, index, diagonally_dominant)
+    return DenseResolventAttention.apply(edge_weight, query, key, value, layout, index)
 
 
 def dense_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
