@@ -17,7 +17,7 @@ import torch
 from common import device_name, write_json
 
 from torch_geometric_chimera.nn.adjacency import dag_adjacency, general_adjacency
-from torch_geometric_chimera.ops.reference import dense_resolvent_attention
+from torch_geometric_chimera.ops.dense import dense_resolvent_attention
 from torch_geometric_chimera.ops.squaring import squaring_resolvent_attention
 from torch_geometric_chimera.utils import topological_levels
 

@@ -13,15 +13,21 @@ from torch_geometric.utils import to_undirected
 
 
 def peptide_like_batch(num_graphs: int = 64, mean_nodes: int = 150, seed: int = 0, device="cpu",
-                       same_size: bool = False):
+                       same_size: bool = False, sizes=None):
     """Molecule-like graphs: a random tree plus a few ring-closing bonds, both directions stored,
     so about ``2 * n`` directed edges per graph of ``n`` nodes (peptides-func: 150 nodes, 307 edges).
-    Sizes are drawn between 2/3 and 4/3 of ``mean_nodes``, or all ``mean_nodes`` with ``same_size``."""
+    Sizes are drawn from ``[2/3, 4/3] * mean_nodes``, all ``mean_nodes`` with ``same_size``, or given
+    as ``sizes`` (then ``num_graphs`` is ``len(sizes)``)."""
     generator = torch.Generator().manual_seed(seed)
     edges, batch, offset = [], [], 0
+    if sizes is not None:
+        num_graphs = len(sizes)
     for g in range(num_graphs):
-        n = int(torch.randint(mean_nodes * 2 // 3, mean_nodes * 4 // 3 + 1, (1,), generator=generator))
-        n = mean_nodes if same_size else n
+        if sizes is None:
+            n = int(torch.randint(mean_nodes * 2 // 3, mean_nodes * 4 // 3 + 1, (1,), generator=generator))
+            n = mean_nodes if same_size else n
+        else:
+            n = int(sizes[g])
         parent = (torch.rand(n - 1, generator=generator) * torch.arange(1, n)).long()
         tree = torch.stack([parent, torch.arange(1, n)])
         rings = torch.randint(0, n, (2, max(1, n // 50)), generator=generator)

@@ -12,7 +12,6 @@ import torch
 from bench_auto_panel import panel
 from scipy.optimize import nnls
 
-from torch_geometric_chimera.ops.dense import bucket_size
 from torch_geometric_chimera.ops.resolvent import DAG_MARGIN, GraphTopology
 
 MODEL = {  # per path: (constant name, feature of (graph features, H, S, P))
@@ -31,7 +30,7 @@ def features():
     for label, (edge_index, batch, n), _ in panel(torch.Generator().manual_seed(0)):
         topology = GraphTopology(edge_index, n, batch)
         sizes, schedule = topology.graph_sizes.double(), topology.band_schedule
-        padded = bucket_size(topology.graph_sizes).double()
+        padded = topology.padded_sizes().double()  # as dense pads them (path_costs)
         out[label] = {"cubic": float((3 * padded ** 3).sum()), "square": float((6 * padded ** 2).sum()),
                       "graphs": float(sizes.numel()), "nodes": n, "edges": edge_index.size(1),
                       "nonzeros": float(schedule.factor_nnz.sum()),

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_geometric_chimera.nn.adjacency import dag_adjacency, general_adjacency
-from torch_geometric_chimera.ops import squaring
+from torch_geometric_chimera.ops import common, squaring
 from torch_geometric_chimera.ops.dense import dense_resolvent_attention
 from torch_geometric_chimera.ops.reference import inverse_resolvent_attention, squaring_resolvent
 from torch_geometric_chimera.ops.squaring import (DEFAULT_TOL, choose_buckets, padded_adjacency, round_to_precision,
@@ -183,7 +183,7 @@ def count_forward_backward(sizes, **kwargs):
 
 def test_the_number_of_operations_does_not_depend_on_the_graphs(monkeypatch):
     # As on an accelerator: no value checks read on the host (on CPU they are free and always on).
-    monkeypatch.setattr(squaring, "host_reads_allowed", lambda t: False)
+    monkeypatch.setattr(common, "host_reads_allowed", lambda t: False)
     few = [10 + 2 * (i % 46) for i in range(64)]  # 64 graphs, 46 distinct sizes, 10 to 100 nodes
     many = [10 + (i % 92) for i in range(128)]  # 128 graphs, 92 distinct sizes, 10 to 101 nodes
     assert (len(set(few)), len(set(many))) == (46, 92)

@@ -323,9 +323,10 @@ class ChimeraConv(MessagePassing):
     def _resolvent(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
                    batch: OptTensor, topology: Any = None) -> Tensor:
         # Python-only (topology cache, autograd Functions): a scripted ChimeraConv calls back into Python here.
+        # The general adjacency's rows of |A| sum to less than gamma: the squaring path needs no measurement.
         return resolvent_attention(query, key, value, edge_index, edge_weight, method=self.method,
                                    num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter,
-                                   topology=topology)
+                                   topology=topology, gamma=self.gamma if self.adjacency == "general" else None)
 
     @torch.jit.ignore
     def _decomposition(self, num_nodes: int, grid_size: OptTensor, seq_len: OptTensor,

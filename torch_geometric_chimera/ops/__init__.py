@@ -1,14 +1,15 @@
 """Resolvent attention and the methods behind it, one module per method: :mod:`.dense`,
-:mod:`.band`, :mod:`.dag`, :mod:`.grid`, :mod:`.line`, :mod:`.neumann`, :mod:`.iterative`; what they share in
-:mod:`.common`, the compiled extension in :mod:`._extension`, the test oracles in :mod:`.reference`,
-and the choice of method in :mod:`.resolvent`. :mod:`.triton_grid` holds the Triton kernels of the
-grid path (importable without Triton; its kernels need it)."""
-from . import band, common, dag, dense, grid, iterative, line, neumann, reference, triton_grid
+:mod:`.squaring`, :mod:`.band`, :mod:`.dag`, :mod:`.grid`, :mod:`.line`, :mod:`.neumann`, :mod:`.iterative`;
+what they share in :mod:`.common`, the compiled extension in :mod:`._extension`, the test oracles in :mod:`.reference`,
+and the choice of method in :mod:`.resolvent`. :mod:`.triton_attention` and :mod:`.triton_grid` hold the Triton
+kernels of the squaring and grid paths (importable without Triton; their kernels need it)."""
+from . import band, common, dag, dense, grid, iterative, line, neumann, reference, squaring, triton_grid
 from ._extension import HAS_EXTENSION
 from .band import BandSchedule, band_resolvent_attention, band_schedule
 from .common import CsrOperator, edge_dot, spmm
 from .dag import dag_attention, dag_solve
-from .resolvent import DENSE_MAX_NODES, METHODS, GraphTopology, choose_method, resolvent_attention
+from .resolvent import (DENSE_MAX_NODES, METHODS, SQUARING_MAX_NODES, GraphTopology, choose_method,
+                        resolvent_attention)
 
 __all__ = [
     "resolvent_attention",
@@ -16,6 +17,7 @@ __all__ = [
     "choose_method",
     "METHODS",
     "DENSE_MAX_NODES",
+    "SQUARING_MAX_NODES",
     "spmm",
     "dag_solve",
     "dag_attention",
@@ -28,6 +30,7 @@ __all__ = [
     "reference",
     "common",
     "dense",
+    "squaring",
     "band",
     "dag",
     "grid",

@@ -2,8 +2,9 @@ r"""``resolvent_attention``: the one operation everything rests on (DESIGN.md §
 
 This module only chooses and dispatches: :class:`GraphTopology` (what depends on the graph alone,
 cached), :func:`choose_method` and its cost model, the input checks, and the dispatch to the
-methods, one module each: :mod:`.dense`, :mod:`.band`, :mod:`.dag`, :mod:`.line`, :mod:`.neumann`
-and :mod:`.iterative`."""
+methods, one module each: :mod:`.dense`, :mod:`.squaring`, :mod:`.band`, :mod:`.dag`, :mod:`.line`,
+:mod:`.neumann` and :mod:`.iterative`."""
+import math
 import weakref
 from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,15 +20,29 @@ from ._extension import HAS_EXTENSION
 from .band import band_resolvent_attention, band_schedule
 from .common import CsrOperator, read_state, to_state
 from .dag import dag_attention, dag_solve
-from .dense import bucket_size, dense_buckets, dense_resolvent_attention
+from .dense import dense_attention
 from .iterative import default_tolerance, iterative_solve
 from .line import line_order, line_resolvent_attention
 from .neumann import NeumannSchedule, checkpointed_neumann, neumann_schedule
+from .squaring import (PaddedIndex, PaddedLayout, bucketed_layouts, fused_available, over_layouts, padded_index,
+                       padded_layout, padding_bounds, resolve_num_squarings, row_sum_bound, squaring_attention)
 
-METHODS = ("auto", "dense", "band", "dag", "line", "neumann", "iterative")
+METHODS = ("auto", "dense", "squaring", "band", "dag", "line", "neumann", "iterative")
 
 #: ``method="auto"`` solves graphs with at most this many nodes exactly (dense or band).
 DENSE_MAX_NODES = 768  # measured crossover with iterative on CPU: about 1,000 nodes
+
+#: Off CPU, ``method="auto"`` takes ``"squaring"`` for graphs of at most this many nodes (DAGs, or rows
+#: of ``|A|`` known to sum to less than 1): a few batched products of ``m x m`` matrices, against the
+#: ``O(m^3)`` pivoted LU of ``"dense"``, whose batched GPU kernels are slower per flop. Not yet timed
+#: on a GPU (issue 9): the value follows the paper's small graphs (LRGB peptides, about 150 nodes).
+SQUARING_MAX_NODES = 256
+
+#: A ``gamma`` given to :func:`resolvent_attention` is checked against the measured row sums of
+#: ``|A|`` where that is free (CPU): it may be exceeded by this relative margin, the rounding of a
+#: row normalized to exactly ``gamma`` (the ``general`` adjacency's rows approach ``gamma`` as
+#: ``exp(-psi)`` vanishes), not more.
+GAMMA_SLACK = 1e-5
 
 #: The cost model of ``method="auto"`` on CPU: forward + backward seconds of each exact
 #: small-graph path, fitted by ``benchmarks/fit_auto_panel.py`` (non-negative least squares on
@@ -36,8 +51,11 @@ DENSE_MAX_NODES = 768  # measured crossover with iterative on CPU: about 1,000 n
 #: the 2-core development CPU (one thread, as the machine was shared; 11 graph batches:
 #: rings with chords, molecule-like graphs, undirected and directed trees and grids, 8 to 128
 #: graphs of 30 to 600 nodes; (H, S, P) from (4, 16, 16) to (8, 16, 32) and (2, 64, 32)).
-#: ``dense``, per head: every graph padded to its bucket size ``m`` costs ``3 m^3`` (inverse and the
-#: two backward products) and ``6 m^2 (S + P)`` (scores and products), plus a fixed cost per graph.
+#: ``dense``, per head: every graph padded to ``m`` (the largest graph, see
+#: :meth:`GraphTopology.padded_sizes`) costs ``3 m^3`` (inverse and the two backward products) and
+#: ``6 m^2 (S + P)`` (scores and products), plus a fixed cost per graph. (Fitted when ``dense`` padded
+#: every graph to one of 8 sizes per octave instead, and inverted with 16-row leaf blocks: the
+#: constants per flop still apply, a refit on an idle machine would confirm them.)
 DENSE_CUBIC_S = 6.87e-11
 DENSE_SQUARE_S = 1.48e-10
 DENSE_GRAPH_S = 7.9e-5
@@ -80,6 +98,8 @@ class GraphTopology:
         self.num_nodes = num_nodes
         self._batch_ids = batch
         self.choices: Dict[Tuple, str] = {}  # choose_method's answers, per state shape
+        self._padded_indices: Dict[int, List[PaddedIndex]] = {}  # per number of heads
+        self._checked_inputs: Optional[Tuple] = None  # the inputs whose values were checked (see inputs_checked)
 
     @cached_property
     def batch(self) -> Optional[Tensor]:
@@ -188,7 +208,7 @@ class GraphTopology:
         """Estimated forward + backward seconds per head of every exact small-graph path that
         applies on CPU: ``"dense"`` always, ``"band"`` where its kernels run, ``"dag"`` on DAGs
         (the constants above :func:`choose_method`)."""
-        padded = bucket_size(self.graph_sizes).double() * (self.graph_sizes > 0)
+        padded = self.padded_sizes().double()
         state = state_dim * head_dim
         costs = {"dense": float(DENSE_CUBIC_S * (3 * padded ** 3).sum()
                                 + DENSE_SQUARE_S * (6 * padded ** 2).sum() * (state_dim + head_dim)
@@ -213,9 +233,67 @@ class GraphTopology:
         return line_order(self.edge_index, self.num_nodes)
 
     @cached_property
-    def dense_buckets(self):
-        """Size buckets of the ``dense`` path (see :func:`~.dense.dense_buckets`)."""
-        return dense_buckets(self.edge_index, self.num_nodes, self.batch)
+    def depth(self) -> Optional[int]:
+        """The longest directed path of any graph, in edges (the largest topological level), on a
+        DAG; :obj:`None` when a graph has a cycle. ``"squaring"`` is exact with
+        :func:`~.squaring.squarings_for_depth` of it."""
+        if not self.is_dag:
+            return None
+        return int(self.levels.max()) if self.num_nodes else 0
+
+    @cached_property
+    def padding_bounds(self) -> List[int]:
+        """Padded size of every batch of ``"dense"`` and ``"squaring"``, increasing: the largest
+        graph size alone, unless :func:`~.squaring.padding_bounds` splits the graphs by size."""
+        return padding_bounds(self.graph_sizes.tolist())
+
+    @cached_property
+    def padded_layouts(self) -> Tuple[List[PaddedLayout], Optional[Tensor]]:
+        """The padded batches of ``"dense"`` and ``"squaring"`` and the permutation that puts their
+        concatenated outputs back in node order: one :func:`~.squaring.padded_layout` with every graph
+        padded to the largest and :obj:`None` (no permutation needed), or the
+        :func:`~.squaring.bucketed_layouts` of :attr:`padding_bounds`."""
+        bounds = self.padding_bounds
+        if len(bounds) <= 1:
+            return [padded_layout(self.edge_index, self.num_nodes, self.batch, self.max_graph_size,
+                                  self.num_graphs)], None
+        return bucketed_layouts(self.edge_index, self.num_nodes, self.batch, bounds)
+
+    def inputs_checked(self, edge_index: Tensor, batch: Optional[Tensor]) -> bool:
+        """Whether :func:`resolvent_attention` already checked the values of these very tensors
+        (same objects, same version counters) with this topology, so that it need not read them
+        again. Writes that bypass the version counter are not seen here: they are the cache's
+        (:meth:`get` compares values on CPU) or the caller's concern, as for every cached property."""
+        record = self._checked_inputs
+        if record is None or edge_index.is_inference() or (batch is not None and batch.is_inference()):
+            return False
+        ei_ref, ei_version, batch_ref, batch_version = record
+        if ei_ref() is not edge_index or ei_version != edge_index._version:
+            return False
+        if batch is None:
+            return batch_ref is None
+        return batch_ref is not None and batch_ref() is batch and batch_version == batch._version
+
+    def mark_inputs_checked(self, edge_index: Tensor, batch: Optional[Tensor]) -> None:
+        """Records that the values of ``edge_index`` and ``batch`` passed the checks (see
+        :meth:`inputs_checked`)."""
+        if edge_index.is_inference() or (batch is not None and batch.is_inference()):
+            return  # no version counter to tell a later write
+        batch_record = (None, None) if batch is None else (weakref.ref(batch), batch._version)
+        self._checked_inputs = (weakref.ref(edge_index), edge_index._version, *batch_record)
+
+    def padded_indices(self, heads: int) -> List[PaddedIndex]:
+        """:func:`~.squaring.padded_index` of every layout of :attr:`padded_layouts` for ``heads`` heads,
+        kept per number of heads."""
+        if heads not in self._padded_indices:
+            self._padded_indices[heads] = [padded_index(layout, heads) for layout in self.padded_layouts[0]]
+        return self._padded_indices[heads]
+
+    def padded_sizes(self) -> Tensor:
+        """The size every graph is padded to by ``"dense"`` and ``"squaring"`` (``0`` for an empty graph)."""
+        sizes = self.graph_sizes
+        bounds = torch.tensor(self.padding_bounds or [0], dtype=sizes.dtype, device=sizes.device)
+        return bounds[torch.searchsorted(bounds, sizes).clamp_max(bounds.numel() - 1)] * (sizes > 0)
 
     @cached_property
     def neumann_schedule(self) -> NeumannSchedule:
@@ -235,39 +313,53 @@ def _same_values(kept: Tensor, current: Tensor) -> bool:
 
 
 def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, state_dim: Optional[int] = None,
-                  head_dim: Optional[int] = None) -> str:
+                  head_dim: Optional[int] = None, gamma: Optional[float] = None) -> str:
     r"""The path ``method="auto"`` takes. Exact unless a truncation is asked for:
 
     1. ``num_terms`` given: ``"neumann"`` with that many terms;
     2. directed paths (sequences): ``"line"``;
-    3. every graph has at most :data:`DENSE_MAX_NODES` nodes: on CPU, when the state sizes are
+    3. off CPU (tensors on an accelerator, or values not readable on the host for free, see
+       :func:`~.common.host_reads_allowed`): every graph has at most :data:`SQUARING_MAX_NODES` nodes
+       and the graphs are DAGs (exact after :math:`\lceil \log_2(\mathrm{depth} + 1) \rceil`
+       squarings) or ``gamma`` bounds the row sums of :math:`|A|` below 1 (truncation below the
+       float's roundoff): ``"squaring"``, a fixed number of batched products on one padded batch;
+       otherwise, up to :data:`DENSE_MAX_NODES` nodes, ``"dense"`` (one batched pivoted LU). Both
+       make a number of operations (kernel launches) independent of the number of graphs and sizes;
+    4. on CPU, every graph has at most :data:`DENSE_MAX_NODES` nodes: when the state sizes are
        given, the exact path of least estimated time (:meth:`GraphTopology.path_costs`, a model
        calibrated by ``benchmarks/bench_auto_panel.py``) among ``"dense"`` (per graph
        :math:`O(n^3 + n^2 (S + P))`), ``"band"`` (:math:`O((n + \mathrm{nnz}(LU)) S P)`) and, on
        DAGs, ``"dag"`` (:math:`O((n + E) S P)`, taken only when clearly cheaper, see
        :data:`DAG_MARGIN`); otherwise ``"dense"``. On the panel the choice is within 1.07x of the
        fastest exact path on the mean of four runs, up to 1.21x in a single run where two paths
-       tie within the machine's noise (``benchmarks/results/auto_panel_cpu*.json``); e.g. 64 rings with chords of 150 nodes take ``"band"`` for
-       :math:`(H, S, P) = (4, 16, 32)`, a state of :math:`64 \times 32` takes ``"dense"``;
-    4. the graph is a DAG: ``"dag"``;
-    5. otherwise ``"iterative"``.
+       tie within the machine's noise (``benchmarks/results/auto_panel_cpu*.json``); e.g. 64 rings with
+       chords of 150 nodes take ``"band"`` for :math:`(H, S, P) = (4, 16, 32)`, a state of
+       :math:`64 \times 32` takes ``"dense"``;
+    5. the graph is a DAG: ``"dag"``;
+    6. otherwise ``"iterative"``.
+
+    ``gamma`` (optional): a bound below 1 on every row sum of :math:`|A|` that the caller knows
+    (:class:`~torch_geometric_chimera.nn.ChimeraConv` with the ``general`` adjacency passes its own).
     """
     if num_terms is not None:
         return "neumann"
     # Every layer and step on one topology asks again: the answer depends on the shapes only.
-    key = (state_dim, head_dim, common.host_reads_allowed(topology.edge_index))
+    key = (state_dim, head_dim, common.host_reads_allowed(topology.edge_index), gamma is not None)
     if key not in topology.choices:
-        topology.choices[key] = _choose_exact_or_iterative(topology, state_dim, head_dim)
+        topology.choices[key] = _choose_exact_or_iterative(topology, state_dim, head_dim, gamma)
     return topology.choices[key]
 
 
-def _choose_exact_or_iterative(topology: GraphTopology, state_dim: Optional[int], head_dim: Optional[int]) -> str:
+def _choose_exact_or_iterative(topology: GraphTopology, state_dim: Optional[int], head_dim: Optional[int],
+                               gamma: Optional[float]) -> str:
     if topology.is_line:
         return "line"
+    on_cpu = topology.edge_index.device.type == "cpu" and common.host_reads_allowed(topology.edge_index)
+    if not on_cpu and topology.max_graph_size <= SQUARING_MAX_NODES and (topology.is_dag or gamma is not None):
+        return "squaring"
     if topology.max_graph_size <= DENSE_MAX_NODES:
         # The model is calibrated on CPU, and evaluating it reads sizes on the host.
-        if state_dim is not None and head_dim is not None and topology.edge_index.device.type == "cpu" \
-                and common.host_reads_allowed(topology.edge_index):
+        if state_dim is not None and head_dim is not None and on_cpu:
             costs = topology.path_costs(state_dim, head_dim)
             dag = costs.pop("dag", None)
             best = min(costs, key=costs.get)
@@ -324,28 +416,35 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
         if t.device != query.device:
             raise ValueError(f"{name}: expected device {query.device} (like query), got {t.device}")
 
-    # Value checks need the data on the host: always on CPU, on accelerators in debug mode only.
-    debug = torch_geometric.is_debug_enabled()
-    if common.host_reads_allowed(query):
-        if num_edges and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
-            raise IndexError(f"edge_index: node indices must lie in [0, {num_nodes}) for N = {num_nodes} nodes, "
-                             f"found values in [{int(edge_index.min())}, {int(edge_index.max())}]")
-        if batch is not None and num_nodes and int(batch.min()) < 0:
-            raise ValueError(f"batch: graph ids must be non-negative, found {int(batch.min())}")
-        if batch is not None and num_edges and bool((batch[edge_index[0]] != batch[edge_index[1]]).any()):
-            raise ValueError("edge_index: an edge connects nodes of different graphs in batch; every edge must stay "
-                             "inside one graph")
-    if debug:
+    if torch_geometric.is_debug_enabled():
         for name, t in (("query", query), ("key", key), ("value", value), ("edge_weight", edge_weight)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name}: contains NaN or Inf (checked because torch_geometric.debug() is on)")
     return edge_weight
 
 
+def _check_graph_values(edge_index: Tensor, batch: Optional[Tensor], num_nodes: int, topology: GraphTopology) -> None:
+    """The values of ``edge_index`` and ``batch``: node indices in range, graph ids non-negative, no
+    edge between graphs. They need the data on the host: checked on CPU (on accelerators in debug
+    mode only), once per topology and unchanged tensors (:meth:`GraphTopology.inputs_checked`)."""
+    if not common.host_reads_allowed(edge_index) or topology.inputs_checked(edge_index, batch):
+        return
+    num_edges = edge_index.size(1)
+    if num_edges and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
+        raise IndexError(f"edge_index: node indices must lie in [0, {num_nodes}) for N = {num_nodes} nodes, "
+                         f"found values in [{int(edge_index.min())}, {int(edge_index.max())}]")
+    if batch is not None and num_nodes and int(batch.min()) < 0:
+        raise ValueError(f"batch: graph ids must be non-negative, found {int(batch.min())}")
+    if batch is not None and num_edges and bool((batch[edge_index[0]] != batch[edge_index[1]]).any()):
+        raise ValueError("edge_index: an edge connects nodes of different graphs in batch; every edge must stay "
+                         "inside one graph")
+    topology.mark_inputs_checked(edge_index, batch)
+
+
 def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor, *,
                         method: str = "auto", num_terms: Optional[int] = None, batch: Optional[Tensor] = None,
                         tol: Optional[float] = None, max_iter: int = 1000, chunk_size: int = 64,
-                        topology: Optional[GraphTopology] = None) -> Tensor:
+                        topology: Optional[GraphTopology] = None, gamma: Optional[float] = None) -> Tensor:
     r"""Resolvent attention, per head:
 
     .. math::
@@ -363,8 +462,11 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         value (Tensor): :math:`\mathbf{V}`, shape ``[N, H, P]``.
         edge_index (LongTensor): ``[2, E]``, int32 or int64.
         edge_weight (Tensor): ``[E, H]`` (or ``[E]``, shared by all heads).
-        method (str, optional): ``"dense"`` (exact, batched inverse per size bucket), ``"band"``
-            (exact, band LU in reverse Cuthill-McKee order, CPU), ``"dag"``
+        method (str, optional): ``"dense"`` (exact, one batched inverse of every graph padded to the
+            largest, see :mod:`.dense`), ``"squaring"`` (the squaring trick on the same padded batch,
+            :math:`L = \prod_j (I + A^{2^j})`, see :mod:`.squaring`: exact on DAGs, and to the
+            float's roundoff when every row of :math:`|A|` sums to less than 1; otherwise refused),
+            ``"band"`` (exact, band LU in reverse Cuthill-McKee order, CPU), ``"dag"``
             (exact, DAGs only), ``"line"`` (exact, unions of directed paths, chunked like Mamba-2's
             SSD), ``"neumann"`` (truncated series), ``"iterative"`` (exact to ``tol``,
             implicit backward) or ``"auto"`` (see :func:`choose_method`). (default: ``"auto"``)
@@ -374,11 +476,21 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         tol (float, optional): relative tolerance of ``"iterative"``; :obj:`None` picks it by dtype
             (:func:`~.iterative.default_tolerance`: ``1e-12`` for float64, ``1e-6`` for float32,
             ``eps / 16`` for float16 and bfloat16); ``0`` runs exactly ``max_iter`` iterations with no
-            stopping test (nothing read on the host). (default: :obj:`None`)
+            stopping test (nothing read on the host). For ``"squaring"``, where the graph has a
+            cycle: the truncation bound :math:`\gamma^{2^k}` relative to :math:`1 / (1 - \gamma)`
+            (:func:`~.squaring.squarings_for_bound`); :obj:`None`, and any value outside ``(0, 1)``,
+            is the unit roundoff of the dtype. (default: :obj:`None`)
         max_iter (int, optional): iteration cap of ``"iterative"``, at least 1. (default: ``1000``)
         chunk_size (int, optional): chunk length of ``"line"``. (default: ``64``)
         topology (GraphTopology, optional): topology of ``(edge_index, batch)`` to reuse; by default
             :meth:`GraphTopology.get` shares one between calls with the same, unchanged tensors.
+        gamma (float, optional): a bound in ``[0, 1)`` on every row sum of :math:`|A|` known to the
+            caller (``gamma`` of the ``general`` adjacency, which
+            :class:`~torch_geometric_chimera.nn.ChimeraConv` passes). ``"squaring"`` then picks its
+            number of squarings from it instead of measuring the row sums (a host read, one
+            synchronization on a GPU), and ``"auto"`` may take ``"squaring"`` on graphs with cycles off
+            CPU. Checked against the measured row sums where that is free (CPU); not checked on
+            accelerators, where a wrong bound gives a wrong ``"squaring"`` result. (default: :obj:`None`)
 
     float16 and bfloat16 inputs are computed in float32 (factorizations, series, iterations) and
     the output is rounded to the input dtype. An output with no entries (``N``, ``H`` or ``P`` zero)
@@ -400,6 +512,8 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
         raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < 1):
+        raise ValueError(f"gamma: expected a bound on the row sums of |A| in [0, 1) or None, got {gamma!r}")
     edge_weight = _check_inputs(query, key, value, edge_index, edge_weight, batch)
     num_nodes = query.size(0)
     if topology is None:
@@ -407,21 +521,25 @@ def resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: T
     elif not isinstance(topology, GraphTopology) or topology.num_nodes != num_nodes:
         raise ValueError(f"topology: expected a GraphTopology of N = {num_nodes} nodes (like query), got "
                          f"{getattr(topology, 'num_nodes', type(topology).__name__)}")
+    _check_graph_values(edge_index, batch, num_nodes, topology)
     if method == "auto":
-        method = choose_method(topology, num_terms, query.size(-1), value.size(-1))
+        method = choose_method(topology, num_terms, query.size(-1), value.size(-1), gamma)
     if num_terms is not None and method != "neumann":
         raise ValueError(f"num_terms: only method='neumann' (or 'auto') truncates the series; method={method!r} "
                          f"is exact, got num_terms={num_terms}")
     if value.numel() == 0:  # N, H or P is zero: nothing to compute (S = 0 gives zero scores, computed below)
         return value.new_zeros(value.shape)
-    if tol is None:
-        tol = default_tolerance(query.dtype)
-
     dtype = query.dtype
     if dtype in (torch.float16, torch.bfloat16):
         # Factorizations, inverses, series and iterations run in float32; the output is rounded once.
         query, key, value, edge_weight = (t.float() for t in (query, key, value, edge_weight))
-    out = _dispatch(method, query, key, value, edge_weight, topology, num_terms, tol, max_iter, chunk_size)
+    if method == "squaring":
+        bound = tol if tol is not None and 0 < tol < 1 else None  # tol = 0 means "no stopping test" to iterative
+        out = _squaring(query, key, value, edge_weight, topology, gamma, bound)
+    else:
+        if tol is None:
+            tol = default_tolerance(dtype)
+        out = _dispatch(method, query, key, value, edge_weight, topology, num_terms, tol, max_iter, chunk_size)
     return out.to(dtype)
 
 
@@ -482,10 +600,45 @@ def _dispatch(method: str, query: Tensor, key: Tensor, value: Tensor, edge_weigh
     return read_state(query, state, value.size(-1))
 
 
+def _squaring(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology,
+              gamma: Optional[float], tol: Optional[float]) -> Tensor:
+    """The ``squaring`` path on the topology's padded batches. Its number of squarings: exact for the
+    DAG depth, or below ``tol`` for the bound ``gamma`` (the fewer of the two when both are known);
+    with neither, for the measured row sums of ``|A|``, a host read (one synchronization on a GPU).
+    A given ``gamma`` is checked where reading the row sums is free."""
+    depth = topology.depth  # cached: None on graphs with a cycle
+    measured = None
+    if (depth is None and gamma is None) or (gamma is not None and common.host_reads_allowed(edge_weight)):
+        measured = row_sum_bound(topology.edge_index, edge_weight, topology.num_nodes)
+        if math.isnan(measured):
+            raise ValueError("edge_weight: contains NaN, so the rows of |A| have no bound (method='squaring')")
+    if gamma is not None and measured is not None and measured > gamma * (1 + GAMMA_SLACK):
+        raise ValueError(f"gamma: a row of |A| sums to {measured:.6g}, above the bound gamma = {gamma}; pass the "
+                         f"true bound, or gamma=None to measure it")
+    if depth is None and gamma is None:
+        if measured >= 1:
+            raise ValueError(f"edge_weight: a row of |A| sums to {measured:.4g} >= 1, and the graph has a cycle: "
+                             f"method='squaring' converges only when every row sums to less than 1 (e.g. the "
+                             f"'general' adjacency with gamma < 1); use method='dense'")
+        gamma = measured
+    known = []
+    if depth is not None:  # exact
+        known.append(resolve_num_squarings(None, depth, None, tol, "float32", query.dtype))
+    if gamma is not None:  # truncation below tol (default: the roundoff)
+        known.append(resolve_num_squarings(None, None, gamma, tol, "float32", query.dtype))
+    num_squarings = min(known)
+    fused = query.device.type == "cuda" and fused_available(query.device)
+    layouts, inverse = topology.padded_layouts
+    return over_layouts(lambda q, k, v, w, layout, index: squaring_attention(q, k, v, w, layout, num_squarings,
+                                                                             fused=fused, index=index),
+                        layouts, inverse, query, key, value, edge_weight, topology.padded_indices(query.size(1)))
+
+
 def _dense(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology) -> Tensor:
+    layouts, inverse = topology.padded_layouts
     try:
-        return dense_resolvent_attention(query, key, value, topology.edge_index, edge_weight, topology.batch,
-                                         buckets=topology.dense_buckets)
+        return over_layouts(dense_attention, layouts, inverse, query, key, value, edge_weight,
+                            topology.padded_indices(query.size(1)))
     except torch.linalg.LinAlgError as error:
         if _not_finite([("edge_weight", edge_weight)]):
             raise ValueError("edge_weight: contains NaN or Inf, so I - A has no inverse") from error

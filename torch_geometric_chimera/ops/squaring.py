@@ -81,12 +81,12 @@ the exact ``dense`` path (DESIGN.md §6: at most twice its error; here at most e
 """
 import math
 from contextlib import contextmanager
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .common import host_reads_allowed
+from . import common
 
 
 def squarings_for_depth(depth: int) -> int:
@@ -173,11 +173,12 @@ def padded_layout(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = 
         true_max = None
     if max_nodes is None:
         max_nodes = true_max if true_max is not None else (int(local.max()) + 1 if num_nodes else 0)
-    elif host_reads_allowed(edge_index) and num_nodes:  # values are checked where reading them is free
+    elif common.host_reads_allowed(edge_index) and num_nodes:  # values are checked where reading them is free
         largest = true_max if true_max is not None else int(local.max()) + 1
         if max_nodes < largest:
             raise ValueError(f"max_nodes: expected at least the largest graph size {largest}, got {max_nodes}")
-    if batch is not None and num_nodes and host_reads_allowed(edge_index) and int(graph.max()) >= num_graphs:
+    if (batch is not None and num_nodes and common.host_reads_allowed(edge_index)
+            and int(graph.max()) >= num_graphs):
         raise ValueError(f"num_graphs: expected more than the largest id in batch ({int(graph.max())}), "
                          f"got {num_graphs}")
     src, dst = edge_index[0].long(), edge_index[1].long()
@@ -197,6 +198,20 @@ def _edge_index(layout: PaddedLayout, heads: int) -> Tuple[Tensor, Tensor, Tenso
     head = torch.arange(heads, device=layout.graph.device)
     return (layout.edge_graph.view(-1, 1) * heads + head, layout.edge_target.view(-1, 1),
             layout.edge_source.view(-1, 1))
+
+
+class PaddedIndex(NamedTuple):
+    """Where every node and edge of a :class:`PaddedLayout` sits for ``H`` heads: advanced indices
+    ``node`` into a padded ``[G * H, m, F]`` tensor and ``edge`` into a padded ``[G * H, m, m]``
+    ``A``, broadcast to ``[N, H]`` and ``[E, H]``. They depend on the layout and ``H`` only: compute
+    them once (:func:`padded_index`) to save their operations on every call."""
+    node: Tuple[Tensor, Tensor]
+    edge: Tuple[Tensor, Tensor, Tensor]
+
+
+def padded_index(layout: PaddedLayout, heads: int) -> PaddedIndex:
+    """The :class:`PaddedIndex` of ``layout`` for ``heads`` heads."""
+    return PaddedIndex(_node_index(layout, heads), _edge_index(layout, heads))
 
 
 def _pad(x: Tensor, index: Tuple[Tensor, Tensor], num_graphs: int, max_nodes: int) -> Tensor:
@@ -354,49 +369,86 @@ def fused_available(device: torch.device) -> bool:
     return HAS_TRITON and (INTERPRETED or device.type == "cuda")
 
 
+def padded_attention_forward(ctx, edge_weight: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                             layout: PaddedLayout, index: Optional[PaddedIndex],
+                             resolvent_of: Callable[[Tensor], Tensor], precision: str, fused: bool) -> Tensor:
+    r"""The forward of a padded-batch autograd function (:class:`SquaringResolventAttention`,
+    :class:`~.dense.DenseResolventAttention`): pad ``q, k, v`` and ``A`` (one scatter each),
+    :math:`\mathbf{L}` = ``resolvent_of(A)`` for the ``[G * H, m, m]`` batch of ``A``,
+    :math:`(\mathbf{L} \odot \mathbf{Q}\mathbf{K}^\top)\mathbf{V}`, unpad (one gather). ``index`` is
+    :func:`padded_index` of ``layout`` for the heads of ``query`` (computed here when :obj:`None`).
+    Saves on ``ctx`` what :func:`padded_attention_backward` needs."""
+    heads, num_graphs, m = query.size(1), layout.num_graphs, layout.max_nodes
+    if index is None:
+        index = padded_index(layout, heads)
+    node_index, edge_index = index
+    q, k, v = (_pad(t, node_index, num_graphs, m) for t in (query, key, value))  # [G * H, m, F]
+    resolvent = resolvent_of(_scatter_adjacency(edge_weight, edge_index, num_graphs, m))
+    if fused:
+        from .triton_attention import attention_forward
+        y = attention_forward(resolvent, q, k, v, precision)
+    else:
+        y = masked_attention(resolvent, q, k, v, precision)
+    ctx.save_for_backward(resolvent, q, k, v)
+    ctx.layout, ctx.node_index, ctx.edge_index, ctx.precision, ctx.fused = (layout, node_index, edge_index,
+                                                                            precision, fused)
+    return y[node_index]  # [N, H, P]
+
+
+def padded_attention_backward(ctx, grad_out: Tensor):
+    r"""The backward of :func:`padded_attention_forward`: the exact resolvent gradient (module
+    docstring), not autograd through however ``L`` was computed: two products for
+    :math:`\partial\mathbf{A} = \mathbf{L}^\top \partial\mathbf{L}\, \mathbf{L}^\top`, gathered at
+    the edges, and those of :func:`masked_attention_backward`. Returns the gradients of
+    ``(edge_weight, query, key, value)`` and :obj:`None` for every further input."""
+    resolvent, q, k, v = ctx.saved_tensors
+    node_index, precision = ctx.node_index, ctx.precision
+    grad_y = _pad(grad_out, node_index, ctx.layout.num_graphs, ctx.layout.max_nodes)
+    if ctx.fused:
+        from .triton_attention import attention_backward
+        grad_resolvent, grad_q, grad_k, grad_v = attention_backward(resolvent, q, k, v, grad_y, precision)
+    else:
+        grad_resolvent, grad_q, grad_k, grad_v = masked_attention_backward(resolvent, q, k, v, grad_y, precision)
+    grad_weight = None
+    needs = ctx.needs_input_grad
+    if needs[0]:
+        resolvent_t = resolvent.transpose(-1, -2)
+        grad_adj = _matmul(_matmul(resolvent_t, grad_resolvent, precision), resolvent_t, precision)  # Lᵀ dL Lᵀ
+        grad_weight = grad_adj[ctx.edge_index]  # [E, H]
+    grads = (grad_weight, grad_q[node_index] if needs[1] else None, grad_k[node_index] if needs[2] else None,
+             grad_v[node_index] if needs[3] else None)
+    return grads + (None,) * (len(needs) - len(grads))
+
+
 class SquaringResolventAttention(torch.autograd.Function):
-    r"""One padded batch: pad ``q, k, v`` and ``A`` (one scatter each), :math:`\mathbf{L}` by
-    :func:`squaring_chain`, :math:`(\mathbf{L} \odot \mathbf{Q}\mathbf{K}^\top)\mathbf{V}`, unpad (one
-    gather). The backward is the exact resolvent gradient (module docstring), not autograd through
-    the chain: two products for :math:`\partial\mathbf{A} = \mathbf{L}^\top \partial\mathbf{L}\,
-    \mathbf{L}^\top`, gathered at the edges, and those of :func:`masked_attention_backward`."""
+    r"""One padded batch with :math:`\mathbf{L}` by :func:`squaring_chain`
+    (:func:`padded_attention_forward`); the backward is the exact resolvent gradient
+    (:func:`padded_attention_backward`)."""
 
     @staticmethod
     def forward(ctx, edge_weight: Tensor, query: Tensor, key: Tensor, value: Tensor, layout: PaddedLayout,
-                num_squarings: int, precision: str, fused: bool) -> Tensor:
-        heads, num_graphs, m = query.size(1), layout.num_graphs, layout.max_nodes
-        node_index, edge_index = _node_index(layout, heads), _edge_index(layout, heads)
-        q, k, v = (_pad(t, node_index, num_graphs, m) for t in (query, key, value))  # [G * H, m, F]
-        resolvent = squaring_chain(_scatter_adjacency(edge_weight, edge_index, num_graphs, m), num_squarings,
-                                   precision)
-        if fused:
-            from .triton_attention import attention_forward
-            y = attention_forward(resolvent, q, k, v, precision)
-        else:
-            y = masked_attention(resolvent, q, k, v, precision)
-        ctx.save_for_backward(resolvent, q, k, v)
-        ctx.layout, ctx.node_index, ctx.edge_index, ctx.precision, ctx.fused = (layout, node_index, edge_index,
-                                                                                precision, fused)
-        return y[node_index]  # [N, H, P]
+                index: Optional[PaddedIndex], num_squarings: int, precision: str, fused: bool) -> Tensor:
+        return padded_attention_forward(ctx, edge_weight, query, key, value, layout, index,
+                                        lambda adj: squaring_chain(adj, num_squarings, precision), precision, fused)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        resolvent, q, k, v = ctx.saved_tensors
-        node_index, precision = ctx.node_index, ctx.precision
-        grad_y = _pad(grad_out, node_index, ctx.layout.num_graphs, ctx.layout.max_nodes)
-        if ctx.fused:
-            from .triton_attention import attention_backward
-            grad_resolvent, grad_q, grad_k, grad_v = attention_backward(resolvent, q, k, v, grad_y, precision)
-        else:
-            grad_resolvent, grad_q, grad_k, grad_v = masked_attention_backward(resolvent, q, k, v, grad_y, precision)
-        grad_weight = None
-        if ctx.needs_input_grad[0]:
-            resolvent_t = resolvent.transpose(-1, -2)
-            grad_adj = _matmul(_matmul(resolvent_t, grad_resolvent, precision), resolvent_t, precision)  # Lᵀ dL Lᵀ
-            grad_weight = grad_adj[ctx.edge_index]  # [E, H]
-        needs = ctx.needs_input_grad
-        return (grad_weight, grad_q[node_index] if needs[1] else None, grad_k[node_index] if needs[2] else None,
-                grad_v[node_index] if needs[3] else None, None, None, None, None)
+        return padded_attention_backward(ctx, grad_out)
+
+
+def squaring_attention(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, layout: PaddedLayout,
+                       num_squarings: int, precision: str = "float32", fused: bool = False,
+                       index: Optional[PaddedIndex] = None) -> Tensor:
+    r"""The squaring path on inputs already checked (as :func:`~.resolvent.resolvent_attention`
+    checks them) and a precomputed layout (and, optionally, its :func:`padded_index` for the heads
+    of ``query``): one padded batch, ``num_squarings`` squarings, no host read. ``edge_weight`` is
+    ``[E, H]``; float32 or float64 (float16 and bfloat16 are the caller's to convert).
+    :func:`squaring_resolvent_attention` is the checked, self-contained form.
+
+    :rtype: :class:`Tensor` of shape ``[N, H, P]``.
+    """
+    return SquaringResolventAttention.apply(edge_weight, query, key, value, layout, index, num_squarings, precision,
+                                            fused)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,6 +527,54 @@ def bucketed_layouts(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor]
     return layouts, inverse
 
 
+def over_layouts(attention: Callable[..., Tensor], layouts: Sequence[PaddedLayout], inverse: Optional[Tensor],
+                 query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor,
+                 indices: Optional[Sequence[PaddedIndex]] = None) -> Tensor:
+    """``attention(query, key, value, edge_weight, layout, index)`` on every padded batch of
+    ``layouts`` (from :func:`bucketed_layouts`, or a single :func:`padded_layout` with ``inverse``
+    :obj:`None`), the outputs put back in node order by ``inverse``; ``indices`` are the layouts'
+    :func:`padded_index` (or :obj:`None`: computed in ``attention``). Loops over the batches only."""
+    if indices is None:
+        indices = [None] * len(layouts)
+    if inverse is None:
+        return attention(query, key, value, edge_weight, layouts[0], indices[0])
+    outputs = [attention(query[layout.nodes], key[layout.nodes], value[layout.nodes], edge_weight[layout.edges],
+                         layout, index) for layout, index in zip(layouts, indices)]
+    return torch.cat(outputs)[inverse]
+
+
+#: :func:`padding_bounds`: every graph is padded to the largest unless that multiplies the cubic
+#: work :math:`\sum_g n_g^3` by more than this factor (about 2 for sizes spread evenly over
+#: ``[n / 2, n]``, as the ``bench_layer.py`` tree batch; 8 for a half-size batch with one graph
+#: twice as large as the rest). A guard against batches of many small graphs and one large one,
+#: whose padded ``G x H x m x m`` batch could otherwise take far more memory and time than the graphs need.
+PADDING_WORK_LIMIT = 4.0
+#: ... and then the graphs are split by size into at most this many padded batches, so that the
+#: number of operations stays bounded whatever the number of distinct sizes.
+PADDING_MAX_BUCKETS = 4
+
+
+def padding_bounds(sizes: Sequence[int], work_limit: float = PADDING_WORK_LIMIT,
+                   max_buckets: int = PADDING_MAX_BUCKETS) -> List[int]:
+    r"""Padded size of every batch of graphs, increasing, for the padded-batch paths (``dense`` and
+    ``squaring`` through :func:`~.resolvent.resolvent_attention`): ``[max(sizes)]`` (one padded batch)
+    when padding every graph to the largest multiplies :math:`\sum_g n_g^3` by at most ``work_limit``;
+    otherwise the split into at most ``max_buckets`` batches of least padded work
+    :math:`\sum_b G_b m_b^3` (:func:`choose_buckets`). Empty graphs need no padding; ``[]`` when every
+    graph is empty."""
+    if not work_limit >= 1:
+        raise ValueError(f"work_limit: expected a float >= 1, got {work_limit!r}")
+    if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
+        raise ValueError(f"max_buckets: expected a positive int, got {max_buckets!r}")
+    sizes = [n for n in sizes if n > 0]
+    if not sizes:
+        return []
+    largest = max(sizes)
+    if len(sizes) * largest ** 3 <= work_limit * sum(n ** 3 for n in sizes):
+        return [largest]
+    return choose_buckets(sizes, max_buckets, lambda num_graphs, max_nodes: num_graphs * max_nodes ** 3)
+
+
 # --------------------------------------------------------------------------------------------
 # The public function.
 # --------------------------------------------------------------------------------------------
@@ -512,7 +612,7 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
     for name, t in named:
         if t.device != query.device:
             raise ValueError(f"{name}: expected device {query.device} (like query), got {t.device}")
-    if host_reads_allowed(query) and num_edges:
+    if common.host_reads_allowed(query) and num_edges:
         if int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes:
             raise IndexError(f"edge_index: node indices must lie in [0, {num_nodes}), found values in "
                              f"[{int(edge_index.min())}, {int(edge_index.max())}]")
@@ -521,7 +621,7 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
     return edge_weight
 
 
-def _row_sum_bound(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> float:
+def row_sum_bound(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> float:
     """Largest row sum of :math:`|\\mathbf{A}|` over all nodes and heads (one host read)."""
     rows = edge_weight.new_zeros(num_nodes, edge_weight.size(1))
     rows.index_add_(0, edge_index[1].long(), edge_weight.detach().abs())
@@ -620,22 +720,20 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
     if dtype in (torch.float16, torch.bfloat16):
         query, key, value, edge_weight = (t.float() for t in (query, key, value, edge_weight))
     k = resolve_num_squarings(num_squarings, depth, gamma, tol, precision, query.dtype,
-                              lambda: _row_sum_bound(edge_index, edge_weight, num_nodes))
+                              lambda: row_sum_bound(edge_index, edge_weight, num_nodes))
     if num_nodes == 0 or value.numel() == 0:
         return value.new_zeros(value.shape).to(dtype)
 
     if layout is not None or max_buckets == 1:
         if layout is None:
             layout = padded_layout(edge_index, num_nodes, batch, max_nodes, num_graphs)
-        out = SquaringResolventAttention.apply(edge_weight, query, key, value, layout, k, precision, fused)
-        return out.to(dtype)
+        return squaring_attention(query, key, value, edge_weight, layout, k, precision, fused).to(dtype)
 
     graph = torch.zeros(num_nodes, dtype=torch.long, device=query.device) if batch is None else batch.long()
     sizes = torch.bincount(graph).tolist()
     bounds = choose_buckets(sizes, max_buckets, lambda g, m: bucket_cost(
         g, m, heads, query.size(-1), value.size(-1), k, precision))
     layouts, inverse = bucketed_layouts(edge_index, num_nodes, batch, bounds)
-    outputs = [SquaringResolventAttention.apply(edge_weight[layout.edges], query[layout.nodes], key[layout.nodes],
-                                                value[layout.nodes], layout, k, precision, fused)
-               for layout in layouts]
-    return torch.cat(outputs)[inverse].to(dtype)
+    return over_layouts(lambda q, k_, v, w, layout, index: squaring_attention(q, k_, v, w, layout, k, precision,
+                                                                              fused, index),
+                        layouts, inverse, query, key, value, edge_weight).to(dtype)
