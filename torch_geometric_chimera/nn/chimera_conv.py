@@ -11,10 +11,15 @@ from torch_geometric.typing import Adj, OptTensor
 from torch_geometric.utils import is_torch_sparse_tensor, to_edge_index
 
 from ..ops import METHODS, resolvent_attention
+from ..ops.opaque import opaque_resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
 from .decomposition import (DECOMPOSITIONS, decomposed_resolvent_attention, decomposition_dags, local_neighbors,
                             sharing_groups)
+
+
+#: ``resolvent_attention`` run by Python even inside a compiled region (torch.compile stops its graph there).
+_resolvent_attention_outside_graph = torch.compiler.disable(resolvent_attention)
 
 
 class ChimeraConv(MessagePassing):
@@ -323,9 +328,14 @@ class ChimeraConv(MessagePassing):
     def _resolvent(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
                    batch: OptTensor, topology: Any = None) -> Tensor:
         # Python-only (topology cache, autograd Functions): a scripted ChimeraConv calls back into Python here.
-        return resolvent_attention(query, key, value, edge_index, edge_weight, method=self.method,
-                                   num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter,
-                                   topology=topology)
+        options = dict(method=self.method, num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter)
+        if torch.compiler.is_compiling():
+            if topology is None:  # one node of the compiled graph (ops/opaque.py)
+                return opaque_resolvent_attention(query, key, value, edge_index, edge_weight, **options)
+            # A GraphTopology cannot be an op's argument: run outside the graph (one graph break).
+            return _resolvent_attention_outside_graph(query, key, value, edge_index, edge_weight, topology=topology,
+                                                      **options)
+        return resolvent_attention(query, key, value, edge_index, edge_weight, topology=topology, **options)
 
     @torch.jit.ignore
     def _decomposition(self, num_nodes: int, grid_size: OptTensor, seq_len: OptTensor,
