@@ -77,6 +77,16 @@ class ChimeraConv(MessagePassing):
 
     .. note::
 
+        :func:`torch.compile` traces the layer without a graph break: the resolvent mixer enters
+        the graph as one custom op, ``chimera::resolvent_attention``
+        (:mod:`torch_geometric_chimera.ops.opaque`), which runs the eager solve with the shared
+        topology cache and, in the backward, runs the forward again (as activation checkpointing
+        does). Pass ``topology=None`` there: an explicit ``topology`` makes the mixer run between
+        two graphs (one graph break). In CUDA graphs (``mode="reduce-overhead"``) the op runs
+        between the captured parts.
+
+    .. note::
+
         :func:`torch.jit.script` compiles the layer, but the resolvent solve stays a Python call
         (its topology cache and autograd functions are not TorchScript): the scripted module runs
         in Python and gives the eager outputs, but :func:`torch.jit.save` refuses it.
