@@ -96,13 +96,19 @@ def test_conv_has_at_most_three_graph_breaks_once_the_topology_is_known(method):
     assert len(mixer_ops(explanation.graphs)) == 1
 
 
-def test_compiled_conv_gives_the_eager_values_over_20_batches_without_recompiling(monkeypatch):
-    conv = make_conv("dense")
-    compiled = torch.compile(conv, backend="aot_eager", dynamic=True)
+def count_topologies(monkeypatch):
+    """A list that gets an entry whenever a GraphTopology is built."""
     built = []
     original_init = GraphTopology.__init__
     monkeypatch.setattr(GraphTopology, "__init__",
                         lambda self, *args, **kwargs: built.append(1) or original_init(self, *args, **kwargs))
+    return built
+
+
+def test_compiled_conv_gives_the_eager_values_over_20_batches_without_recompiling(monkeypatch):
+    conv = make_conv("dense")
+    compiled = torch.compile(conv, backend="aot_eager", dynamic=True)
+    built = count_topologies(monkeypatch)
     rng = random.Random(1)
     for _ in range(20):
         sizes = [rng.randint(4, 20) for _ in range(rng.randint(1, 6))]
@@ -115,17 +121,20 @@ def test_compiled_conv_gives_the_eager_values_over_20_batches_without_recompilin
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_conv_with_an_explicit_topology_breaks_the_graph_once():
-    # A GraphTopology cannot be an op's argument: the mixer runs between two graphs.
+def test_conv_with_an_explicit_topology_runs_the_mixer_between_graphs(monkeypatch):
+    # A GraphTopology cannot be an op's argument: the mixer runs outside the graph, called from
+    # _resolvent, called from mix, called from forward (two graph breaks), with the eager values.
     conv = make_conv("dense")
     x, edge_index, edge_attr, batch = conv_inputs([6, 8], random.Random(2))
     topology = GraphTopology(edge_index, x.size(0), batch)
     explanation = torch._dynamo.explain(conv)(x, edge_index, edge_attr, batch, topology=topology)
-    assert 1 <= explanation.graph_break_count <= 3
+    assert 1 <= explanation.graph_break_count <= 3 and not mixer_ops(explanation.graphs)
     compiled = torch.compile(conv, backend="aot_eager")
+    built = count_topologies(monkeypatch)
     assert_same(outputs_and_gradients(compiled, (x, edge_index, edge_attr, batch), None, None, topology),
                 outputs_and_gradients(conv, (x, edge_index, edge_attr, batch), None, None, topology),
                 rtol=1e-10, atol=1e-12)
+    assert not built  # the given topology is used, none is looked up or built
 
 
 def test_compiled_conv_raises_the_eager_errors():

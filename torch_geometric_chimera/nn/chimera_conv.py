@@ -81,8 +81,8 @@ class ChimeraConv(MessagePassing):
         the graph as one custom op, ``chimera::resolvent_attention``
         (:mod:`torch_geometric_chimera.ops.opaque`), which runs the eager solve with the shared
         topology cache and, in the backward, runs the forward again (as activation checkpointing
-        does). Pass ``topology=None`` there: an explicit ``topology`` makes the mixer run between
-        two graphs (one graph break). In CUDA graphs (``mode="reduce-overhead"``) the op runs
+        does). Pass ``topology=None`` there: with an explicit ``topology`` the mixer runs outside
+        the graph (two graph breaks when the layer itself is compiled). In CUDA graphs (``mode="reduce-overhead"``) the op runs
         between the captured parts.
 
     .. note::
@@ -342,7 +342,7 @@ class ChimeraConv(MessagePassing):
         if torch.compiler.is_compiling():
             if topology is None:  # one node of the compiled graph (ops/opaque.py)
                 return opaque_resolvent_attention(query, key, value, edge_index, edge_weight, **options)
-            # A GraphTopology cannot be an op's argument: run outside the graph (one graph break).
+            # A GraphTopology cannot be an op's argument: run outside the graph (graph breaks).
             return _resolvent_attention_outside_graph(query, key, value, edge_index, edge_weight, topology=topology,
                                                       **options)
         return resolvent_attention(query, key, value, edge_index, edge_weight, topology=topology, **options)
