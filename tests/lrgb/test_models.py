@@ -2,10 +2,12 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 from torch_geometric.datasets import LRGBDataset
+from torch_geometric.nn import GCNConv
 
 from torch_geometric_chimera import ChimeraGPSConv
 from torch_geometric_chimera.lrgb import (LRGB_TASKS, MODELS, TASKS, LRGBModel, count_parameters, load_splits,
                                           width_for_budget)
+from torch_geometric_chimera.lrgb.models import GCNLocal
 
 
 
@@ -66,3 +68,24 @@ def test_bad_names():
         load_splits("zinc", "/nonexistent")
     with pytest.raises(ValueError, match="root: peptides-func needs a data directory"):
         load_splits("peptides-func", None)
+
+
+@pytest.mark.parametrize("self_loops", [0, 1, 2])
+def test_gcn_local_computes_what_gcn_conv_computes(self_loops):
+    """GCNLocal adds its self-loops without a boolean mask (torch.compile traces it without a graph
+    break) and keeps GCNConv's values: existing self-loops (here up to two on one node) are replaced
+    by one of weight 1, an isolated node gets one."""
+    torch.manual_seed(0)
+    num_nodes = 7  # node 6 is isolated
+    edge_index = torch.tensor([[0, 1, 1, 2, 3, 4, 5, 0], [1, 0, 2, 1, 4, 3, 0, 5]])
+    edge_index = torch.cat([edge_index, torch.tensor([[2], [2]]).repeat(1, self_loops)], 1)
+    x = torch.randn(num_nodes, 8, requires_grad=True)
+    ours, theirs = GCNLocal(8, 5), GCNConv(8, 5)
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        theirs.bias.normal_()
+        ours.bias.copy_(theirs.bias)
+    out = ours(x, edge_index, edge_attr=torch.randn(edge_index.size(1), 3))
+    expected = theirs(x, edge_index)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])

@@ -159,3 +159,26 @@ def test_pre_norm_order():
     torch.testing.assert_close(layer(x, data.edge_index, data.batch, edge_attr=edge_attr), expected)
     with pytest.raises(ValueError, match="norm_style: expected 'post' or 'pre'"):
         ChimeraGPSConv(channels, None, norm_style="sandwich")
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "graph_norm", "instance_norm", "batch_norm", None])
+@pytest.mark.parametrize("norm_style", ["post", "pre"])
+def test_batch_size_reaches_the_graph_level_norms(norm, norm_style, monkeypatch):
+    """``batch_size`` spares the norms their host read of ``batch.max()`` (a graph break under
+    torch.compile) and changes nothing else; norms without the argument do not get it."""
+    channels, data = 16, zinc_like_batch(3)
+    x, edge_attr = torch.randn(data.num_nodes, channels), torch.randn(data.num_edges, channels)
+    local = GINEConv(Sequential(Linear(channels, channels), ReLU(), Linear(channels, channels)))
+    layer = ChimeraGPSConv(channels, local, heads=2, norm=norm, norm_style=norm_style).eval()
+    expected = layer(x, data.edge_index, data.batch, edge_attr=edge_attr)
+    received = []
+    for norm_module in (layer.norm1, layer.norm2, layer.norm3):
+        if norm_module is not None:
+            forward = norm_module.forward
+            monkeypatch.setattr(norm_module, "forward",
+                                lambda *args, _forward=forward, **kwargs: received.append(kwargs.get("batch_size"))
+                                or _forward(*args, **kwargs))
+    out = layer(x, data.edge_index, data.batch, batch_size=data.num_graphs, edge_attr=edge_attr)
+    torch.testing.assert_close(out, expected)
+    takes_batch_size = norm in ("layer_norm", "graph_norm", "instance_norm")
+    assert received == ([data.num_graphs] * 3 if takes_batch_size else [None] * (3 if norm else 0))

@@ -4,8 +4,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch_geometric.data import Batch
 from torch_geometric.nn import GCNConv, GPSConv, global_mean_pool
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.nn.norm import LayerNorm
+from torch_geometric.utils import is_torch_sparse_tensor
 
 from ..nn import ChimeraGPSConv
 from .tasks import Task
@@ -38,10 +41,27 @@ def edge_encoder(task: Task, channels: int) -> nn.Module:
 
 
 class GCNLocal(GCNConv):
-    """GCN as a GPS layer's local MPNN: it takes, and ignores, the ``edge_attr`` that GPS passes on."""
+    """GCN as a GPS layer's local MPNN: it takes, and ignores, the ``edge_attr`` that GPS passes on.
+
+    On an ``edge_index`` tensor it computes what :class:`~torch_geometric.nn.conv.GCNConv` does,
+    without the boolean-mask selection with which ``add_remaining_self_loops`` drops existing
+    self-loops: its output size depends on the values, which :func:`torch.compile` cannot trace
+    (a graph break in every layer). Here an existing self-loop stays, with weight 0, and every node
+    gets one self-loop of weight 1: the same degrees, the same messages."""
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Optional[Tensor] = None) -> Tensor:
-        return super().forward(x, edge_index)
+        if (not isinstance(edge_index, Tensor) or is_torch_sparse_tensor(edge_index) or not self.normalize
+                or not self.add_self_loops or self.improved or self.cached):
+            return super().forward(x, edge_index)
+        num_nodes = x.size(self.node_dim)
+        not_loop = (edge_index[0] != edge_index[1]).to(x.dtype)
+        loops = torch.arange(num_nodes, dtype=edge_index.dtype, device=edge_index.device)
+        edge_index = torch.cat([edge_index, torch.stack([loops, loops])], dim=1)
+        edge_weight = torch.cat([not_loop, x.new_ones(num_nodes)])
+        edge_index, edge_weight = gcn_norm(edge_index, edge_weight, num_nodes, add_self_loops=False, flow=self.flow,
+                                           dtype=x.dtype)
+        out = self.propagate(edge_index, x=self.lin(x), edge_weight=edge_weight)
+        return out if self.bias is None else out + self.bias
 
 
 class GCNBlock(nn.Module):
@@ -99,11 +119,17 @@ class LRGBModel(nn.Module):
     def forward(self, data) -> Tensor:
         x = self.node_encoder(data.x)
         edge_attr = self.edge_encoder(data.edge_attr) if self.edge_encoder is not None else None
-        batch = data.batch if data.batch is not None else x.new_zeros(x.size(0), dtype=torch.long)
+        if data.batch is not None:
+            batch = data.batch
+            # Known from the collation, so the norms and the pooling need not read batch.max() on the host.
+            num_graphs = data.num_graphs if isinstance(data, Batch) else None
+        else:
+            batch, num_graphs = x.new_zeros(x.size(0), dtype=torch.long), 1
+        sizes = dict(batch_size=num_graphs) if self.model == "chimera" else {}  # GPSConv takes no batch_size
         for layer in self.layers:
-            x = layer(x, data.edge_index, batch, edge_attr=edge_attr)
+            x = layer(x, data.edge_index, batch, edge_attr=edge_attr, **sizes)
         if self.task.level == "graph":
-            x = global_mean_pool(x, batch)
+            x = global_mean_pool(x, batch, num_graphs)
         return self.head(x)
 
 

@@ -72,7 +72,9 @@ def dag_adjacency(delta: Tensor, edge_index: Tensor, delta_edge: Optional[Tensor
     else:
         delta_ij = (delta[dst] + delta[src] + delta_edge) / 3
     if edge_mask is None:
-        parents = torch.bincount(dst, minlength=delta.size(0)).to(delta.dtype).unsqueeze(-1)
+        # A row sum of ones, not torch.bincount: its output size depends on dst's values, which
+        # torch.compile cannot trace (a graph break).
+        parents = _row_sum(delta.new_ones(dst.numel(), 1), dst, delta.size(0))
         inv_sqrt = parents.clamp_min(1).rsqrt()
         weight = torch.exp(-delta_ij) * inv_sqrt[dst]
         key_scale = torch.where(parents > 0, _row_sum(delta_ij, dst, delta.size(0)) * inv_sqrt, delta)

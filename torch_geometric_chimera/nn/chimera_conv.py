@@ -11,10 +11,15 @@ from torch_geometric.typing import Adj, OptTensor
 from torch_geometric.utils import is_torch_sparse_tensor, to_edge_index
 
 from ..ops import METHODS, resolvent_attention
+from ..ops.opaque import opaque_resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
 from .decomposition import (DECOMPOSITIONS, decomposed_resolvent_attention, decomposition_dags, local_neighbors,
                             sharing_groups)
+
+
+#: ``resolvent_attention`` run by Python even inside a compiled region (torch.compile stops its graph there).
+_resolvent_attention_outside_graph = torch.compiler.disable(resolvent_attention)
 
 
 class ChimeraConv(MessagePassing):
@@ -69,6 +74,16 @@ class ChimeraConv(MessagePassing):
         influence either. The local convolution follows PyG's convention (its mean still counts
         the masked message), so the output equals that of the graph without the edge when
         ``local_conv=False``.
+
+    .. note::
+
+        :func:`torch.compile` traces the layer without a graph break: the resolvent mixer enters
+        the graph as one custom op, ``chimera::resolvent_attention``
+        (:mod:`torch_geometric_chimera.ops.opaque`), which runs the eager solve with the shared
+        topology cache and, in the backward, runs the forward again (as activation checkpointing
+        does). Pass ``topology=None`` there: with an explicit ``topology`` the mixer runs outside
+        the graph (two graph breaks when the layer itself is compiled). In CUDA graphs (``mode="reduce-overhead"``) the op runs
+        between the captured parts.
 
     .. note::
 
@@ -324,9 +339,16 @@ class ChimeraConv(MessagePassing):
                    batch: OptTensor, topology: Any = None) -> Tensor:
         # Python-only (topology cache, autograd Functions): a scripted ChimeraConv calls back into Python here.
         # The general adjacency's rows of |A| sum to less than gamma: the squaring path needs no measurement.
-        return resolvent_attention(query, key, value, edge_index, edge_weight, method=self.method,
-                                   num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter,
-                                   topology=topology, gamma=self.gamma if self.adjacency == "general" else None)
+        gamma = self.gamma if self.adjacency == "general" else None
+        options = dict(method=self.method, num_terms=self.num_terms, batch=batch, tol=self.tol, max_iter=self.max_iter,
+                       gamma=gamma)
+        if torch.compiler.is_compiling():
+            if topology is None:  # one node of the compiled graph (ops/opaque.py)
+                return opaque_resolvent_attention(query, key, value, edge_index, edge_weight, **options)
+            # A GraphTopology cannot be an op's argument: run outside the graph (graph breaks).
+            return _resolvent_attention_outside_graph(query, key, value, edge_index, edge_weight, topology=topology,
+                                                      **options)
+        return resolvent_attention(query, key, value, edge_index, edge_weight, topology=topology, **options)
 
     @torch.jit.ignore
     def _decomposition(self, num_nodes: int, grid_size: OptTensor, seq_len: OptTensor,

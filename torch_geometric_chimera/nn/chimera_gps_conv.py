@@ -118,8 +118,11 @@ class ChimeraGPSConv(torch.nn.Module):
         self.norm1 = normalization_resolver(norm, channels, **norm_kwargs)
         self.norm2 = normalization_resolver(norm, channels, **norm_kwargs)
         self.norm3 = normalization_resolver(norm, channels, **norm_kwargs)
-        # PyG's graph-level norms (GraphNorm, InstanceNorm, ...) take the batch vector.
-        self.norm_with_batch = self.norm1 is not None and "batch" in inspect.signature(self.norm1.forward).parameters
+        # PyG's graph-level norms (GraphNorm, InstanceNorm, ...) take the batch vector, and most of them
+        # the number of graphs, which they otherwise read from it on the host.
+        parameters = inspect.signature(self.norm1.forward).parameters if self.norm1 is not None else {}
+        self.norm_with_batch = "batch" in parameters
+        self.norm_with_batch_size = "batch_size" in parameters
 
     def reset_parameters(self):
         r"""Resets all learnable parameters of the module."""
@@ -131,34 +134,42 @@ class ChimeraGPSConv(torch.nn.Module):
             if norm is not None:
                 norm.reset_parameters()
 
-    def _norm(self, norm, h: Tensor, batch: Optional[Tensor]) -> Tensor:
+    def _norm(self, norm, h: Tensor, batch: Optional[Tensor], batch_size: Optional[int]) -> Tensor:
         if norm is None:
             return h
-        return norm(h, batch=batch) if self.norm_with_batch else norm(h)
+        if not self.norm_with_batch:
+            return norm(h)
+        if self.norm_with_batch_size:
+            return norm(h, batch=batch, batch_size=batch_size)
+        return norm(h, batch=batch)
 
-    def forward(self, x: Tensor, edge_index: Adj, batch: Optional[Tensor] = None, **kwargs) -> Tensor:
-        r"""Runs the layer; ``kwargs`` go to the local MPNN, and ``edge_attr`` also to Chimera."""
+    def forward(self, x: Tensor, edge_index: Adj, batch: Optional[Tensor] = None, *, batch_size: Optional[int] = None,
+                **kwargs) -> Tensor:
+        r"""Runs the layer; ``kwargs`` go to the local MPNN, and ``edge_attr`` also to Chimera.
+        ``batch_size`` (the number of graphs, e.g. ``Batch.num_graphs``) goes to the graph-level
+        norms, which read it from ``batch`` on the host when it is :obj:`None` (under
+        :func:`torch.compile`, a graph break per norm)."""
         pre = self.norm_style == "pre"
         branches = []
         if self.conv is not None:  # local MPNN
-            inp = self._norm(self.norm1, x, batch) if pre else x
+            inp = self._norm(self.norm1, x, batch, batch_size) if pre else x
             h = F.dropout(self.conv(inp, edge_index, **kwargs), p=self.dropout, training=self.training)
-            branches.append(h if pre else self._norm(self.norm1, h + x, batch))
+            branches.append(h if pre else self._norm(self.norm1, h + x, batch, batch_size))
 
         edge_attr = kwargs.get("edge_attr")
         if edge_attr is not None and self.chimera.edge_proj is None:
             edge_attr = None  # built with attn_kwargs={'edge_dim': None}: the MPNN alone uses edge features
-        inp = self._norm(self.norm2, x, batch) if pre else x
+        inp = self._norm(self.norm2, x, batch, batch_size) if pre else x
         h = self.chimera(inp, edge_index, edge_attr, batch)  # global model
         h = F.dropout(h, p=self.attn_dropout, training=self.training)
         h = F.dropout(h, p=self.dropout, training=self.training)
-        branches.append(h if pre else self._norm(self.norm2, h + x, batch))
+        branches.append(h if pre else self._norm(self.norm2, h + x, batch, batch_size))
 
         if pre:
             out = x + sum(branches)
-            return out + self.mlp(self._norm(self.norm3, out, batch))
+            return out + self.mlp(self._norm(self.norm3, out, batch, batch_size))
         out = sum(branches)
-        return self._norm(self.norm3, out + self.mlp(out), batch)
+        return self._norm(self.norm3, out + self.mlp(out), batch, batch_size)
 
     def __repr__(self) -> str:
         # GPSConv's format; where it names the attention type, the global model here is always
