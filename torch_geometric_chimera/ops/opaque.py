@@ -41,7 +41,7 @@ _NOT_IN_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,)
 @torch.library.custom_op("chimera::resolvent_attention", mutates_args=(), tags=_NOT_IN_CUDA_GRAPHS)
 def _resolvent_attention_op(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
                             batch: Optional[Tensor], method: str, num_terms: Optional[int], tol: Optional[float],
-                            max_iter: int, gamma: Optional[float]) -> Tensor:
+                            max_iter: int, gamma: Optional[float] = None) -> Tensor:
     # contiguous: the fake kernel promises a contiguous output, and Inductor relies on the strides.
     return resolvent_attention(query, key, value, edge_index, edge_weight, method=method, num_terms=num_terms,
                                batch=batch, tol=tol, max_iter=max_iter, gamma=gamma).contiguous()
@@ -49,7 +49,7 @@ def _resolvent_attention_op(query: Tensor, key: Tensor, value: Tensor, edge_inde
 
 @_resolvent_attention_op.register_fake
 def _resolvent_attention_fake(query, key, value, edge_index, edge_weight, batch, method, num_terms, tol, max_iter,
-                              gamma):
+                              gamma=None):
     return value.new_empty(value.shape)
 
 
