@@ -242,6 +242,16 @@ def images_text_section(r):
         if key in r:
             for name, entry in r[key]["timings"].items():
                 lines.append(f"| {what(r[key])} | {name} | {ms(entry)} | {entry['ratio']:.2f}x |")
+    extra = os.path.join(RESULTS, "images_text_cpu_expand1.json")
+    if os.path.exists(extra):  # the same images at expand=1: the mixer as wide as the attention layer
+        with open(extra) as f:
+            e = json.load(f)
+        lines += ["", f"The same images with `expand={e['expand']}` (inner width {e['width'] * e['expand']}, that of the "
+                  f"attention layer), {e['date'][:16].replace('T', ' ')} UTC, `{e['command']}`:", "",
+                  "| workload | model | time (median) | ratio |", "|---|---|---|---|"]
+        for name, entry in e["images"]["timings"].items():
+            lines.append(f"| {e['images']['num_images']} images of {e['images']['side']}x{e['images']['side']} "
+                         f"patches | {name} | {ms(entry)} | {entry['ratio']:.2f}x |")
     lines += ["", "Targets (issue 10): images <= 1.0x the ViT attention layer on this CPU; text <= 1.0x SDPA."]
     return lines
 
@@ -290,6 +300,29 @@ def gpu_section(r):
     return lines
 
 
+#: The GPU run recorded in ``shared/findings/gpu-h100-2026-11-25.md`` (made outside the sessions, at
+#: commit 5ab0c35): it is what verified the CUDA C++ kernels, which stay until a GPU run shows a
+#: Triton kernel faster.
+H100_FINDINGS = [
+    "## The CUDA C++ kernels on an H100 (2026-11-25, measured outside the sessions)", "",
+    "One NVIDIA H100, torch 2.11.0+cu130, PyG 2.8.0, Triton 3.6, the project at commit 5ab0c35 with the "
+    "`edge_dot` fix of the reliability issue (`shared/findings/gpu-h100-2026-11-25.md`). Correctness: every "
+    "method on CUDA (dense, iterative, neumann, dag, line, auto) matched a float64 CPU reference in values "
+    "and gradients (worst 1e-7 relative in float32); 34 of 36 cuda-parametrized tests passed, the 2 others "
+    "parametrized `band` on CUDA (now an error by design). So `chimera::spmm`, `edge_dot` and `dag_solve` "
+    "keep their CUDA C++ kernels; there is no Triton kernel of these to compare against yet.", "",
+    "| workload (fwd+bwd) | baseline | project then | ratio |", "|---|---|---|---|",
+    "| LRGB step, peptides-func | GraphGPS 89 ms | 369 ms | 4.1x |",
+    "| LRGB step, pascalvoc-sp | GraphGPS 83 ms | 713 ms | 8.6x |",
+    "| `ChimeraConv`, tree batch (46 sizes), auto | GPSConv 5.7 ms | 41 ms | 7.3x |",
+    "| `dag` solve, 256 x 256 grid, H S P = 1024 | state copy 0.19 ms | 4.35 ms (511 launches) | 23x |",
+    "| line path, 8 x 8192 tokens, H 8, S = P = 64, forward | chunked SSD 19.0 ms | 5.5 ms | 0.29x |", "",
+    "These are the figures the GPU issue starts from; the paths written for it since (squaring, dense on "
+    "one padded batch, the Triton grid and attention kernels, the compiled layer) await "
+    "`python benchmarks/gpu_suite.py` on a GPU.",
+]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu-dir", default=GPU_RESULTS, help="where the summaries of gpu_suite.py are")
@@ -297,8 +330,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     gpu = gpu_summaries(args.gpu_dir) if os.path.isdir(args.gpu_dir) else []
     lent = ("The GPU sections name their device; every other number here is CPU." if gpu else
-            "No GPU was lent to the sessions that produced these figures: every number here is CPU, and the "
-            "CUDA kernels are compiled but untested on a GPU.")
+            "No GPU was lent to the sessions that produced these figures: every number here is CPU. The one GPU "
+            "run so far was made outside the sessions (next section); the Triton kernels and the squaring path "
+            "written since have run only in Triton's interpreter and on CPU.")
     out = ["# Benchmarks", "",
            "Every figure is a ratio against a baseline timed in the same process on the same inputs; the JSON "
            "behind each table is in `benchmarks/results/` and this file is written by "
@@ -307,6 +341,7 @@ def main(argv=None):
            f"compare ratios, not milliseconds. {lent}", ""]
     for r in gpu:
         out += gpu_section(r) + [""]
+    out += H100_FINDINGS + [""]
     for name, section in (("layer_cpu.json", layer_section), ("layer_peptides_cpu.json", layer_section),
                           ("band_vs_dense_cpu.json", band_section), ("lrgb_step_cpu.json", lrgb_step_section), ("main_job_cpu.json", main_job_section),
                           ("line_cpu.json", line_section),
