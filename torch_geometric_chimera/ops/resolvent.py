@@ -74,6 +74,11 @@ DAG_MARGIN = 0.5
 #: Kept for the benchmarks that report it: what a band-solve nonzero costs in dense-path flops.
 BAND_FLOP_COST = BAND_NONZERO_S / (DENSE_CUBIC_S / 3)
 
+#: On CPU the dense path splits its padded batch by size once padding every graph to the largest
+#: would multiply the cubic work by more than this (peptides-func batches, sizes 100 to 200: a
+#: Chimera-GPS step took 2.77 s with one padded batch, and the old per-size buckets 2.29 s).
+CPU_PADDING_WORK_LIMIT = 1.25
+
 #: ``num_terms`` above this is refused: every term is one sparse product over all edges, and the
 #: exact resolvent is cheaper through ``"iterative"`` or ``"dense"`` long before.
 MAX_NUM_TERMS = 10_000
@@ -244,8 +249,11 @@ class GraphTopology:
     @cached_property
     def padding_bounds(self) -> List[int]:
         """Padded size of every batch of ``"dense"`` and ``"squaring"``, increasing: the largest
-        graph size alone, unless :func:`~.squaring.padding_bounds` splits the graphs by size."""
-        return padding_bounds(self.graph_sizes.tolist())
+        graph size alone, unless :func:`~.squaring.padding_bounds` splits the graphs by size. On CPU,
+        where a launch costs little and padded flops cost time, graphs are split as soon as padding
+        adds :data:`CPU_PADDING_WORK_LIMIT` of the cubic work (still at most four batches)."""
+        on_cpu = common.host_reads_allowed(self.edge_index)  # CPU (or an accelerator in debug mode)
+        return padding_bounds(self.graph_sizes.tolist(), **({"work_limit": CPU_PADDING_WORK_LIMIT} if on_cpu else {}))
 
     @cached_property
     def padded_layouts(self) -> Tuple[List[PaddedLayout], Optional[Tensor]]:
