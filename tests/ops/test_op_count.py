@@ -3,13 +3,12 @@ tree batch (issue 9, item 4): at most 300 with ``method="dense"`` and on the pat
 accelerator (``"squaring"``), and no more on a batch with twice as many distinct graph sizes. Counted
 on CPU with a ``TorchDispatchMode``, as the issue counted 7,077 for the bucketed dense path (232 for
 ``GPSConv``). Both paths also give the inverse oracle's values and gradients through the layer."""
-import collections
 import importlib.util
 import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_count import CountOps
 
 from torch_geometric_chimera import ChimeraConv
 from torch_geometric_chimera.nn import chimera_conv
@@ -23,18 +22,6 @@ _spec.loader.exec_module(bench_common)
 
 MAX_OPS = 300
 CHANNELS, HEADS, STATE_DIM = 64, 4, 16  # bench_layer.py's layer: expand 2, so P = 32
-
-
-class CountOps(TorchDispatchMode):
-    """Counts every aten operation dispatched inside the context, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")

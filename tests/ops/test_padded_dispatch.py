@@ -2,12 +2,11 @@
 what it refuses), ``auto``'s choice off CPU, the padded layouts cached on the topology (one padded
 batch, or a few when padding would multiply the work), the dense path's block Gauss-Jordan inverse,
 and the graph value checks run once per topology."""
-import collections
 
 import pytest
 import torch
+from dispatch_count import CountOps
 from graphs import batch_graphs, inputs, random_dag, random_graph, row_normalize
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_geometric_chimera.ops import SQUARING_MAX_NODES, GraphTopology, choose_method, common, resolvent
 from torch_geometric_chimera.ops import resolvent_attention
@@ -15,16 +14,6 @@ from torch_geometric_chimera.ops.dense import CPU_BATCHED_LU_MAX_ROWS, block_inv
 from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
 from torch_geometric_chimera.ops.squaring import PADDING_MAX_BUCKETS, padding_bounds
 from torch_geometric_chimera.utils import line_graph_dags
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def values_and_grads(fn, tensors):

@@ -1,11 +1,10 @@
 """The ``squaring`` path (ops/squaring.py): one padded batch of graphs, the squaring trick, the exact
 resolvent backward. Values and gradients against the inverse, gradcheck, the squaring count, the
 number of operations, and the error of tf32 / bf16 products."""
-import collections
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_count import CountOps
 
 from torch_geometric_chimera.nn.adjacency import dag_adjacency, general_adjacency
 from torch_geometric_chimera.ops import common, squaring
@@ -158,16 +157,6 @@ def test_squaring_chain_equals_the_reference():
     adj = 0.3 * torch.randn(3, 2, 7, 7, dtype=torch.float64)
     for num in (1, 2, 4):
         torch.testing.assert_close(squaring_chain(adj, num), squaring_resolvent(adj, num))
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count_forward_backward(sizes, **kwargs):
