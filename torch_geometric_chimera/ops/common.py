@@ -219,3 +219,45 @@ class CsrOperator:
     def edge_dot(self, g: Tensor, h: Tensor) -> Tensor:
         per_entry = edge_dot(self.rowptr, self.col, g, h)
         return torch.empty_like(per_entry).index_copy_(0, self.perm, per_entry)
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_attention_shapes(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_weight: Tensor,
+                           batch: Optional[Tensor]) -> Tensor:
+    """Types, shapes, dtypes and devices of resolvent attention's inputs (no value is read), for
+    every public entry point; returns ``edge_weight`` as ``[E, H]`` (an ``[E]`` one is shared by the heads)."""
+    for name, t in (("query", query), ("key", key), ("value", value), ("edge_index", edge_index),
+                    ("edge_weight", edge_weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if query.dim() != 3 or not query.is_floating_point():
+        raise ValueError(f"query: expected a floating tensor of shape [N, H, S], got {_describe(query)}")
+    num_nodes, heads, _ = query.shape
+    if key.shape != query.shape:
+        raise ValueError(f"key: expected shape {list(query.shape)} (like query), got {list(key.shape)}")
+    if value.dim() != 3 or value.shape[:2] != query.shape[:2]:
+        raise ValueError(f"value: expected shape [N, H, P] = [{num_nodes}, {heads}, P], got {list(value.shape)}")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2 or edge_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"edge_index: expected an integer tensor of shape [2, E] (int32 or int64), "
+                         f"got {_describe(edge_index)}")
+    num_edges = edge_index.size(1)
+    if edge_weight.dim() == 1 and edge_weight.numel() == num_edges:
+        edge_weight = edge_weight.unsqueeze(-1).expand(num_edges, heads)
+    if edge_weight.shape != (num_edges, heads):
+        raise ValueError(f"edge_weight: expected shape [E, H] = [{num_edges}, {heads}] (or [E]), "
+                         f"got {list(edge_weight.shape)}")
+    for name, t in (("key", key), ("value", value), ("edge_weight", edge_weight)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name}: expected dtype {query.dtype} (like query), got {t.dtype}")
+    tensors = [("key", key), ("value", value), ("edge_index", edge_index), ("edge_weight", edge_weight)]
+    if batch is not None:
+        if batch.dim() != 1 or batch.numel() != num_nodes or batch.is_floating_point():
+            raise ValueError(f"batch: expected an integer tensor of shape [N] = [{num_nodes}], got {_describe(batch)}")
+        tensors.append(("batch", batch))
+    for name, t in tensors:
+        if t.device != query.device:
+            raise ValueError(f"{name}: expected device {query.device} (like query), got {t.device}")
+    return edge_weight

@@ -583,35 +583,8 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
     """Shapes, dtypes and devices; returns ``edge_weight`` as ``[E, H]``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    if query.dim() != 3 or not query.is_floating_point():
-        raise ValueError(f"query: expected a floating tensor of shape [N, H, S], got shape {list(query.shape)}, "
-                         f"dtype {query.dtype}")
-    num_nodes, heads, _ = query.shape
-    if key.shape != query.shape:
-        raise ValueError(f"key: expected shape {list(query.shape)} (like query), got {list(key.shape)}")
-    if value.dim() != 3 or value.shape[:2] != query.shape[:2]:
-        raise ValueError(f"value: expected shape [N, H, P] = [{num_nodes}, {heads}, P], got {list(value.shape)}")
-    if edge_index.dim() != 2 or edge_index.size(0) != 2 or edge_index.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"edge_index: expected an int32 or int64 tensor of shape [2, E], got shape "
-                         f"{list(edge_index.shape)}, dtype {edge_index.dtype}")
-    num_edges = edge_index.size(1)
-    if edge_weight.dim() == 1 and edge_weight.numel() == num_edges:
-        edge_weight = edge_weight.unsqueeze(-1).expand(num_edges, heads)
-    if edge_weight.shape != (num_edges, heads):
-        raise ValueError(f"edge_weight: expected shape [E, H] = [{num_edges}, {heads}] (or [E]), "
-                         f"got {list(edge_weight.shape)}")
-    for name, t in (("key", key), ("value", value), ("edge_weight", edge_weight)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name}: expected dtype {query.dtype} (like query), got {t.dtype}")
-    named = [("key", key), ("value", value), ("edge_index", edge_index), ("edge_weight", edge_weight)]
-    if batch is not None:
-        if batch.dim() != 1 or batch.numel() != num_nodes or batch.is_floating_point():
-            raise ValueError(f"batch: expected an integer tensor of shape [N] = [{num_nodes}], got shape "
-                             f"{list(batch.shape)}, dtype {batch.dtype}")
-        named.append(("batch", batch))
-    for name, t in named:
-        if t.device != query.device:
-            raise ValueError(f"{name}: expected device {query.device} (like query), got {t.device}")
+    edge_weight = common.check_attention_shapes(query, key, value, edge_index, edge_weight, batch)
+    num_nodes, num_edges = query.size(0), edge_index.size(1)
     if common.host_reads_allowed(query) and num_edges:
         if int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes:
             raise IndexError(f"edge_index: node indices must lie in [0, {num_nodes}), found values in "
