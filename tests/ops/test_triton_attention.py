@@ -6,36 +6,24 @@ Triton is first imported (Triton decorates its own library functions then). So, 
 process already interprets them (or has CUDA), :func:`test_kernels_in_the_interpreter` runs this
 file again in a subprocess with the variable set, where the other tests run on tiny CPU inputs.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from triton_interpreter import kernel_device, run_in_interpreter  # noqa: E402
+from triton_interpreter import needs_kernels as needs_kernels_when  # noqa: E402
+
 from torch_geometric_chimera.ops import squaring  # noqa: E402
 from torch_geometric_chimera.ops import triton_attention as ta  # noqa: E402
 from torch_geometric_chimera.ops.reference import inverse_resolvent_attention  # noqa: E402
 
-ON_GPU = torch.cuda.is_available() and not ta.INTERPRETED
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_kernels = pytest.mark.skipif(not (ta.INTERPRETED or ON_GPU),
-                                   reason="the kernels run on CUDA or under TRITON_INTERPRET=1 (the subprocess of "
-                                          "test_kernels_in_the_interpreter)")
+DEVICE = kernel_device(ta.INTERPRETED)
+needs_kernels = needs_kernels_when(ta.INTERPRETED)
 
 
 def test_kernels_in_the_interpreter():
-    if ta.INTERPRETED:
-        pytest.skip("this process interprets the kernels already")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, output
-    assert " passed" in result.stdout and " failed" not in result.stdout, output
+    run_in_interpreter(__file__, ta.INTERPRETED)
 
 
 def padded_inputs(shape, dtype, seed=0):

@@ -8,35 +8,25 @@ subprocess with the variable set (the pattern of test_triton_attention.py). The 
 compiled for an H100 (sm_90) without running them, when Triton's ptxas is there.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from triton_interpreter import kernel_device, run_in_interpreter  # noqa: E402
+from triton_interpreter import needs_kernels as needs_kernels_when  # noqa: E402
+
 from torch_geometric_chimera.nn.decomposition import batched_grid_dags  # noqa: E402
 from torch_geometric_chimera.ops import grid  # noqa: E402
 from torch_geometric_chimera.ops import triton_grid as tg  # noqa: E402
 
-ON_GPU = torch.cuda.is_available() and not tg.INTERPRETED
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_kernels = pytest.mark.skipif(not (tg.INTERPRETED or ON_GPU),
-                                   reason="the kernels run on CUDA or under TRITON_INTERPRET=1 (the subprocess of "
-                                          "test_kernels_in_the_interpreter)")
+DEVICE = kernel_device(tg.INTERPRETED)
+needs_kernels = needs_kernels_when(tg.INTERPRETED)
 
 
 def test_kernels_in_the_interpreter():
-    if tg.INTERPRETED:
-        pytest.skip("this process interprets the kernels already")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, output
-    assert " passed" in result.stdout and " failed" not in result.stdout, output
+    run_in_interpreter(__file__, tg.INTERPRETED)
 
 
 # Three images (2 x 3, 3 x 2, 1 x 4): a segment boundary inside the 3-row one, a single row, widths

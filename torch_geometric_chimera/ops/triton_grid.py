@@ -88,17 +88,9 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - the module works without it, the kernels do not
-    triton = tl = None
-    HAS_TRITON = False
-
-#: Whether the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` was set when Triton was
-#: first imported (see :mod:`.triton_attention`).
-INTERPRETED = HAS_TRITON and bool(triton.knobs.runtime.interpret)
+# Triton itself (None without it), HAS_TRITON and INTERPRETED (TRITON_INTERPRET=1 was set when
+# Triton was first imported): one import guard for both Triton modules.
+from .triton_attention import HAS_TRITON, INTERPRETED, tl, triton
 
 #: Bytes of one ``[BLOCK_W, BLOCK_S, BLOCK_P]`` register tile a program aims at: 4096 float32 values
 #: (2048 float64), 16 per thread with :data:`NUM_WARPS` = 8; a handful of such tiles are live in a row
