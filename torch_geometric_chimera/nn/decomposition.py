@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..ops._extension import HAS_EXTENSION
 from ..ops.common import CsrOperator, host_reads_allowed
-from ..ops.grid import GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, grid_weights, segment_rows_for
+from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, grid_weights, num_checkpoints,
+                        segment_rows_for)
 from ..ops.triton_grid import grid_attention_triton, grid_plan, grid_triton_available
 from ..utils.topology import line_graph_dags
 
@@ -253,6 +254,7 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
         walks = _CACHE.get("grid_walks", grid_size, lambda: grid_walks(grid_size, dags))
         if on_cpu:
             segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
+            checkpoints = num_checkpoints(walks.graph_ptr, walks.row_width, segment_rows)  # shared by the DAGs
         else:  # the Triton row-scan kernels (GPU); the plan reads the sizes once per geometry and shape
             key = ("grid_plan", query.size(-1), value.size(-1), query.element_size())
             plan = _CACHE.get(key, grid_size, lambda: grid_plan(walks.graph_ptr, walks.row_width, query.size(-1),
@@ -268,7 +270,7 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
             weight = grid_weights(edge_weight, walks.weight_index[d], value.size(0))
             if plan is None:
                 y = grid_attention(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query_d, key_d, value,
-                                   segment_rows)
+                                   segment_rows, checkpoints)
             else:
                 y = grid_attention_triton(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query_d, key_d,
                                           value, plan=plan)

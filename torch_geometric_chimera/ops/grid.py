@@ -159,7 +159,7 @@ if HAS_EXTENSION:
 
 
 def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor, key: Tensor,
-                   value: Tensor, segment_rows: Optional[int] = None) -> Tensor:
+                   value: Tensor, segment_rows: Optional[int] = None, checkpoints: Optional[int] = None) -> Tensor:
     r"""Resolvent attention on one directed grid DAG per image (``chimera::grid_attention``, CPU).
 
     Args:
@@ -172,6 +172,8 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
         query (Tensor): ``[N, H, S]``. key (Tensor): ``[N, H, S]``. value (Tensor): ``[N, H, P]``.
         segment_rows (int, optional): rows between checkpoints of the backward (at least 1; more
             than the tallest image's rows checkpoints nothing); by default :func:`segment_rows_for`.
+        checkpoints (int, optional): :func:`num_checkpoints` of these images and ``segment_rows``,
+            when the caller has it (the four DAGs of a batch share it).
 
     Differentiable in ``weight``, ``query``, ``key`` and ``value``; float16 / bfloat16 run in float32.
 
@@ -180,15 +182,16 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
     dtype = query.dtype
     if dtype in (torch.float16, torch.bfloat16):
         return grid_attention(graph_ptr, row_width, nodes, weight.float(), query.float(), key.float(), value.float(),
-                              segment_rows).to(dtype)
+                              segment_rows, checkpoints).to(dtype)
     if segment_rows is None:
         sizes = graph_ptr.diff()
         rows = int((sizes // row_width.clamp_min(1)).max()) if sizes.numel() else 0
         walks = GridWalks(graph_ptr, row_width, [], [], rows, int(row_width.max()) if row_width.numel() else 0)
         segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
-    count = num_checkpoints(graph_ptr, row_width, segment_rows)
+    if checkpoints is None:
+        checkpoints = num_checkpoints(graph_ptr, row_width, segment_rows)
     return torch.ops.chimera.grid_attention(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows,
-                                            count)[0]
+                                            checkpoints)[0]
 
 
 def grid_attention_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor,
