@@ -2,7 +2,7 @@
 import math
 import os
 import platform
-from typing import Callable
+from typing import Callable, List
 
 import torch
 from torch import Tensor, nn
@@ -60,3 +60,21 @@ def width_for_budget(build: Callable[[int], nn.Module], attention: bool, heads: 
     while count_parameters(build(width + step)) <= budget:
         width += step
     return width
+
+
+def mean_std(values: List[float], scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± std`` of ``values * scale`` over seeds (the population std, as the papers report)."""
+    t = torch.tensor(values, dtype=torch.float64) * scale
+    return f"{t.mean():.{digits}f} ± {t.std(unbiased=False):.{digits}f}"
+
+
+def pyplot():
+    """matplotlib's pyplot on the file backend, or None (with a message) when it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return None
+    return plt

@@ -52,7 +52,7 @@ from torch_geometric_chimera.nn.decomposition import SHARING
 from torch_geometric_chimera.transforms import ImageToGrid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/_common.py
-from _common import Block, count_parameters, machine_description, warmup_cosine  # noqa: E402
+from _common import Block, count_parameters, machine_description, mean_std, pyplot, warmup_cosine  # noqa: E402
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 
 try:
@@ -261,30 +261,21 @@ def train_one(kind: str, sharing: str, width: int, seed: int, splits, args, devi
 
 
 # ----------------------------------------------------------------------------- reporting
-def mean_std(values: List[float], scale: float = 100.0) -> str:
-    t = torch.tensor(values, dtype=torch.float64) * scale
-    return f"{t.mean():.1f} ± {t.std(unbiased=False):.1f}"
-
-
 def table(rows: List[Dict], budget: int) -> str:
     lines = [f"| Model (≤ {budget / 1000:g}k params) | B/C sharing | params | width | test acc. (%) | val acc. (%) "
              f"| s / seed |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         runs = row["runs"]
         lines.append(f"| {TITLES[row['model']]} | {row['sharing'] or '-'} | {row['params']:,} | {row['width']} "
-                     f"| {mean_std([r['best']['test_acc'] for r in runs])} "
-                     f"| {mean_std([r['best']['val_acc'] for r in runs])} "
+                     f"| {mean_std([r['best']['test_acc'] for r in runs], 100)} "
+                     f"| {mean_std([r['best']['val_acc'] for r in runs], 100)} "
                      f"| {sum(r['seconds'] for r in runs) / len(runs):.0f} |")
     return "\n".join(lines)
 
 
 def plot(rows: List[Dict], path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:

@@ -49,7 +49,7 @@ from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.transforms import SequenceToLine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/_common.py
-from _common import Block, count_parameters, machine_description, warmup_cosine  # noqa: E402
+from _common import Block, count_parameters, machine_description, mean_std, pyplot, warmup_cosine  # noqa: E402
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 
 try:
@@ -287,11 +287,6 @@ def train_one(kind: str, width: int, seed: int, splits, args, device) -> Dict:
 
 
 # ----------------------------------------------------------------------------- reporting
-def mean_std(values: List[float], scale: float = 1.0, digits: int = 3) -> str:
-    t = torch.tensor(values, dtype=torch.float64) * scale
-    return f"{t.mean():.{digits}f} ± {t.std(unbiased=False):.{digits}f}"
-
-
 def table(rows: List[Dict], budget: int) -> str:
     lines = [f"| Model (≤ {budget / 1000:g}k params) | params | width | masked acc. (%) | cross-entropy (nats) "
              f"| val CE | s / seed |", "|---|---|---|---|---|---|---|"]
@@ -299,19 +294,15 @@ def table(rows: List[Dict], budget: int) -> str:
         runs = row["runs"]
         lines.append(f"| {TITLES[row['model']]} | {row['params']:,} | {row['width']} "
                      f"| {mean_std([r['best']['test_acc'] for r in runs], 100, 1)} "
-                     f"| {mean_std([r['best']['test_ce'] for r in runs])} "
-                     f"| {mean_std([r['best']['val_ce'] for r in runs])} "
+                     f"| {mean_std([r['best']['test_ce'] for r in runs], digits=3)} "
+                     f"| {mean_std([r['best']['val_ce'] for r in runs], digits=3)} "
                      f"| {sum(r['seconds'] for r in runs) / len(runs):.0f} |")
     return "\n".join(lines)
 
 
 def plot(rows: List[Dict], path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:

@@ -21,7 +21,6 @@ included); memory ``N H S P / segment_rows``.
 
 :func:`grid_attention_reference` is the same recurrence in plain PyTorch, position by position.
 """
-import math
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
