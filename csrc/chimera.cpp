@@ -83,4 +83,14 @@ TORCH_LIBRARY(chimera, m) {
   m.def("grid_attention_backward(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, "
         "Tensor key, Tensor value, Tensor checkpoints, Tensor grad_y, int segment_rows, SymInt num_checkpoints) "
         "-> Tensor[]");
+  // The elementwise parts of the block around the mixer, fused (CPU; cpu/block_ops_cpu.cpp), on [N, C] rows:
+  // local_conv_silu: silu(x * self_scale + neighbors * neighbor_scale + bias), per-channel scales;
+  // gated_rms_norm: g = (y + skip * skip_scale) * silu(gate), returns (g * rsqrt(mean(g^2) + eps) * weight, rsqrt).
+  // The backwards return the gradients of every tensor input, in order.
+  m.def("local_conv_silu(Tensor x, Tensor neighbors, Tensor self_scale, Tensor neighbor_scale, Tensor bias) -> Tensor");
+  m.def("local_conv_silu_backward(Tensor grad_out, Tensor x, Tensor neighbors, Tensor self_scale, "
+        "Tensor neighbor_scale, Tensor bias) -> Tensor[]");
+  m.def("gated_rms_norm(Tensor y, Tensor skip, Tensor skip_scale, Tensor gate, Tensor weight, float eps) -> Tensor[]");
+  m.def("gated_rms_norm_backward(Tensor grad_out, Tensor y, Tensor skip, Tensor skip_scale, Tensor gate, "
+        "Tensor weight, Tensor rstd) -> Tensor[]");
 }

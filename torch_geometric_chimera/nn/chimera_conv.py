@@ -11,6 +11,7 @@ from torch_geometric.typing import Adj, OptTensor
 from torch_geometric.utils import is_torch_sparse_tensor, to_edge_index
 
 from ..ops import METHODS, resolvent_attention
+from ..ops.block import gated_rms_norm, gated_rms_norm_reference, local_conv_silu, local_conv_silu_reference
 from ..ops.opaque import opaque_resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
@@ -414,9 +415,13 @@ class ChimeraConv(MessagePassing):
                 neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
             else:
                 neighbors = self._decomposed_neighbors(xbc, dags, edge_index)
-            xbc = xbc * self.conv_self + neighbors * self.conv_neighbors + self.conv_bias
-        values, B, C = F.silu(xbc).split([self.inner, self.state_dim * self.num_sets,
-                                          self.state_dim * self.num_sets], dim=-1)
+            if torch.jit.is_scripting():  # the fused kernel's wrapper is Python
+                xbc = local_conv_silu_reference(xbc, neighbors, self.conv_self, self.conv_neighbors, self.conv_bias)
+            else:
+                xbc = self._local_conv_silu(xbc, neighbors)
+        else:
+            xbc = F.silu(xbc)
+        values, B, C = xbc.split([self.inner, self.state_dim * self.num_sets, self.state_dim * self.num_sets], dim=-1)
         values = values.view(num_nodes, heads, self.head_dim)
         delta = F.softplus(dt + self.dt_bias)
 
@@ -424,10 +429,23 @@ class ChimeraConv(MessagePassing):
             y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch, edge_mask, topology)
         else:
             y = self._decomposed_mix(values, B, C, delta, dags, batch, grid_size)
-        y = (y + values * self.D.view(1, -1, 1)).reshape(num_nodes, self.inner)
-        y = y * F.silu(z)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm_weight  # gated RMSNorm
+        y, values = y.reshape(num_nodes, self.inner), values.reshape(num_nodes, self.inner)
+        if torch.jit.is_scripting():
+            y = gated_rms_norm_reference(y, values, self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)
+        else:
+            y = self._gated_rms_norm(y, values, z)
         return self.out_proj(y)
+
+    @torch.jit.ignore
+    def _local_conv_silu(self, xbc: Tensor, neighbors: Tensor) -> Tensor:
+        # One fused pass on CPU (ops/block.py); PyTorch ops elsewhere.
+        return local_conv_silu(xbc, neighbors, self.conv_self, self.conv_neighbors, self.conv_bias)
+
+    @torch.jit.ignore
+    def _gated_rms_norm(self, y: Tensor, values: Tensor, z: Tensor) -> Tensor:
+        # RMSNorm((y + D x) * SiLU(z)) * w, D per head: one fused pass on CPU (ops/block.py).
+        skip_scale = self.D.repeat_interleave(self.head_dim)
+        return gated_rms_norm(y, values, skip_scale, z, self.norm_weight, 1e-5)
 
     def message(self, x_j: Tensor) -> Tensor:
         return x_j

@@ -1,0 +1,398 @@
+// The elementwise parts of the Chimera block, fused (CPU). Around the resolvent mixer, a Mamba-2
+// block runs a short convolution with SiLU and a gated RMSNorm; in PyTorch ops each is 5 to 10
+// passes over [N, inner] tensors forward and as many backward, which on images (65536 nodes x 128
+// channels, 32 MB a tensor) cost more than the mixer itself. Here every row is read once forward
+// and once backward, with the per-channel parameter gradients reduced in fixed row chunks (the
+// result does not depend on the thread count).
+//
+//   local_conv_silu:  out = silu(x * a + n * b + c)                                    (per channel a, b, c)
+//   gated_rms_norm:   g = (y + skip * d) * silu(gate),  out = g * rsqrt(mean_row(g^2) + eps) * w
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace chimera {
+namespace {
+
+// Rows per chunk of the parameter-gradient reduction: chunks are fixed, so the sums are too.
+constexpr int64_t kRowsPerChunk = 256;
+
+// Inlined into the vector clones below, where they vectorize (GCC does not inline a default-target
+// function into a clone by itself).
+#define CHIMERA_BLOCK_INLINE inline __attribute__((always_inline))
+
+// Where exp_approx clamps its argument. The bounds are read at run time on purpose: with constant
+// bounds GCC folds the clamped branches to constants and then cannot turn the branches into vector
+// selects, and the loops stay scalar.
+struct ExpRange {
+  float lo = -87.0f, hi = 88.0f;  // the results stay normal floats
+};
+
+// exp for float in a form GCC vectorizes (std::exp is a library call per element): 2^n e^r with
+// |r| <= ln2 / 2 and a degree-7 Taylor polynomial (truncation below 2^-27, under float's half ulp),
+// n rounded by the 1.5 * 2^23 shift. NaN stays NaN.
+CHIMERA_BLOCK_INLINE float exp_approx(float x, const ExpRange& range) {
+  x = x < range.lo ? range.lo : x;
+  x = x > range.hi ? range.hi : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // x - n ln2 in two steps (ln2 = hi + lo, hi with few mantissa bits), exact enough for |n| <= 128.
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+CHIMERA_BLOCK_INLINE double exp_approx(double x, const ExpRange&) { return std::exp(x); }
+
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE scalar_t sigmoid(scalar_t x, const ExpRange& range) {
+  return scalar_t(1) / (scalar_t(1) + exp_approx(-x, range));
+}
+
+// A 2-D [N, C] input, rows possibly strided (a column slice of a wider projection is read in place).
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t stride;
+  const scalar_t* row(int64_t i) const { return data + i * stride; }
+};
+
+template <typename scalar_t>
+Rows<scalar_t> rows_of(const at::Tensor& t) {
+  return {t.data_ptr<scalar_t>(), t.stride(0)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels. Compiled for x86-64-v3 (AVX2, FMA) and baseline x86-64, picked at load time. Nothing
+// in them may throw (GCC terminates on an exception leaving a target_clones function).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CHIMERA_BLOCK_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CHIMERA_BLOCK_CLONES
+#endif
+
+template <typename scalar_t>
+struct ConvArgs {
+  Rows<scalar_t> x, neighbors;
+  const scalar_t *self_scale, *neighbor_scale, *bias;
+  int64_t channels;
+  ExpRange range;
+};
+
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE void local_conv_silu_rows(const ConvArgs<scalar_t>& a, int64_t begin, int64_t end, scalar_t* out) {
+  const int64_t C = a.channels;
+  const ExpRange range = a.range;
+  const scalar_t *__restrict__ wa = a.self_scale, *__restrict__ wb = a.neighbor_scale, *__restrict__ wc = a.bias;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t *x = a.x.row(i), *n = a.neighbors.row(i);
+    scalar_t* __restrict__ o = out + i * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t pre = x[c] * wa[c] + n[c] * wb[c] + wc[c];
+      o[c] = pre * sigmoid(pre, range);
+    }
+  }
+}
+
+// Gradients of rows [begin, end) into dx, dn and the chunk's partial sums (3 x C: da, db, dc).
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE void local_conv_silu_backward_rows(const ConvArgs<scalar_t>& a, const Rows<scalar_t>& grad, int64_t begin,
+                                          int64_t end, scalar_t* dx, scalar_t* dn, scalar_t* partial) {
+  // Locals, not a.field: the stores below could otherwise alias the struct and force reloads.
+  const int64_t C = a.channels;
+  const ExpRange range = a.range;
+  const scalar_t *__restrict__ wa = a.self_scale, *__restrict__ wb = a.neighbor_scale, *__restrict__ wc = a.bias;
+  scalar_t *__restrict__ da = partial, *__restrict__ db = partial + C, *__restrict__ dc = partial + 2 * C;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t *x = a.x.row(i), *n = a.neighbors.row(i), *go = grad.row(i);
+    scalar_t *__restrict__ dxi = dx + i * C, *__restrict__ dni = dn + i * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t pre = x[c] * wa[c] + n[c] * wb[c] + wc[c];
+      const scalar_t s = sigmoid(pre, range);
+      const scalar_t dpre = go[c] * s * (scalar_t(1) + pre * (scalar_t(1) - s));
+      dxi[c] = dpre * wa[c];
+      dni[c] = dpre * wb[c];
+      da[c] += dpre * x[c];
+      db[c] += dpre * n[c];
+      dc[c] += dpre;
+    }
+  }
+}
+
+template <typename scalar_t>
+struct NormArgs {
+  Rows<scalar_t> y, skip, gate;
+  const scalar_t *skip_scale, *weight;
+  int64_t channels;
+  double eps;
+  ExpRange range;
+};
+
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE void gated_rms_norm_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end, scalar_t* out,
+                                scalar_t* rstd) {
+  const int64_t C = a.channels;
+  const ExpRange range = a.range;
+  const scalar_t eps = scalar_t(a.eps);
+  const scalar_t *__restrict__ d = a.skip_scale, *__restrict__ w = a.weight;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t *y = a.y.row(i), *skip = a.skip.row(i), *gate = a.gate.row(i);
+    scalar_t* __restrict__ o = out + i * C;
+    scalar_t sum_sq = 0;
+#pragma omp simd reduction(+ : sum_sq)
+    for (int64_t c = 0; c < C; ++c) {  // g, kept in the output row until it is scaled
+      const scalar_t g = (y[c] + skip[c] * d[c]) * gate[c] * sigmoid(gate[c], range);
+      o[c] = g;
+      sum_sq += g * g;
+    }
+    const scalar_t r = scalar_t(1) / std::sqrt(sum_sq / scalar_t(C) + eps);
+    for (int64_t c = 0; c < C; ++c) o[c] *= r * w[c];
+    rstd[i] = r;
+  }
+}
+
+// Gradients of rows [begin, end); partial: the chunk's sums (2 x C: d skip_scale, d weight);
+// scratch: 2 x C values (g and silu(gate) of the row).
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>& a, const Rows<scalar_t>& grad,
+                                         const scalar_t* rstd, int64_t begin, int64_t end, scalar_t* dy,
+                                         scalar_t* dskip, scalar_t* dgate, scalar_t* partial, scalar_t* scratch) {
+  const int64_t C = a.channels;
+  const ExpRange range = a.range;
+  const scalar_t *__restrict__ d = a.skip_scale, *__restrict__ w = a.weight;
+  scalar_t *__restrict__ dd = partial, *__restrict__ dw = partial + C;
+  scalar_t *__restrict__ g = scratch, *__restrict__ silu = scratch + C;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t *y = a.y.row(i), *skip = a.skip.row(i), *gate = a.gate.row(i), *go = grad.row(i);
+    const scalar_t r = rstd[i];
+    scalar_t dot = 0;  // sum_c dout_c w_c g_c
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < C; ++c) {
+      silu[c] = gate[c] * sigmoid(gate[c], range);
+      g[c] = (y[c] + skip[c] * d[c]) * silu[c];
+      dot += go[c] * w[c] * g[c];
+    }
+    const scalar_t coef = r * r * r * dot / scalar_t(C);
+    scalar_t *__restrict__ dyi = dy + i * C, *__restrict__ dski = dskip + i * C, *__restrict__ dgi = dgate + i * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t dg = r * w[c] * go[c] - coef * g[c];
+      dw[c] += go[c] * g[c] * r;
+      const scalar_t s = y[c] + skip[c] * d[c];
+      const scalar_t ds = dg * silu[c];
+      const scalar_t sig = sigmoid(gate[c], range);
+      dgi[c] = dg * s * sig * (scalar_t(1) + gate[c] * (scalar_t(1) - sig));
+      dyi[c] = ds;
+      dski[c] = ds * d[c];
+      dd[c] += ds * skip[c];
+    }
+  }
+}
+
+#define CHIMERA_BLOCK_LOOPS(scalar_t)                                                                              \
+  CHIMERA_BLOCK_CLONES void local_conv_silu_chunk(const ConvArgs<scalar_t>& a, int64_t begin, int64_t end,         \
+                                                  scalar_t* out) {                                                 \
+    local_conv_silu_rows(a, begin, end, out);                                                                      \
+  }                                                                                                                \
+  CHIMERA_BLOCK_CLONES void local_conv_silu_backward_chunk(const ConvArgs<scalar_t>& a, const Rows<scalar_t>& grad, \
+                                                           int64_t begin, int64_t end, scalar_t* dx, scalar_t* dn,  \
+                                                           scalar_t* partial) {                                     \
+    local_conv_silu_backward_rows(a, grad, begin, end, dx, dn, partial);                                           \
+  }                                                                                                                \
+  CHIMERA_BLOCK_CLONES void gated_rms_norm_chunk(const NormArgs<scalar_t>& a, int64_t begin, int64_t end,          \
+                                                 scalar_t* out, scalar_t* rstd) {                                  \
+    gated_rms_norm_rows(a, begin, end, out, rstd);                                                                 \
+  }                                                                                                                \
+  CHIMERA_BLOCK_CLONES void gated_rms_norm_backward_chunk(const NormArgs<scalar_t>& a, const Rows<scalar_t>& grad,  \
+                                                          const scalar_t* rstd, int64_t begin, int64_t end,         \
+                                                          scalar_t* dy, scalar_t* dskip, scalar_t* dgate,           \
+                                                          scalar_t* partial, scalar_t* scratch) {                   \
+    gated_rms_norm_backward_rows(a, grad, rstd, begin, end, dy, dskip, dgate, partial, scratch);                   \
+  }
+CHIMERA_BLOCK_LOOPS(float)
+CHIMERA_BLOCK_LOOPS(double)
+#undef CHIMERA_BLOCK_LOOPS
+
+// ---------------------------------------------------------------------------------------------
+// Checks and dispatch.
+
+// A [N, C] row input: read in place when its channels are contiguous, else copied.
+at::Tensor row_input(const at::Tensor& t, const at::Tensor& like, int64_t channels, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == like.size(0) && t.size(1) == channels, op, ": ", name,
+              " must have shape [N, C] = [", like.size(0), ", ", channels, "], got ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
+              ", got ", t.scalar_type());
+  if (t.size(0) > 0 && (t.stride(1) != 1 || t.stride(0) < channels)) return t.contiguous();
+  return t;
+}
+
+at::Tensor channel_input(const at::Tensor& t, const at::Tensor& like, int64_t channels, const char* op,
+                         const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must have shape [C] = [", channels, "], got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
+              ", got ", t.scalar_type());
+  return t.contiguous();
+}
+
+void check_lead(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must have shape [N, C], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64 (other dtypes take the PyTorch reference), got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+int64_t num_chunks(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
+
+// Sums the [chunks, k, C] partials in chunk order into k tensors of shape [C].
+template <typename scalar_t>
+std::vector<at::Tensor> reduce_partials(const std::vector<scalar_t>& partials, int64_t chunks, int64_t k,
+                                        int64_t channels, const at::TensorOptions& options) {
+  auto total = at::zeros({k, channels}, options);
+  scalar_t* tp = total.data_ptr<scalar_t>();
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t j = 0; j < k * channels; ++j) tp[j] += partials[chunk * k * channels + j];
+  return total.unbind(0);
+}
+
+at::Tensor local_conv_silu_cpu(const at::Tensor& x_in, const at::Tensor& neighbors_in, const at::Tensor& self_scale_in,
+                               const at::Tensor& neighbor_scale_in, const at::Tensor& bias_in) {
+  const char* op = "chimera::local_conv_silu";
+  check_lead(x_in, op, "x");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto x = row_input(x_in, x_in, C, op, "x"), neighbors = row_input(neighbors_in, x_in, C, op, "neighbors");
+  const auto a = channel_input(self_scale_in, x_in, C, op, "self_scale");
+  const auto b = channel_input(neighbor_scale_in, x_in, C, op, "neighbor_scale");
+  const auto c = channel_input(bias_in, x_in, C, op, "bias");
+  auto out = at::empty({N, C}, x_in.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "chimera_local_conv_silu_cpu", [&] {
+    const ConvArgs<scalar_t> args{rows_of<scalar_t>(x), rows_of<scalar_t>(neighbors), a.data_ptr<scalar_t>(),
+                                  b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), C, ExpRange{}};
+    scalar_t* op_out = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C),
+                     [&](int64_t begin, int64_t end) { local_conv_silu_chunk(args, begin, end, op_out); });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> local_conv_silu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                     const at::Tensor& neighbors_in, const at::Tensor& self_scale_in,
+                                                     const at::Tensor& neighbor_scale_in, const at::Tensor& bias_in) {
+  const char* op = "chimera::local_conv_silu_backward";
+  check_lead(x_in, op, "x");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto grad = row_input(grad_in, x_in, C, op, "grad_out");
+  const auto x = row_input(x_in, x_in, C, op, "x"), neighbors = row_input(neighbors_in, x_in, C, op, "neighbors");
+  const auto a = channel_input(self_scale_in, x_in, C, op, "self_scale");
+  const auto b = channel_input(neighbor_scale_in, x_in, C, op, "neighbor_scale");
+  const auto c = channel_input(bias_in, x_in, C, op, "bias");
+  auto dx = at::empty({N, C}, x_in.options()), dn = at::empty({N, C}, x_in.options());
+  std::vector<at::Tensor> sums;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "chimera_local_conv_silu_backward_cpu", [&] {
+    const ConvArgs<scalar_t> args{rows_of<scalar_t>(x), rows_of<scalar_t>(neighbors), a.data_ptr<scalar_t>(),
+                                  b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), C, ExpRange{}};
+    const Rows<scalar_t> grad_rows = rows_of<scalar_t>(grad);
+    const int64_t chunks = num_chunks(N);
+    std::vector<scalar_t> partials(chunks * 3 * C, scalar_t(0));
+    scalar_t *dxp = dx.data_ptr<scalar_t>(), *dnp = dn.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        const int64_t begin = chunk * kRowsPerChunk, end = std::min(N, begin + kRowsPerChunk);
+        local_conv_silu_backward_chunk(args, grad_rows, begin, end, dxp, dnp, partials.data() + chunk * 3 * C);
+      }
+    });
+    sums = reduce_partials(partials, chunks, 3, C, a.options());
+  });
+  return {dx, dn, sums[0], sums[1], sums[2]};
+}
+
+std::vector<at::Tensor> gated_rms_norm_cpu(const at::Tensor& y_in, const at::Tensor& skip_in,
+                                           const at::Tensor& skip_scale_in, const at::Tensor& gate_in,
+                                           const at::Tensor& weight_in, double eps) {
+  const char* op = "chimera::gated_rms_norm";
+  check_lead(y_in, op, "y");
+  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const int64_t N = y_in.size(0), C = y_in.size(1);
+  TORCH_CHECK(C > 0, op, ": y must have at least one channel (the mean over channels), got shape ", y_in.sizes());
+  const auto y = row_input(y_in, y_in, C, op, "y"), skip = row_input(skip_in, y_in, C, op, "skip");
+  const auto gate = row_input(gate_in, y_in, C, op, "gate");
+  const auto d = channel_input(skip_scale_in, y_in, C, op, "skip_scale");
+  const auto w = channel_input(weight_in, y_in, C, op, "weight");
+  auto out = at::empty({N, C}, y_in.options()), rstd = at::empty({N}, y_in.options());
+  if (N == 0) return {out, rstd};
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "chimera_gated_rms_norm_cpu", [&] {
+    const NormArgs<scalar_t> args{rows_of<scalar_t>(y), rows_of<scalar_t>(skip), rows_of<scalar_t>(gate),
+                                  d.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), C, eps, ExpRange{}};
+    scalar_t *op_out = out.data_ptr<scalar_t>(), *rp = rstd.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C),
+                     [&](int64_t begin, int64_t end) { gated_rms_norm_chunk(args, begin, end, op_out, rp); });
+  });
+  return {out, rstd};
+}
+
+std::vector<at::Tensor> gated_rms_norm_backward_cpu(const at::Tensor& grad_in, const at::Tensor& y_in,
+                                                    const at::Tensor& skip_in, const at::Tensor& skip_scale_in,
+                                                    const at::Tensor& gate_in, const at::Tensor& weight_in,
+                                                    const at::Tensor& rstd_in) {
+  const char* op = "chimera::gated_rms_norm_backward";
+  check_lead(y_in, op, "y");
+  const int64_t N = y_in.size(0), C = y_in.size(1);
+  const auto grad = row_input(grad_in, y_in, C, op, "grad_out");
+  const auto y = row_input(y_in, y_in, C, op, "y"), skip = row_input(skip_in, y_in, C, op, "skip");
+  const auto gate = row_input(gate_in, y_in, C, op, "gate");
+  const auto d = channel_input(skip_scale_in, y_in, C, op, "skip_scale");
+  const auto w = channel_input(weight_in, y_in, C, op, "weight");
+  TORCH_CHECK(rstd_in.dim() == 1 && rstd_in.size(0) == N && rstd_in.scalar_type() == y_in.scalar_type() &&
+                  rstd_in.device() == y_in.device(),
+              op, ": rstd must be the forward's [N] = [", N, "] tensor of y's dtype and device, got ", rstd_in.sizes());
+  const auto rstd = rstd_in.contiguous();
+  auto dy = at::empty({N, C}, y_in.options()), dskip = at::empty({N, C}, y_in.options());
+  auto dgate = at::empty({N, C}, y_in.options());
+  std::vector<at::Tensor> sums;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "chimera_gated_rms_norm_backward_cpu", [&] {
+    const NormArgs<scalar_t> args{rows_of<scalar_t>(y), rows_of<scalar_t>(skip), rows_of<scalar_t>(gate),
+                                  d.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), C, 0.0, ExpRange{}};
+    const Rows<scalar_t> grad_rows = rows_of<scalar_t>(grad);
+    const int64_t chunks = num_chunks(N);
+    std::vector<scalar_t> partials(chunks * 2 * C, scalar_t(0));
+    scalar_t *dyp = dy.data_ptr<scalar_t>(), *dsp = dskip.data_ptr<scalar_t>(), *dgp = dgate.data_ptr<scalar_t>();
+    const scalar_t* rp = rstd.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      std::vector<scalar_t> scratch(2 * C);
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        const int64_t begin = chunk * kRowsPerChunk, end = std::min(N, begin + kRowsPerChunk);
+        gated_rms_norm_backward_chunk(args, grad_rows, rp, begin, end, dyp, dsp, dgp, partials.data() + chunk * 2 * C,
+                                      scratch.data());
+      }
+    });
+    sums = reduce_partials(partials, chunks, 2, C, d.options());
+  });
+  return {dy, dskip, sums[0], dgate, sums[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(chimera, CPU, m) {
+  m.impl("local_conv_silu", &local_conv_silu_cpu);
+  m.impl("local_conv_silu_backward", &local_conv_silu_backward_cpu);
+  m.impl("gated_rms_norm", &gated_rms_norm_cpu);
+  m.impl("gated_rms_norm_backward", &gated_rms_norm_backward_cpu);
+}
+
+}  // namespace chimera
