@@ -31,12 +31,16 @@ constexpr int64_t kRowsPerChunk = 256;
 // bounds GCC folds the clamped branches to constants and then cannot turn the branches into vector
 // selects, and the loops stay scalar.
 struct ExpRange {
-  float lo = -87.0f, hi = 88.0f;  // the results stay normal floats
+  // Below lo the result stays a normal float (and 1 + exp(x) rounds to 1 anyway); at hi the
+  // exponent n reaches 128 and the result is +inf, as exp overflows (so silu(-inf) is NaN, as in
+  // PyTorch, and not -inf times a tiny number).
+  float lo = -87.0f, hi = 89.0f;
 };
 
 // exp for float in a form GCC vectorizes (std::exp is a library call per element): 2^n e^r with
 // |r| <= ln2 / 2 and a degree-7 Taylor polynomial (truncation below 2^-27, under float's half ulp),
-// n rounded by the 1.5 * 2^23 shift. NaN stays NaN.
+// n rounded by the 1.5 * 2^23 shift. NaN stays NaN; from x = 88.38 on the result is +inf (exp
+// overflows at 88.72).
 CHIMERA_BLOCK_INLINE float exp_approx(float x, const ExpRange& range) {
   x = x < range.lo ? range.lo : x;
   x = x > range.hi ? range.hi : x;
@@ -259,15 +263,20 @@ void check_lead(const at::Tensor& t, const char* op, const char* name) {
 
 int64_t num_chunks(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
 
-// Sums the [chunks, k, C] partials in chunk order into k tensors of shape [C].
+// Sums the [chunks, k, C] partials in chunk order into k separate tensors of shape [C] (separate
+// storage: an op's outputs may not alias each other).
 template <typename scalar_t>
 std::vector<at::Tensor> reduce_partials(const std::vector<scalar_t>& partials, int64_t chunks, int64_t k,
                                         int64_t channels, const at::TensorOptions& options) {
-  auto total = at::zeros({k, channels}, options);
-  scalar_t* tp = total.data_ptr<scalar_t>();
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
-    for (int64_t j = 0; j < k * channels; ++j) tp[j] += partials[chunk * k * channels + j];
-  return total.unbind(0);
+  std::vector<at::Tensor> sums;
+  for (int64_t j = 0; j < k; ++j) {
+    auto total = at::zeros({channels}, options);
+    scalar_t* tp = total.data_ptr<scalar_t>();
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      for (int64_t c = 0; c < channels; ++c) tp[c] += partials[(chunk * k + j) * channels + c];
+    sums.push_back(total);
+  }
+  return sums;
 }
 
 at::Tensor local_conv_silu_cpu(const at::Tensor& x_in, const at::Tensor& neighbors_in, const at::Tensor& self_scale_in,

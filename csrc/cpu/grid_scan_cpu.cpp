@@ -99,6 +99,28 @@ CHIMERA_INLINE void add_scaled(scalar_t* __restrict__ acc, const scalar_t* __res
   for (int64_t f = 0; f < n; ++f) acc[f] += w * x[f];
 }
 
+// 32-byte vectors of GCC's vector extensions (AVX registers in the x86-64-v3 clone, pairs of SSE
+// registers in the baseline one), loaded and stored unaligned. The helpers are always inlined, so
+// the ABI of passing such vectors without AVX (GCC's -Wpsabi note) never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename scalar_t>
+struct Vector {
+  static constexpr int64_t kLanes = 32 / sizeof(scalar_t);
+  typedef scalar_t type __attribute__((vector_size(32)));
+};
+
+template <typename scalar_t>
+CHIMERA_INLINE typename Vector<scalar_t>::type load_vector(const scalar_t* p) {
+  typename Vector<scalar_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+CHIMERA_INLINE void store_vector(scalar_t* p, const typename Vector<scalar_t>::type& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 template <typename scalar_t>
 struct GridTask {
   const int64_t *graph_ptr, *row_width, *nodes, *checkpoint_ptr;
@@ -193,6 +215,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
   const int64_t block = state_block(W, S, P, sizeof(scalar_t)), BP = block * P, row = W * BP;
   std::fill(buffer, buffer + (C + 3) * row + BP, scalar_t(0));
   const scalar_t* zeros = buffer + (C + 3) * row;  // the state or adjoint of a missing neighbour
+  scalar_t* lanes = buffer + (C + 3) * row + BP;    // partial sums of dq and dk, 2 x block x 8 values
   auto weight = [&](int64_t i, int64_t slot) { return t.weight[(i * 2 + slot) * H + h]; };
   for (int64_t s0 = 0; s0 < S; s0 += block) {
     const int64_t sn = std::min(block, S - s0);
@@ -244,33 +267,66 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           scalar_t* __restrict__ dv = d.grad_value + (i * H + h) * P;
           if (s0 == 0)  // the first block writes every gradient of the position, later ones add
             for (int64_t f = 0; f < P; ++f) dv[f] = scalar_t(0);
-          // <G, H_parent> sums over s and f: with P fixed, keep per-f partial sums over the state rows
-          // and reduce once per position (two horizontal reductions per state row fewer).
-          constexpr int64_t kParts = kP > 0 ? kP : 1;
-          scalar_t part_up[kParts] = {}, part_left[kParts] = {};
           scalar_t d_up = 0, d_left = 0;
-          for (int64_t s = 0; s < sn; ++s) {
-            scalar_t* __restrict__ gs = adjoint + c * BP + s * P;
-            const scalar_t* __restrict__ bs = below + s * P;
-            const scalar_t* __restrict__ rs = right + s * P;
-            const scalar_t* __restrict__ hs = state + s * P;
-            const scalar_t* __restrict__ us = up + s * P;
-            const scalar_t* __restrict__ ls = left + s * P;
-            const scalar_t qs = q[s], ks = k[s];
-            scalar_t acc_q = 0, acc_k = 0;
-            if constexpr (kP > 0) {
-#pragma omp simd reduction(+ : acc_q, acc_k)
-              for (int64_t f = 0; f < kP; ++f) {
-                const scalar_t g_f = qs * dy[f] + w_down * bs[f] + w_right * rs[f];
-                gs[f] = g_f;
-                acc_q += hs[f] * dy[f];
-                acc_k += g_f * v[f];
-                dv[f] += ks * g_f;
-                part_up[f] += g_f * us[f];
-                part_left[f] += g_f * ls[f];
+          if constexpr (kP > 0) {
+            // P fixed: every row of P values is kV vectors, held in registers (GCC vector extensions),
+            // and the sums over f stay vectors of lanes, reduced late: <G, H_parent> once per
+            // position, dq and dk once per state row in a loop of their own. (Reducing to a scalar
+            // inside the loop over s cost more than its multiply-adds: GCC reduces an `omp simd`
+            // reduction lane by lane, in order.)
+            using vec_t = typename Vector<scalar_t>::type;
+            constexpr int64_t kLanes = Vector<scalar_t>::kLanes, kV = kP / kLanes;
+            static_assert(kP % kLanes == 0, "the fixed head dimensions are multiples of a vector");
+            vec_t dy_v[kV], v_v[kV];
+            for (int64_t j = 0; j < kV; ++j) {
+              dy_v[j] = load_vector(dy + j * kLanes);
+              v_v[j] = load_vector(v + j * kLanes);
+            }
+            vec_t part_up = {}, part_left = {};
+            scalar_t* lanes_q = lanes;  // [sn][kLanes]
+            scalar_t* lanes_k = lanes + sn * kLanes;
+            for (int64_t s = 0; s < sn; ++s) {
+              scalar_t* gs = adjoint + c * BP + s * P;
+              const scalar_t *bs = below + s * P, *rs = right + s * P, *hs = state + s * P;
+              const scalar_t *us = up + s * P, *ls = left + s * P;
+              const scalar_t qs = q[s], ks = k[s];
+              vec_t acc_q = {}, acc_k = {};
+              for (int64_t j = 0; j < kV; ++j) {
+                const int64_t f = j * kLanes;
+                const vec_t g_v = qs * dy_v[j] + w_down * load_vector(bs + f) + w_right * load_vector(rs + f);
+                store_vector(gs + f, g_v);
+                acc_q += load_vector(hs + f) * dy_v[j];
+                acc_k += g_v * v_v[j];
+                store_vector(dv + f, load_vector(dv + f) + ks * g_v);
+                part_up += g_v * load_vector(us + f);
+                part_left += g_v * load_vector(ls + f);
               }
-            } else {
-              scalar_t acc_up = 0, acc_left = 0;
+              store_vector(lanes_q + s * kLanes, acc_q);
+              store_vector(lanes_k + s * kLanes, acc_k);
+            }
+            for (int64_t s = 0; s < sn; ++s) {
+              scalar_t sum_q = 0, sum_k = 0;
+              for (int64_t l = 0; l < kLanes; ++l) {
+                sum_q += lanes_q[s * kLanes + l];
+                sum_k += lanes_k[s * kLanes + l];
+              }
+              dq[s] = sum_q;
+              dk[s] = sum_k;
+            }
+            for (int64_t l = 0; l < kLanes; ++l) {
+              d_up += part_up[l];
+              d_left += part_left[l];
+            }
+          } else {
+            for (int64_t s = 0; s < sn; ++s) {
+              scalar_t* __restrict__ gs = adjoint + c * BP + s * P;
+              const scalar_t* __restrict__ bs = below + s * P;
+              const scalar_t* __restrict__ rs = right + s * P;
+              const scalar_t* __restrict__ hs = state + s * P;
+              const scalar_t* __restrict__ us = up + s * P;
+              const scalar_t* __restrict__ ls = left + s * P;
+              const scalar_t qs = q[s], ks = k[s];
+              scalar_t acc_q = 0, acc_k = 0, acc_up = 0, acc_left = 0;
 #pragma omp simd reduction(+ : acc_q, acc_k, acc_up, acc_left)
               for (int64_t f = 0; f < P; ++f) {
                 const scalar_t g_f = qs * dy[f] + w_down * bs[f] + w_right * rs[f];
@@ -283,15 +339,8 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
               }
               d_up += acc_up;  // zero without the parent
               d_left += acc_left;
-            }
-            dq[s] = acc_q;
-            dk[s] = acc_k;
-          }
-          if constexpr (kP > 0) {
-#pragma omp simd reduction(+ : d_up, d_left)
-            for (int64_t f = 0; f < kP; ++f) {
-              d_up += part_up[f];
-              d_left += part_left[f];
+              dq[s] = acc_q;
+              dk[s] = acc_k;
             }
           }
           scalar_t *dw_up = d.grad_weight + (i * 2) * H + h, *dw_left = dw_up + H;
@@ -357,7 +406,7 @@ inline int64_t scratch_values(const GridLayout& layout, int64_t S, int64_t P, in
     if (size == 0) continue;
     const int64_t W = width[g], R = size / W, BP = state_block(W, S, P, element_size) * P;
     const int64_t rows = backward ? std::min(segment_rows, R) + 3 : 2;
-    most = std::max(most, rows * W * BP + BP);
+    most = std::max(most, rows * W * BP + BP + (backward ? 2 * S * 8 : 0));
   }
   return most;
 }

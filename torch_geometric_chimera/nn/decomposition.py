@@ -261,10 +261,16 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
                                                                   value.size(-1), element_size=query.element_size()))
         value = value.contiguous()  # once, not in every DAG's kernel call
     out: Optional[Tensor] = None
+    queries: Dict[int, Tensor] = {}
     for d, (dag, group) in enumerate(zip(dags, groups)):
         edge_weight, key_scale = dag_adjacency(delta, dag)
         # Select the set, then broadcast over heads: gradients stay [N, num_sets, 1, S]-sized.
-        query_d = query[:, group].expand(-1, heads, -1)
+        query_d = queries.get(group)
+        if query_d is None:
+            query_d = query[:, group].expand(-1, heads, -1)
+            if walks is not None:  # the kernels read it contiguous: copy once per set, not in every call
+                query_d = query_d.contiguous()
+            queries[group] = query_d
         key_d = key[:, group] * key_scale.unsqueeze(-1)
         if walks is not None:
             weight = grid_weights(edge_weight, walks.weight_index[d], value.size(0))
