@@ -35,6 +35,8 @@ namespace {
 struct GridLayout {
   at::Tensor graph_ptr, row_width, nodes;
   std::vector<int64_t> checkpoint_ptr;  // per graph, first checkpoint position (G + 1 entries)
+  int64_t dags;                         // D walks (stacked inputs), or 1
+  bool stacked;
 };
 
 // Checkpoints of a graph with `rows` rows: the last row of every segment but the final one,
@@ -43,10 +45,34 @@ inline int64_t checkpoint_rows(int64_t rows, int64_t segment_rows) {
   return rows == 0 ? 0 : (rows - 1) / segment_rows;
 }
 
+// The two forms of the inputs: one DAG (nodes [N], weight [N, 2, H], query and key [N, H, S]) or D
+// DAGs stacked, the heads sharing query and key (nodes [D, N], weight [D, N, 3, H] whose third slot
+// scales the key per head, query and key [N, D, 1, S]); value [N, H, P] either way.
+void check_grid_features(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const char* op) {
+  if (query.dim() == 3) {
+    check_attention_inputs(query, key, value, op);
+    return;
+  }
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4, op, ": query and key must have shape [N, H, S] (one DAG) or "
+              "[N, D, H, S] (D DAGs), got ", query.sizes(), " and ", key.sizes());
+  check_features(value, value, op, "value");
+  for (const auto& [t, name] : {std::pair{&query, "query"}, {&key, "key"}}) {
+    TORCH_CHECK(t->device() == value.device(), op, ": ", name, " must be on ", value.device(), ", got ", t->device());
+    TORCH_CHECK(t->scalar_type() == value.scalar_type(), op, ": ", name, " must have dtype ", value.scalar_type(),
+                ", got ", t->scalar_type());
+  }
+  const int64_t N = value.size(0);
+  TORCH_CHECK(key.size(0) == N && key.size(2) == 1, op, ": key must have shape [N, D, 1, S] = [", N,
+              ", D, 1, S] (stacked DAGs: the heads share it), got ", key.sizes());
+  TORCH_CHECK(query.sizes() == key.sizes(), op, ": query must have the shape of key ", key.sizes(), ", got ",
+              query.sizes());
+}
+
 GridLayout check_grid_inputs(const at::Tensor& graph_ptr, const at::Tensor& row_width, const at::Tensor& nodes,
-                             const at::Tensor& weight, const at::Tensor& query, int64_t segment_rows,
-                             int64_t num_checkpoints, const char* op) {
-  const int64_t num_nodes = query.size(0), heads = query.size(1);
+                             const at::Tensor& weight, const at::Tensor& query, const at::Tensor& value,
+                             int64_t segment_rows, int64_t num_checkpoints, const char* op) {
+  const bool stacked = query.dim() == 4;
+  const int64_t num_nodes = value.size(0), heads = value.size(1), dags = stacked ? query.size(1) : 1;
   TORCH_CHECK(graph_ptr.dim() == 1 && graph_ptr.scalar_type() == at::kLong && graph_ptr.numel() >= 1, op,
               ": graph_ptr must be a 1-D int64 tensor with G + 1 >= 1 entries, got shape ", graph_ptr.sizes(),
               " and dtype ", graph_ptr.scalar_type());
@@ -54,17 +80,29 @@ GridLayout check_grid_inputs(const at::Tensor& graph_ptr, const at::Tensor& row_
   TORCH_CHECK(row_width.dim() == 1 && row_width.scalar_type() == at::kLong && row_width.numel() == num_graphs, op,
               ": row_width must be a 1-D int64 tensor with G = ", num_graphs, " entries, got shape ", row_width.sizes(),
               " and dtype ", row_width.scalar_type());
-  TORCH_CHECK(nodes.dim() == 1 && nodes.scalar_type() == at::kLong && nodes.numel() == num_nodes, op,
-              ": nodes must be a 1-D int64 permutation of the ", num_nodes, " nodes, got shape ", nodes.sizes());
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == num_nodes && weight.size(1) == 2 && weight.size(2) == heads &&
-                  weight.scalar_type() == query.scalar_type(),
-              op, ": weight must have shape [N, 2, H] = [", num_nodes, ", 2, ", heads, "] and the dtype of query, got ",
-              weight.sizes(), " and ", weight.scalar_type());
+  if (stacked) {
+    TORCH_CHECK(nodes.dim() == 2 && nodes.scalar_type() == at::kLong && nodes.size(0) == dags &&
+                    nodes.size(1) == num_nodes,
+                op, ": nodes must be a [D, N] = [", dags, ", ", num_nodes, "] int64 tensor, one walk (a permutation of ",
+                "the nodes) per DAG, got shape ", nodes.sizes());
+    TORCH_CHECK(weight.dim() == 4 && weight.size(0) == dags && weight.size(1) == num_nodes && weight.size(2) == 3 &&
+                    weight.size(3) == heads && weight.scalar_type() == query.scalar_type(),
+                op, ": weight must have shape [D, N, 3, H] = [", dags, ", ", num_nodes, ", 3, ", heads,
+                "] (above, before in the row, key scale) and the dtype of query, got ", weight.sizes(), " and ",
+                weight.scalar_type());
+  } else {
+    TORCH_CHECK(nodes.dim() == 1 && nodes.scalar_type() == at::kLong && nodes.numel() == num_nodes, op,
+                ": nodes must be a 1-D int64 permutation of the ", num_nodes, " nodes, got shape ", nodes.sizes());
+    TORCH_CHECK(weight.dim() == 3 && weight.size(0) == num_nodes && weight.size(1) == 2 && weight.size(2) == heads &&
+                    weight.scalar_type() == query.scalar_type(),
+                op, ": weight must have shape [N, 2, H] = [", num_nodes, ", 2, ", heads, "] and the dtype of query, got ",
+                weight.sizes(), " and ", weight.scalar_type());
+  }
   for (const auto& [t, name] : {std::pair{&graph_ptr, "graph_ptr"}, {&row_width, "row_width"}, {&nodes, "nodes"},
                                 {&weight, "weight"}})
     check_device(*t, query, op, name);
   TORCH_CHECK(segment_rows >= 1, op, ": segment_rows must be at least 1, got ", segment_rows);
-  GridLayout layout{graph_ptr.contiguous(), row_width.contiguous(), nodes.contiguous(), {}};
+  GridLayout layout{graph_ptr.contiguous(), row_width.contiguous(), nodes.contiguous(), {}, dags, stacked};
   const int64_t* ptr = layout.graph_ptr.data_ptr<int64_t>();
   const int64_t* width = layout.row_width.data_ptr<int64_t>();
   check_ptr_values(ptr, num_graphs + 1, num_nodes, op, "graph_ptr", "the number of nodes N");
@@ -79,15 +117,16 @@ GridLayout check_grid_inputs(const at::Tensor& graph_ptr, const at::Tensor& row_
   TORCH_CHECK(num_checkpoints == layout.checkpoint_ptr.back(), op, ": num_checkpoints must be the number of "
               "checkpointed positions, sum over graphs of row_width * (ceil(rows / segment_rows) - 1) = ",
               layout.checkpoint_ptr.back(), ", got ", num_checkpoints);
-  // The walk must stay inside its graph: a permutation of N that maps every graph's range onto itself.
-  const auto position = check_permutation(layout.nodes.data_ptr<int64_t>(), num_nodes, op, "nodes");
-  const int64_t* order = layout.nodes.data_ptr<int64_t>();
-  for (int64_t g = 0; g < num_graphs; ++g)
-    for (int64_t p = ptr[g]; p < ptr[g + 1]; ++p)
-      TORCH_CHECK(order[p] >= ptr[g] && order[p] < ptr[g + 1], op, ": nodes[", p, "] = ", order[p],
-                  " leaves graph ", g, " (nodes ", ptr[g], " to ", ptr[g + 1] - 1, "); every graph's walk must be a "
-                  "permutation of its own nodes");
-  (void)position;
+  // Every walk must stay inside its graph: a permutation of N that maps every graph's range onto itself.
+  for (int64_t dag = 0; dag < dags; ++dag) {
+    const int64_t* order = layout.nodes.data_ptr<int64_t>() + dag * num_nodes;
+    check_permutation(order, num_nodes, op, "nodes");
+    for (int64_t g = 0; g < num_graphs; ++g)
+      for (int64_t p = ptr[g]; p < ptr[g + 1]; ++p)
+        TORCH_CHECK(order[p] >= ptr[g] && order[p] < ptr[g + 1], op, ": nodes[", stacked ? dag : p, stacked ? ", " : "",
+                    stacked ? std::to_string(p) : std::string(), "] = ", order[p], " leaves graph ", g, " (nodes ",
+                    ptr[g], " to ", ptr[g + 1] - 1, "); every graph's walk must be a permutation of its own nodes");
+  }
   return layout;
 }
 
@@ -121,11 +160,23 @@ CHIMERA_INLINE void store_vector(scalar_t* p, const typename Vector<scalar_t>::t
   std::memcpy(p, &v, sizeof(v));
 }
 
+// One DAG of a call: its walk, weights and the start of its query and key (node after node,
+// qk_stride apart). One DAG per call: query, key [N, H, S], weight [N, 2, H]. Stacked DAGs: the
+// heads share query and key ([N, D, 1, S]) and weight [D, N, 3, H] has a third slot, the key's
+// scale per head (K_ih = key_i * weight[i, 2, h]); a task then runs every head of its graph, so
+// dQ and dK sum over the heads without a race. `accumulate`: y and dV add to what an earlier DAG
+// of the same call wrote (the first DAG writes them).
 template <typename scalar_t>
 struct GridTask {
   const int64_t *graph_ptr, *row_width, *nodes, *checkpoint_ptr;
   const scalar_t *weight, *query, *key, *value;
   int64_t heads, S, P, segment_rows;
+  int64_t qk_stride;
+  bool shared_heads, accumulate;
+  int64_t slots() const { return shared_heads ? 3 : 2; }
+  scalar_t weight_of(int64_t i, int64_t slot, int64_t h) const { return weight[(i * slots() + slot) * heads + h]; }
+  scalar_t key_scale(int64_t i, int64_t h) const { return shared_heads ? weight_of(i, 2, h) : scalar_t(1); }
+  int64_t qk_row(int64_t i, int64_t h) const { return i * qk_stride + (shared_heads ? 0 : h) * S; }
 };
 
 // Rows of states are processed in blocks of state rows s (the recurrences of different s are
@@ -161,20 +212,21 @@ CHIMERA_INLINE void grid_forward_task(const GridTask<scalar_t>& t, int64_t g, in
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t c = 0; c < W; ++c) {
         const int64_t i = t.nodes[base + r * W + c];
-        const scalar_t w_up = r > 0 ? t.weight[(i * 2) * H + h] : scalar_t(0);
-        const scalar_t w_left = c > 0 ? t.weight[(i * 2 + 1) * H + h] : scalar_t(0);
+        const scalar_t w_up = r > 0 ? t.weight_of(i, 0, h) : scalar_t(0);
+        const scalar_t w_left = c > 0 ? t.weight_of(i, 1, h) : scalar_t(0);
+        const scalar_t k_scale = t.key_scale(i, h);
         const scalar_t *up = r > 0 ? above + c * BP : zeros, *left = c > 0 ? current + (c - 1) * BP : zeros;
-        const scalar_t *q = t.query + (i * H + h) * S + s0, *k = t.key + (i * H + h) * S + s0;
+        const scalar_t *q = t.query + t.qk_row(i, h) + s0, *k = t.key + t.qk_row(i, h) + s0;
         const scalar_t* __restrict__ v = t.value + (i * H + h) * P;
         scalar_t* state = current + c * BP;
         scalar_t* __restrict__ out = y + (i * H + h) * P;
-        if (s0 == 0)
+        if (s0 == 0 && !t.accumulate)
           for (int64_t f = 0; f < P; ++f) out[f] = scalar_t(0);
         for (int64_t s = 0; s < sn; ++s) {
           scalar_t* __restrict__ hs = state + s * P;
           const scalar_t* __restrict__ us = up + s * P;
           const scalar_t* __restrict__ ls = left + s * P;
-          const scalar_t ks = k[s], qs = q[s];
+          const scalar_t ks = k[s] * k_scale, qs = q[s];
           for (int64_t f = 0; f < P; ++f) {  // a missing parent: zero weight times the zero state
             const scalar_t state_f = ks * v[f] + w_up * us[f] + w_left * ls[f];
             hs[f] = state_f;
@@ -216,7 +268,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
   std::fill(buffer, buffer + (C + 3) * row + BP, scalar_t(0));
   const scalar_t* zeros = buffer + (C + 3) * row;  // the state or adjoint of a missing neighbour
   scalar_t* lanes = buffer + (C + 3) * row + BP;    // partial sums of dq and dk, 2 x block x 8 values
-  auto weight = [&](int64_t i, int64_t slot) { return t.weight[(i * 2 + slot) * H + h]; };
+  auto weight = [&](int64_t i, int64_t slot) { return t.weight_of(i, slot, h); };
   for (int64_t s0 = 0; s0 < S; s0 += block) {
     const int64_t sn = std::min(block, S - s0);
     scalar_t* states = buffer;  // row 0: the row above the segment
@@ -237,14 +289,15 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           const int64_t i = t.nodes[base + r * W + c];
           const scalar_t w_up = r > 0 ? weight(i, 0) : scalar_t(0);
           const scalar_t w_left = c > 0 ? weight(i, 1) : scalar_t(0);
-          const scalar_t* k = t.key + (i * H + h) * S + s0;
+          const scalar_t* k = t.key + t.qk_row(i, h) + s0;
+          const scalar_t k_scale = t.key_scale(i, h);
           const scalar_t* __restrict__ v = t.value + (i * H + h) * P;
           const scalar_t *up = r > 0 ? above + c * BP : zeros, *left = c > 0 ? current + (c - 1) * BP : zeros;
           for (int64_t s = 0; s < sn; ++s) {
             scalar_t* __restrict__ hs = current + c * BP + s * P;
             const scalar_t* __restrict__ us = up + s * P;
             const scalar_t* __restrict__ ls = left + s * P;
-            const scalar_t ks = k[s];
+            const scalar_t ks = k[s] * k_scale;
             for (int64_t f = 0; f < P; ++f) hs[f] = ks * v[f] + w_up * us[f] + w_left * ls[f];
           }
         }
@@ -256,16 +309,20 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           const int64_t p = base + r * W + c, i = t.nodes[p];
           const scalar_t w_down = r + 1 < R ? weight(t.nodes[p + W], 0) : scalar_t(0);
           const scalar_t w_right = c + 1 < W ? weight(t.nodes[p + 1], 1) : scalar_t(0);
-          const scalar_t *q = t.query + (i * H + h) * S + s0, *k = t.key + (i * H + h) * S + s0;
+          const scalar_t *q = t.query + t.qk_row(i, h) + s0, *k = t.key + t.qk_row(i, h) + s0;
+          const scalar_t k_scale = t.key_scale(i, h);
           const scalar_t* __restrict__ v = t.value + (i * H + h) * P;
           const scalar_t* __restrict__ dy = d.grad_y + (i * H + h) * P;
           const scalar_t *below = r + 1 < R ? adjoint_below + c * BP : zeros;
           const scalar_t* right = c + 1 < W ? adjoint + (c + 1) * BP : zeros;
           const scalar_t *state = current + c * BP, *up = r > 0 ? above + c * BP : zeros;
           const scalar_t* left = c > 0 ? current + (c - 1) * BP : zeros;
-          scalar_t *dq = d.grad_query + (i * H + h) * S + s0, *dk = d.grad_key + (i * H + h) * S + s0;
+          // Shared heads: dQ, dK sum over the heads (the first head writes), dK through the key's scale.
+          scalar_t *dq = d.grad_query + t.qk_row(i, h) + s0, *dk = d.grad_key + t.qk_row(i, h) + s0;
+          const bool first_head = !t.shared_heads || h == 0;
+          scalar_t d_scale = 0;  // sum_s key_s dK_eff_s: the gradient of the key's scale
           scalar_t* __restrict__ dv = d.grad_value + (i * H + h) * P;
-          if (s0 == 0)  // the first block writes every gradient of the position, later ones add
+          if (s0 == 0 && !t.accumulate)  // the first block (of the first DAG) writes dV, later ones add
             for (int64_t f = 0; f < P; ++f) dv[f] = scalar_t(0);
           scalar_t d_up = 0, d_left = 0;
           if constexpr (kP > 0) {
@@ -289,7 +346,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
               scalar_t* gs = adjoint + c * BP + s * P;
               const scalar_t *bs = below + s * P, *rs = right + s * P, *hs = state + s * P;
               const scalar_t *us = up + s * P, *ls = left + s * P;
-              const scalar_t qs = q[s], ks = k[s];
+              const scalar_t qs = q[s], ks = k[s] * k_scale;
               vec_t acc_q = {}, acc_k = {};
               for (int64_t j = 0; j < kV; ++j) {
                 const int64_t f = j * kLanes;
@@ -310,8 +367,9 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
                 sum_q += lanes_q[s * kLanes + l];
                 sum_k += lanes_k[s * kLanes + l];
               }
-              dq[s] = sum_q;
-              dk[s] = sum_k;
+              dq[s] = (first_head ? scalar_t(0) : dq[s]) + sum_q;
+              dk[s] = (first_head ? scalar_t(0) : dk[s]) + k_scale * sum_k;
+              d_scale += k[s] * sum_k;
             }
             for (int64_t l = 0; l < kLanes; ++l) {
               d_up += part_up[l];
@@ -325,7 +383,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
               const scalar_t* __restrict__ hs = state + s * P;
               const scalar_t* __restrict__ us = up + s * P;
               const scalar_t* __restrict__ ls = left + s * P;
-              const scalar_t qs = q[s], ks = k[s];
+              const scalar_t qs = q[s], ks = k[s] * k_scale;
               scalar_t acc_q = 0, acc_k = 0, acc_up = 0, acc_left = 0;
 #pragma omp simd reduction(+ : acc_q, acc_k, acc_up, acc_left)
               for (int64_t f = 0; f < P; ++f) {
@@ -339,13 +397,18 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
               }
               d_up += acc_up;  // zero without the parent
               d_left += acc_left;
-              dq[s] = acc_q;
-              dk[s] = acc_k;
+              dq[s] = (first_head ? scalar_t(0) : dq[s]) + acc_q;
+              dk[s] = (first_head ? scalar_t(0) : dk[s]) + k_scale * acc_k;
+              d_scale += k[s] * acc_k;
             }
           }
-          scalar_t *dw_up = d.grad_weight + (i * 2) * H + h, *dw_left = dw_up + H;
+          scalar_t *dw_up = d.grad_weight + (i * t.slots()) * H + h, *dw_left = dw_up + H;
           *dw_up = (s0 == 0 ? scalar_t(0) : *dw_up) + d_up;  // zero without the parent
           *dw_left = (s0 == 0 ? scalar_t(0) : *dw_left) + d_left;
+          if (t.shared_heads) {
+            scalar_t* dw_scale = dw_left + H;
+            *dw_scale = (s0 == 0 ? scalar_t(0) : *dw_scale) + d_scale;
+          }
         }
         std::swap(adjoint_below, adjoint);
       }
@@ -368,21 +431,39 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
     case 64: call(64); break;        \
     default: call(0);                \
   }
+// A task is a (graph, head), or with shared heads a graph and all its heads (tasks_per_graph
+// below); it runs every DAG of the call in turn, so that y and dV add up in one tensor without a
+// race (the DAGs of an image touch the same nodes).
+#define CHIMERA_GRID_TASK_HEADS                                                  \
+  const int64_t heads = dags[0].heads, split = dags[0].shared_heads ? 1 : heads; \
+  const int64_t g = task / split, h0 = task % split, h1 = split == 1 ? heads : h0 + 1;
 #define CHIMERA_GRID_LOOPS(scalar_t)                                                                               \
-  CHIMERA_VECTOR_CLONES void grid_forward_tasks(const GridTask<scalar_t>& t, int64_t begin, int64_t end,           \
-                                                scalar_t* y, scalar_t* checkpoints, scalar_t* rows) {              \
+  CHIMERA_VECTOR_CLONES void grid_forward_tasks(const std::vector<GridTask<scalar_t>>& dags, int64_t begin,        \
+                                                int64_t end, scalar_t* y, const std::vector<scalar_t*>& checkpoint, \
+                                                scalar_t* rows) {                                                  \
     using value_t = scalar_t;                                                                                      \
     for (int64_t task = begin; task < end; ++task) {                                                               \
-      const int64_t g = task / t.heads, h = task % t.heads;                                                        \
-      CHIMERA_GRID_HEAD_DIMS(CHIMERA_GRID_FORWARD)                                                                 \
+      CHIMERA_GRID_TASK_HEADS                                                                                      \
+      for (int64_t h = h0; h < h1; ++h)                                                                            \
+        for (size_t dag = 0; dag < dags.size(); ++dag) {                                                           \
+          const GridTask<scalar_t>& t = dags[dag];                                                                 \
+          scalar_t* checkpoints = checkpoint[dag];                                                                 \
+          CHIMERA_GRID_HEAD_DIMS(CHIMERA_GRID_FORWARD)                                                             \
+        }                                                                                                          \
     }                                                                                                              \
   }                                                                                                                \
-  CHIMERA_VECTOR_CLONES void grid_backward_tasks(const GridTask<scalar_t>& t, const GridGrads<scalar_t>& d,         \
-                                                 int64_t begin, int64_t end, scalar_t* buffer) {                    \
+  CHIMERA_VECTOR_CLONES void grid_backward_tasks(const std::vector<GridTask<scalar_t>>& dags,                      \
+                                                 const std::vector<GridGrads<scalar_t>>& grads, int64_t begin,      \
+                                                 int64_t end, scalar_t* buffer) {                                   \
     using value_t = scalar_t;                                                                                      \
     for (int64_t task = begin; task < end; ++task) {                                                               \
-      const int64_t g = task / t.heads, h = task % t.heads;                                                        \
-      CHIMERA_GRID_HEAD_DIMS(CHIMERA_GRID_BACKWARD)                                                                \
+      CHIMERA_GRID_TASK_HEADS                                                                                      \
+      for (int64_t h = h0; h < h1; ++h)                                                                            \
+        for (size_t dag = 0; dag < dags.size(); ++dag) {                                                           \
+          const GridTask<scalar_t>& t = dags[dag];                                                                 \
+          const GridGrads<scalar_t>& d = grads[dag];                                                               \
+          CHIMERA_GRID_HEAD_DIMS(CHIMERA_GRID_BACKWARD)                                                            \
+        }                                                                                                          \
     }                                                                                                              \
   }
 #define CHIMERA_GRID_FORWARD(p) grid_forward_task<value_t, p>(t, g, h, y, checkpoints, rows)
@@ -414,19 +495,31 @@ inline int64_t scratch_values(const GridLayout& layout, int64_t S, int64_t P, in
 // Tasks per thread at least: small images (8 x 8 digits) would otherwise cost more in OpenMP
 // fork/join than in work, and much more on a loaded machine, where a barrier waits for a
 // descheduled thread. One chunk does at least about 2^18 state updates (a few hundred us).
-inline int64_t task_grain(const at::Tensor& query, const at::Tensor& value, int64_t num_graphs) {
-  const int64_t per_task = std::max<int64_t>(1, query.size(0) / std::max<int64_t>(1, num_graphs)) *
-                           std::max<int64_t>(1, query.size(2) * value.size(2));
+inline int64_t task_grain(int64_t num_nodes, int64_t num_graphs, int64_t dags, int64_t S, int64_t P) {
+  const int64_t per_task = std::max<int64_t>(1, num_nodes / std::max<int64_t>(1, num_graphs)) *
+                           std::max<int64_t>(1, dags * S * P);
   return std::max<int64_t>(1, (int64_t{1} << 18) / per_task);
 }
 
+// The per-DAG tasks of a call: DAG d walks nodes[d] with weight[d] and reads query[:, d], key[:, d].
 template <typename scalar_t>
-GridTask<scalar_t> make_task(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
-                             const at::Tensor& key, const at::Tensor& value, int64_t segment_rows) {
-  return {layout.graph_ptr.data_ptr<int64_t>(), layout.row_width.data_ptr<int64_t>(), layout.nodes.data_ptr<int64_t>(),
-          layout.checkpoint_ptr.data(), weight.data_ptr<scalar_t>(), query.data_ptr<scalar_t>(),
-          key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), query.size(1), query.size(2), value.size(2),
-          segment_rows};
+std::vector<GridTask<scalar_t>> make_tasks(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
+                                           const at::Tensor& key, const at::Tensor& value, int64_t segment_rows) {
+  const int64_t N = value.size(0), H = value.size(1), P = value.size(2), S = key.size(-1), D = layout.dags;
+  const int64_t slots = layout.stacked ? 3 : 2, qk_stride = layout.stacked ? D * S : H * S;
+  std::vector<GridTask<scalar_t>> tasks;
+  for (int64_t d = 0; d < D; ++d)
+    tasks.push_back({layout.graph_ptr.data_ptr<int64_t>(), layout.row_width.data_ptr<int64_t>(),
+                     layout.nodes.data_ptr<int64_t>() + d * N, layout.checkpoint_ptr.data(),
+                     weight.data_ptr<scalar_t>() + d * N * slots * H, query.data_ptr<scalar_t>() + d * S,
+                     key.data_ptr<scalar_t>() + d * S, value.data_ptr<scalar_t>(), H, S, P, segment_rows, qk_stride,
+                     layout.stacked, d > 0});
+  return tasks;
+}
+
+// Tasks of a call: one per (graph, head), or per graph when the heads share query and key.
+inline int64_t num_tasks(const GridLayout& layout, int64_t num_graphs, int64_t heads) {
+  return layout.stacked ? num_graphs : num_graphs * heads;
 }
 
 std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
@@ -435,21 +528,27 @@ std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at
                                            const at::Tensor& value_in, int64_t segment_rows,
                                            int64_t num_checkpoints) {
   const char* op = "chimera::grid_attention";
-  check_attention_inputs(query_in, key_in, value_in, op);
-  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, segment_rows, num_checkpoints, op);
+  check_grid_features(query_in, key_in, value_in, op);
+  const auto layout =
+      check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows, num_checkpoints, op);
   const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
   const auto weight = weight_in.contiguous();
-  const int64_t heads = query.size(1), S = query.size(2), P = value.size(2), num_graphs = graph_ptr.numel() - 1;
+  const int64_t heads = value.size(1), S = key.size(-1), P = value.size(2), num_graphs = graph_ptr.numel() - 1;
+  const int64_t D = layout.dags, count = layout.checkpoint_ptr.back();
   auto y = at::empty(value.sizes(), value.options());
-  auto checkpoints = at::empty({layout.checkpoint_ptr.back(), heads, S * P}, query.options());
-  if (y.numel() == 0 || S == 0) return {y.zero_(), checkpoints};  // S = 0: zero scores
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "chimera_grid_attention_cpu", [&] {
-    const auto task = make_task<scalar_t>(layout, weight, query, key, value, segment_rows);
-    scalar_t *yp = y.data_ptr<scalar_t>(), *cp = checkpoints.data_ptr<scalar_t>();
-    at::parallel_for(0, num_graphs * heads, task_grain(query, value, num_graphs),
+  // The checkpoints of DAG d are rows [d * count, (d + 1) * count).
+  auto checkpoints = at::empty({D * count, heads, S * P}, value.options());
+  if (y.numel() == 0 || S == 0 || D == 0) return {y.zero_(), checkpoints};  // S = 0: zero scores
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "chimera_grid_attention_cpu", [&] {
+    const auto tasks = make_tasks<scalar_t>(layout, weight, query, key, value, segment_rows);
+    std::vector<scalar_t*> checkpoint;
+    for (int64_t d = 0; d < D; ++d) checkpoint.push_back(checkpoints.data_ptr<scalar_t>() + d * count * heads * S * P);
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, num_tasks(layout, num_graphs, heads),
+                     task_grain(value.size(0), num_graphs, D * (layout.stacked ? heads : 1), S, P),
                      [&](int64_t begin, int64_t end) {
                        std::vector<scalar_t> rows(scratch_values(layout, S, P, sizeof(scalar_t), segment_rows, false));
-                       grid_forward_tasks(task, begin, end, yp, cp, rows.data());
+                       grid_forward_tasks(tasks, begin, end, yp, checkpoint, rows.data());
                      });
   });
   return {y, checkpoints};
@@ -462,34 +561,39 @@ std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr,
                                                     const at::Tensor& grad_y_in, int64_t segment_rows,
                                                     int64_t num_checkpoints) {
   const char* op = "chimera::grid_attention_backward";
-  check_attention_inputs(query_in, key_in, value_in, op);
-  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, segment_rows, num_checkpoints, op);
-  const int64_t heads = query_in.size(1), S = query_in.size(2), P = value_in.size(2);
-  const int64_t num_graphs = graph_ptr.numel() - 1;
-  check_features(grad_y_in, query_in, op, "grad_y");
+  check_grid_features(query_in, key_in, value_in, op);
+  const auto layout =
+      check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows, num_checkpoints, op);
+  const int64_t heads = value_in.size(1), S = key_in.size(-1), P = value_in.size(2);
+  const int64_t num_graphs = graph_ptr.numel() - 1, D = layout.dags, count = layout.checkpoint_ptr.back();
+  check_features(grad_y_in, value_in, op, "grad_y");
   TORCH_CHECK(grad_y_in.sizes() == value_in.sizes(), op, ": grad_y must have the shape of value ", value_in.sizes(),
               ", got ", grad_y_in.sizes());
-  check_features(checkpoints_in, query_in, op, "checkpoints");
-  TORCH_CHECK(checkpoints_in.sizes() == at::IntArrayRef({layout.checkpoint_ptr.back(), heads, S * P}), op,
-              ": checkpoints must have shape [", layout.checkpoint_ptr.back(), ", ", heads, ", ", S * P,
-              "] (the forward's, for these graphs and segment_rows), got ", checkpoints_in.sizes());
+  check_features(checkpoints_in, value_in, op, "checkpoints");
+  TORCH_CHECK(checkpoints_in.sizes() == at::IntArrayRef({D * count, heads, S * P}), op, ": checkpoints must have shape [",
+              D * count, ", ", heads, ", ", S * P, "] (the forward's, for these graphs and segment_rows), got ",
+              checkpoints_in.sizes());
   const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
   const auto weight = weight_in.contiguous(), checkpoints = checkpoints_in.contiguous();
   const auto grad_y = grad_y_in.contiguous();
-  // Every entry is written: graph_ptr covers all N nodes, each visited once per block of state rows.
+  // Every entry is written: graph_ptr covers all N nodes, each visited once per DAG and block of state rows.
   auto grad_query = at::empty_like(query), grad_key = at::empty_like(key), grad_value = at::empty_like(value);
   auto grad_weight = at::empty_like(weight);
-  if (value.numel() == 0 || query.size(2) == 0)  // nothing to visit: gradients are zero
+  if (value.numel() == 0 || S == 0 || D == 0)  // nothing to visit: gradients are zero
     return {grad_weight.zero_(), grad_query.zero_(), grad_key.zero_(), grad_value.zero_()};
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "chimera_grid_attention_backward_cpu", [&] {
-    const auto task = make_task<scalar_t>(layout, weight, query, key, value, segment_rows);
-    const GridGrads<scalar_t> grads{grad_y.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>(),
-                                    grad_query.data_ptr<scalar_t>(), grad_key.data_ptr<scalar_t>(),
-                                    grad_value.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>()};
-    at::parallel_for(0, num_graphs * heads, task_grain(query, value, num_graphs),
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "chimera_grid_attention_backward_cpu", [&] {
+    const auto tasks = make_tasks<scalar_t>(layout, weight, query, key, value, segment_rows);
+    std::vector<GridGrads<scalar_t>> grads;
+    for (int64_t d = 0; d < D; ++d)
+      grads.push_back({grad_y.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>() + d * count * heads * S * P,
+                       grad_query.data_ptr<scalar_t>() + d * S, grad_key.data_ptr<scalar_t>() + d * S,
+                       grad_value.data_ptr<scalar_t>(),
+                       grad_weight.data_ptr<scalar_t>() + d * value.size(0) * (layout.stacked ? 3 : 2) * heads});
+    at::parallel_for(0, num_tasks(layout, num_graphs, heads),
+                     task_grain(value.size(0), num_graphs, D * (layout.stacked ? heads : 1), S, P),
                      [&](int64_t begin, int64_t end) {
                        std::vector<scalar_t> buffer(scratch_values(layout, S, P, sizeof(scalar_t), segment_rows, true));
-                       grid_backward_tasks(task, grads, begin, end, buffer.data());
+                       grid_backward_tasks(tasks, grads, begin, end, buffer.data());
                      });
   });
   return {grad_weight, grad_query, grad_key, grad_value};

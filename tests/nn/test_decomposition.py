@@ -236,8 +236,8 @@ def test_dags_of_one_sequence_go_to_the_requested_device():
 
 @pytest.mark.parametrize("sharing", ["none", "complete", "row", "diagonal"])
 def test_grid_kernel_path_equals_the_per_dag_path(sharing, monkeypatch):
-    # method="auto" on CPU solves the four grid DAGs row by row (chimera::grid_attention),
-    # method="dense" inverts each DAG's I - A: the same layer, values and gradients.
+    # method="auto" on CPU solves the four grid DAGs row by row in one chimera::grid_attention call
+    # (their walks stacked), method="dense" inverts each DAG's I - A: the same layer, values and gradients.
     import torch_geometric_chimera.nn.decomposition as decomposition
     calls = []
 
@@ -257,7 +257,7 @@ def test_grid_kernel_path_equals_the_per_dag_path(sharing, monkeypatch):
         out = conv(x, data.edge_index, batch=data.batch, grid_size=data.grid_size)
         grads = torch.autograd.grad(out, [x] + list(conv.parameters()), torch.ones_like(out))
         results.append((out,) + grads)
-        assert len(calls) == 4  # the grid layer's four DAGs; none for the dense one
+        assert len(calls) == 1 and calls[0].shape == (4, data.num_nodes)  # the four walks; no call for dense
     names = ["out", "x"] + [name for name, _ in grid.named_parameters()]
     for name, a, b in zip(names, *results):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")

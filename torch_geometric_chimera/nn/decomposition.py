@@ -260,6 +260,8 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
             plan = _CACHE.get(key, grid_size, lambda: grid_plan(walks.graph_ptr, walks.row_width, query.size(-1),
                                                                   value.size(-1), element_size=query.element_size()))
         value = value.contiguous()  # once, not in every DAG's kernel call
+    if walks is not None and plan is None and query.size(2) == 1:  # CPU: the four DAGs in one kernel call
+        return _stacked_grid_attention(query, key, value, delta, dags, groups, walks, segment_rows, checkpoints)
     out: Optional[Tensor] = None
     queries: Dict[int, Tensor] = {}
     for d, (dag, group) in enumerate(zip(dags, groups)):
@@ -285,3 +287,25 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
                                     **solver_options)
         out = y if out is None else out.add_(y)  # y is a fresh tensor; add's backward needs neither
     return out
+
+
+def _stacked_grid_attention(query: Tensor, key: Tensor, value: Tensor, delta: Tensor, dags: List[Tensor],
+                            groups: Tuple[int, ...], walks, segment_rows: int, checkpoints: int) -> Tensor:
+    """The grid DAGs of a decomposition in one ``chimera::grid_attention`` call: the kernel sums
+    their outputs (and value gradients) in place of one tensor per DAG added up afterwards."""
+    from .adjacency import dag_adjacency
+
+    num_nodes = value.size(0)
+    weights = []
+    for d, dag in enumerate(dags):
+        edge_weight, key_scale = dag_adjacency(delta, dag)
+        # [N, 3, H]: the edge from above, from before in the row, and the key's scale per head
+        weights.append(torch.cat([grid_weights(edge_weight, walks.weight_index[d], num_nodes),
+                                  key_scale.unsqueeze(1)], 1))
+    index = torch.tensor(groups, device=query.device)
+    # [N, D, 1, S]: the kernel scales the key per head and shares both over the heads, so no
+    # [N, D, H, S] tensor is made.
+    query_all, key_all = query.index_select(1, index), key.index_select(1, index)
+    nodes = _CACHE.get("grid_nodes", dags[0], lambda: torch.stack(walks.nodes))
+    return grid_attention(walks.graph_ptr, walks.row_width, nodes, torch.stack(weights), query_all, key_all, value,
+                          segment_rows, checkpoints)

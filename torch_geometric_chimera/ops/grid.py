@@ -122,8 +122,9 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("chimera::grid_attention")
     def _grid_attention_fake(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows, num_checkpoints):
-        heads, state_dim, head_dim = query.shape[1], query.shape[2], value.shape[2]
-        return [value.new_empty(value.shape), query.new_empty(num_checkpoints, heads, state_dim * head_dim)]
+        heads, state_dim, head_dim = value.shape[1], key.shape[-1], value.shape[2]
+        dags = key.shape[1] if key.dim() == 4 else 1
+        return [value.new_empty(value.shape), value.new_empty(dags * num_checkpoints, heads, state_dim * head_dim)]
 
     @torch.library.register_fake("chimera::grid_attention_backward")
     def _grid_attention_backward_fake(graph_ptr, row_width, nodes, weight, query, key, value, checkpoints, grad_y,
@@ -159,16 +160,23 @@ if HAS_EXTENSION:
 
 def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor, key: Tensor,
                    value: Tensor, segment_rows: Optional[int] = None, checkpoints: Optional[int] = None) -> Tensor:
-    r"""Resolvent attention on one directed grid DAG per image (``chimera::grid_attention``, CPU).
+    r"""Resolvent attention on one directed grid DAG per image (``chimera::grid_attention``, CPU),
+    or the sum over ``D`` such DAGs whose heads share query and key (the *stacked* shapes below:
+    one call, one output and one value gradient, where ``D`` calls would write ``D`` of each and
+    add them; a task then runs all heads of an image).
 
     Args:
         graph_ptr (LongTensor): ``[G + 1]`` first node of every image.
         row_width (LongTensor): ``[G]`` positions per row (it divides every image's node count).
-        nodes (LongTensor): ``[N]`` the walk: a permutation of every image's own nodes.
+        nodes (LongTensor): ``[N]`` the walk: a permutation of every image's own nodes
+            (stacked: ``[D, N]``, one walk per DAG).
         weight (Tensor): ``[N, 2, H]``: ``weight[i, 0]`` the edge from the node above ``i`` in the
             walk, ``weight[i, 1]`` from the node before it in its row. Entries without such a
-            parent (first row, first column) are ignored and get zero gradient.
-        query (Tensor): ``[N, H, S]``. key (Tensor): ``[N, H, S]``. value (Tensor): ``[N, H, P]``.
+            parent (first row, first column) are ignored and get zero gradient. (stacked:
+            ``[D, N, 3, H]``, the third slot scaling the key of every head: :math:`K_{ih} =`
+            ``key[i, d, 0] * weight[d, i, 2, h]``)
+        query (Tensor): ``[N, H, S]`` (stacked: ``[N, D, 1, S]``). key (Tensor): ``[N, H, S]``
+            (stacked: ``[N, D, 1, S]``). value (Tensor): ``[N, H, P]``.
         segment_rows (int, optional): rows between checkpoints of the backward (at least 1; more
             than the tallest image's rows checkpoints nothing); by default :func:`segment_rows_for`.
         checkpoints (int, optional): :func:`num_checkpoints` of these images and ``segment_rows``,
@@ -182,6 +190,9 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
     if dtype in (torch.float16, torch.bfloat16):
         return grid_attention(graph_ptr, row_width, nodes, weight.float(), query.float(), key.float(), value.float(),
                               segment_rows, checkpoints).to(dtype)
+    if nodes.dim() == 2 and (query.dim() != 4 or query.size(2) != 1):
+        raise ValueError(f"query: with stacked walks (nodes [D, N]) expected shape [N, D, 1, S], got "
+                         f"{list(query.shape)}")
     if segment_rows is None:
         sizes = graph_ptr.diff()
         rows = int((sizes // row_width.clamp_min(1)).max()) if sizes.numel() else 0
@@ -196,7 +207,15 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
 def grid_attention_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor,
                              key: Tensor, value: Tensor) -> Tensor:
     r""":func:`grid_attention` in plain PyTorch, one position at a time (the recurrence of the
-    module docstring; differentiable by autograd). For tests: it loops over every position."""
+    module docstring; differentiable by autograd). For tests: it loops over every position.
+    Stacked walks (``nodes`` ``[D, N]``) give the sum over the DAGs."""
+    if nodes.dim() == 2:
+        heads = value.size(1)
+        outputs = [grid_attention_reference(graph_ptr, row_width, nodes[d], weight[d, :, :2],
+                                            query[:, d].expand(-1, heads, -1),
+                                            key[:, d] * weight[d, :, 2].unsqueeze(-1), value)
+                   for d in range(nodes.size(0))]
+        return torch.stack(outputs).sum(0) if outputs else value.new_zeros(value.shape)
     heads = query.size(1)
     outputs = [value.new_zeros(value.shape[1:])] * value.size(0)  # [H, P] per node
     for g in range(graph_ptr.numel() - 1):
