@@ -120,7 +120,7 @@ GridLayout check_grid_inputs(const at::Tensor& graph_ptr, const at::Tensor& row_
   // Every walk must stay inside its graph: a permutation of N that maps every graph's range onto itself.
   for (int64_t dag = 0; dag < dags; ++dag) {
     const int64_t* order = layout.nodes.data_ptr<int64_t>() + dag * num_nodes;
-    check_permutation(order, num_nodes, op, "nodes");
+    check_permutation(order, num_nodes, op, stacked ? ("nodes[" + std::to_string(dag) + "]").c_str() : "nodes");
     for (int64_t g = 0; g < num_graphs; ++g)
       for (int64_t p = ptr[g]; p < ptr[g + 1]; ++p)
         TORCH_CHECK(order[p] >= ptr[g] && order[p] < ptr[g + 1], op, ": nodes[", stacked ? dag : p, stacked ? ", " : "",

@@ -88,6 +88,13 @@ class ChimeraConv(MessagePassing):
 
     .. note::
 
+        On CPU (float32 / float64), the local convolution with its SiLU and the gated RMSNorm with
+        the :math:`D` skip run as two fused kernels (:mod:`torch_geometric_chimera.ops.block`), one
+        pass each forward and backward; they support no double backward. Other devices and dtypes
+        use the same formulas in PyTorch ops.
+
+    .. note::
+
         :func:`torch.jit.script` compiles the layer, but the resolvent solve stays a Python call
         (its topology cache and autograd functions are not TorchScript): the scripted module runs
         in Python and gives the eager outputs, but :func:`torch.jit.save` refuses it.

@@ -2,8 +2,9 @@
 :mod:`.squaring`, :mod:`.band`, :mod:`.dag`, :mod:`.grid`, :mod:`.line`, :mod:`.neumann`, :mod:`.iterative`;
 what they share in :mod:`.common`, the compiled extension in :mod:`._extension`, the test oracles in :mod:`.reference`,
 and the choice of method in :mod:`.resolvent`. :mod:`.triton_attention` and :mod:`.triton_grid` hold the Triton
-kernels of the squaring and grid paths (importable without Triton; their kernels need it)."""
-from . import band, common, dag, dense, grid, iterative, line, neumann, reference, squaring, triton_grid
+kernels of the squaring and grid paths (importable without Triton; their kernels need it). :mod:`.block` fuses
+the elementwise parts of the block around the mixer (local convolution with SiLU, gated RMSNorm) on CPU."""
+from . import band, block, common, dag, dense, grid, iterative, line, neumann, reference, squaring, triton_grid
 from ._extension import HAS_EXTENSION
 from .band import BandSchedule, band_resolvent_attention, band_schedule
 from .common import CsrOperator, edge_dot, spmm
@@ -28,6 +29,7 @@ __all__ = [
     "CsrOperator",
     "HAS_EXTENSION",
     "reference",
+    "block",
     "common",
     "dense",
     "squaring",
