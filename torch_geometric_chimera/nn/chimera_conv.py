@@ -416,7 +416,12 @@ class ChimeraConv(MessagePassing):
         if dags is None and not torch.jit.is_scripting():  # PyG's explain masks exist on the Python module only
             edge_mask = self._explain_edge_mask(edge_index.size(1), num_nodes)
 
-        z, xbc, dt, psi = self.in_proj(x).split([self.inner, self.conv_width, heads, heads], dim=-1)
+        # in_proj as three products over row blocks of its weight: one [N, inner + conv_width + 2H]
+        # output split in four would need its gradient concatenated back (a copy of the widest
+        # tensor of the layer) in the backward.
+        weight_z, weight_xbc, weight_dt = self.in_proj.weight.split([self.inner, self.conv_width, 2 * heads])
+        z, xbc = F.linear(x, weight_z), F.linear(x, weight_xbc)
+        dt, psi = F.linear(x, weight_dt).split([heads, heads], dim=-1)
         if self.local_conv:
             if dags is None:
                 neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
