@@ -36,12 +36,24 @@ class SdpaAttention(torch.nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, length, channels))
 
 
+def allocated_megabytes(fn):
+    """Megabytes allocated on the host by one call of ``fn`` (torch.profiler's memory events):
+    on CPU, tensors of 32 MB and more come from fresh mmaps whose page faults cost real time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(0, e.self_cpu_memory_usage) for e in prof.key_averages()) / 2**20
+
+
 def run_case(name, fns, device, reps):
     timings = time_interleaved(fns, device, reps=reps)
     baseline = next(iter(fns))
     for key, entry in timings.items():
         entry["ratio"] = entry["median_s"] / timings[baseline]["median_s"]
-        print(f"{name}: {key} {entry['median_s'] * 1e3:.1f} ms ({entry['ratio']:.2f}x {baseline})")
+        if device.type == "cpu":
+            entry["allocated_mb"] = allocated_megabytes(fns[key])
+        print(f"{name}: {key} {entry['median_s'] * 1e3:.1f} ms ({entry['ratio']:.2f}x {baseline})"
+              + (f", {entry['allocated_mb']:.0f} MB allocated" if "allocated_mb" in entry else ""))
     return timings
 
 

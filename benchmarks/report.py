@@ -236,12 +236,13 @@ def images_text_section(r):
              f"`ChimeraConv(width={r['width']}, heads={r['heads']}, state_dim={r['state_dim']}, "
              f"expand={r['expand']}, decomposition=...)`, forward + backward, against attention layers of equal "
              "width (QKV and output projections included), timed interleaved.", "",
-             "| workload | model | time (median) | ratio |", "|---|---|---|---|"]
+             "| workload | model | time (median) | ratio | allocated per step |", "|---|---|---|---|---|"]
     for key, what in (("images", lambda e: f"{e['num_images']} images of {e['side']}x{e['side']} patches"),
                       ("text", lambda e: f"one sequence of {e['length']} tokens")):
         if key in r:
             for name, entry in r[key]["timings"].items():
-                lines.append(f"| {what(r[key])} | {name} | {ms(entry)} | {entry['ratio']:.2f}x |")
+                allocated = f"{entry['allocated_mb']:,.0f} MB" if "allocated_mb" in entry else "-"
+                lines.append(f"| {what(r[key])} | {name} | {ms(entry)} | {entry['ratio']:.2f}x | {allocated} |")
     extra = os.path.join(RESULTS, "images_text_cpu_expand1.json")
     if os.path.exists(extra):  # the same images at expand=1: the mixer as wide as the attention layer
         with open(extra) as f:
@@ -252,7 +253,11 @@ def images_text_section(r):
         for name, entry in e["images"]["timings"].items():
             lines.append(f"| {e['images']['num_images']} images of {e['images']['side']}x{e['images']['side']} "
                          f"patches | {name} | {ms(entry)} | {entry['ratio']:.2f}x |")
-    lines += ["", "Targets (issue 10): images <= 1.0x the ViT attention layer on this CPU; text <= 1.0x SDPA."]
+    lines += ["", "Targets (issue 10): images <= 1.0x the ViT attention layer on this CPU; text <= 1.0x SDPA.", "",
+              "Allocated per step: host memory allocated by one forward + backward (torch.profiler). With glibc, "
+              "tensors of 32 MB and more come from fresh mmaps and their page faults cost about 0.2 ms per MB, "
+              "which is why the layer fuses its elementwise parts (`ops/block.py`), computes `in_proj` in three "
+              "products and runs the four grid DAGs in one kernel call."]
     return lines
 
 
