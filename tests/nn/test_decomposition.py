@@ -117,7 +117,6 @@ def test_grid_decomposition_reaches_every_pair_of_pixels():
 
 # --- the layer ------------------------------------------------------------------------------------
 
-from torch_geometric.data import Data  # noqa: E402
 from torch_geometric.loader import DataLoader  # noqa: E402
 
 from torch_geometric_chimera import ChimeraConv  # noqa: E402
@@ -247,6 +246,7 @@ def test_grid_kernel_path_equals_the_per_dag_path(sharing, monkeypatch):
 
     grid_attention = decomposition.grid_attention
     monkeypatch.setattr(decomposition, "grid_attention", counted)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # stacked from one image per thread up
     data = image_batch(sizes=((3, 4), (1, 1), (0, 3), (1, 5), (4, 1), (6, 2)), channels=16)
     grid = ChimeraConv(16, heads=2, state_dim=4, decomposition="grid", sharing=sharing).double()
     dense = ChimeraConv(16, heads=2, state_dim=4, decomposition="grid", sharing=sharing, method="dense").double()

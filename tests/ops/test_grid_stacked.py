@@ -512,8 +512,9 @@ class CountGridOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_chimera_conv_grid_makes_one_stacked_kernel_call():
+def test_chimera_conv_grid_makes_one_stacked_kernel_call(monkeypatch):
     from torch_geometric_chimera import ChimeraConv
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # stacked from one image per thread up
     grid_size = torch.tensor(MIXED_SIZES)
     n = int(grid_size.prod(-1).sum())
     batch = torch.repeat_interleave(torch.arange(grid_size.size(0)), grid_size.prod(-1))
@@ -538,11 +539,14 @@ def test_chimera_conv_grid_makes_one_stacked_kernel_call():
 
 
 @pytest.mark.parametrize("sharing", ["none", "row"])
-@pytest.mark.parametrize("shared_heads", [True, False])
-def test_decomposed_attention_stacks_shared_heads_and_falls_back_for_per_head_sets(shared_heads, sharing):
+@pytest.mark.parametrize("shared_heads,threads", [(True, 1), (False, 1), (True, 64)])
+def test_decomposed_attention_stacks_shared_heads_and_falls_back_for_per_head_sets(shared_heads, threads, sharing,
+                                                                                    monkeypatch):
     # Query sets shared by the heads ([N, num_sets, 1, S]): one stacked call. One set per head
-    # ([N, num_sets, H, S]): the kernel's stacked form cannot take them, four one-DAG calls.
-    # Either way the result is method="dense"'s.
+    # ([N, num_sets, H, S]): the kernel's stacked form cannot take them, four one-DAG calls; the
+    # same with fewer images than threads (a stacked task is a whole image, a one-DAG task an
+    # (image, head)). Either way the result is method="dense"'s.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     heads, state_dim, head_dim = 3, 3, 4
     grid_size = torch.tensor(MIXED_SIZES)
     n = int(grid_size.prod(-1).sum())
@@ -558,7 +562,7 @@ def test_decomposed_attention_stacks_shared_heads_and_falls_back_for_per_head_se
         out = decomposed_resolvent_attention(query, key, value, delta, dags, groups, grid_size=grid_size)
         grad = torch.randn_like(out)
         got = values_and_grads(out, inputs, grad)
-    if shared_heads:
+    if shared_heads and threads <= grid_size.size(0):
         assert counter.calls == [("chimera.grid_attention.default", (4, n)),
                                  ("chimera.grid_attention_backward.default", (4, n))]
     else:

@@ -260,7 +260,10 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
             plan = _CACHE.get(key, grid_size, lambda: grid_plan(walks.graph_ptr, walks.row_width, query.size(-1),
                                                                   value.size(-1), element_size=query.element_size()))
         value = value.contiguous()  # once, not in every DAG's kernel call
-    if walks is not None and plan is None and query.size(2) == 1:  # CPU: the four DAGs in one kernel call
+    # CPU: the four DAGs in one kernel call, whose tasks are whole images (all heads); with fewer
+    # images than threads, one call per DAG keeps every (image, head) a task of its own.
+    if (walks is not None and plan is None and query.size(2) == 1
+            and walks.graph_ptr.numel() - 1 >= torch.get_num_threads()):
         return _stacked_grid_attention(query, key, value, delta, dags, groups, walks, segment_rows, checkpoints)
     out: Optional[Tensor] = None
     queries: Dict[int, Tensor] = {}
