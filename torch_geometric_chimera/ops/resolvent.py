@@ -48,29 +48,27 @@ GAMMA_SLACK = 1e-5
 #: small-graph path, fitted by ``benchmarks/fit_auto_panel.py`` (non-negative least squares on
 #: relative error) to the mixer timings of ``benchmarks/bench_auto_panel.py`` (four runs, in
 #: ``benchmarks/results/auto_panel_cpu_runs.json``; ``auto_panel_cpu.json`` is the check run) on
-#: the 2-core development CPU (one thread, as the machine was shared; 11 graph batches:
+#: the 2-core development CPU (both threads, idle, 2026-11-25 after the OpenMP build; 11 graph batches:
 #: rings with chords, molecule-like graphs, undirected and directed trees and grids, 8 to 128
 #: graphs of 30 to 600 nodes; (H, S, P) from (4, 16, 16) to (8, 16, 32) and (2, 64, 32)).
 #: ``dense``, per head: every graph padded to ``m`` (the largest graph, see
 #: :meth:`GraphTopology.padded_sizes`) costs ``3 m^3`` (inverse and the two backward products) and
-#: ``6 m^2 (S + P)`` (scores and products), plus a fixed cost per graph. (Fitted when ``dense`` padded
-#: every graph to one of 8 sizes per octave instead, and inverted with 16-row leaf blocks: the
-#: constants per flop still apply, a refit on an idle machine would confirm them.)
-DENSE_CUBIC_S = 6.87e-11
-DENSE_SQUARE_S = 1.48e-10
-DENSE_GRAPH_S = 7.9e-5
+#: ``6 m^2 (S + P)`` (scores and products), plus a fixed cost per graph.
+DENSE_CUBIC_S = 2.33e-11
+DENSE_SQUARE_S = 2.91e-11
+DENSE_GRAPH_S = 3.49e-5
 #: ``band``, per head: every node and every nonzero of the LU factors moves an ``S x P`` state in
 #: the solves, and the factorization costs ``n b^2`` per graph of bandwidth ``b``.
-BAND_NODE_S = 1.39e-8
-BAND_NONZERO_S = 1.07e-10
-BAND_FACTOR_S = 5.36e-10
+BAND_NODE_S = 3.09e-9
+BAND_NONZERO_S = 9.43e-11
+BAND_FACTOR_S = 2.09e-10
 #: ``dag``, per head: every node and every edge moves an ``S x P`` state.
-DAG_ELEMENT_S = 4.86e-9
-#: On the panel's DAGs (trees and grids of 144 and 150 nodes) ``band`` and ``dag`` timed alike:
-#: over 12 timings dag / band was 0.70 to 1.40, 1.08 on average, which the fitted linear model
-#: (dag about 0.75x band) does not capture; ``dag`` is taken only when its estimate is below this
-#: fraction of the others' (larger, deeper DAGs), so the panel's small DAGs take ``band``.
-DAG_MARGIN = 0.5
+DAG_ELEMENT_S = 1.14e-9
+#: ``dag`` is taken only when its estimate is below this fraction of the others': on the panel's
+#: DAGs (trees and grids of 144 and 150 nodes, both threads) dag / band measured 0.60 to 0.97,
+#: and the margin keeps a mispredicted DAG from losing much (single-threaded, on a shared machine,
+#: the two had timed alike, 0.70 to 1.40).
+DAG_MARGIN = 0.8
 #: Kept for the benchmarks that report it: what a band-solve nonzero costs in dense-path flops.
 BAND_FLOP_COST = BAND_NONZERO_S / (DENSE_CUBIC_S / 3)
 
@@ -338,9 +336,9 @@ def choose_method(topology: GraphTopology, num_terms: Optional[int] = None, stat
        calibrated by ``benchmarks/bench_auto_panel.py``) among ``"dense"`` (per graph
        :math:`O(n^3 + n^2 (S + P))`), ``"band"`` (:math:`O((n + \mathrm{nnz}(LU)) S P)`) and, on
        DAGs, ``"dag"`` (:math:`O((n + E) S P)`, taken only when clearly cheaper, see
-       :data:`DAG_MARGIN`); otherwise ``"dense"``. On the panel the choice is within 1.07x of the
-       fastest exact path on the mean of four runs, up to 1.21x in a single run where two paths
-       tie within the machine's noise (``benchmarks/results/auto_panel_cpu*.json``); e.g. 64 rings with
+       :data:`DAG_MARGIN`); otherwise ``"dense"``. On the panel the choice is within 1.10x of the
+       fastest exact path on the mean of four runs, 1.13x in the check run, where two paths tie
+       within the machine's noise (``benchmarks/results/auto_panel_cpu*.json``); e.g. 64 rings with
        chords of 150 nodes take ``"band"`` for :math:`(H, S, P) = (4, 16, 32)`, a state of
        :math:`64 \times 32` takes ``"dense"``;
     5. the graph is a DAG: ``"dag"``;
