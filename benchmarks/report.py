@@ -51,8 +51,9 @@ def layer_section(r):
               "(`GraphTopology.path_costs`, estimated seconds fitted by `bench_auto_panel.py`): `dense`, one batched inverse per bucket of similar graph sizes "
               "(Schur-complement block elimination; the backward reads the resolvent gradient at the edges "
               "only), and `band`, a band LU of `I - A` in reverse Cuthill-McKee order with the state contraction "
-              "fused into the solves (`chimera::band_attention`). Molecules (bandwidth about 5) take `band`; the "
-              "random trees (bandwidth about 35) take `dense`.",
+              "fused into the solves (`chimera::band_attention`), and on DAGs `dag`. Since the refit on both threads "
+              "(2026-11-25 21:40) molecules (bandwidth about 5) and the random trees (bandwidth about 35) both "
+              "take `band`.",
               "- DESIGN.md measured a naive dense resolvent at 8x GPSConv and a naive `index_add` Neumann series "
               "(K = 16) at 58x on this machine. Target (issue 3): <= 1.0x; not reached on CPU.",
               "- The `neumann` rows use each graph's diameter bound (up to about 60 terms here) on the state "
