@@ -6,7 +6,6 @@ kernel calls, and the dense inverse oracle on the DAGs' ``edge_index``; autograd
 thread-count determinism, low precision, malformed raw-op calls and the layer's use of it
 (``_stacked_grid_attention`` in ``nn/decomposition.py``). The one-DAG form is in
 ``test_grid_kernel.py`` and ``test_raw_op_safety.py``."""
-import json
 import os
 import re
 import subprocess
@@ -15,8 +14,8 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from worker_cases import run_cases, subprocess_env
 
-import torch_geometric_chimera
 import torch_geometric_chimera.nn.decomposition as decomposition
 from torch_geometric_chimera.nn.decomposition import (batched_grid_dags, decomposed_resolvent_attention,
                                                       sharing_groups)
@@ -323,13 +322,6 @@ print("same")
 """
 
 
-def subprocess_env():
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(torch_geometric_chimera.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
-
-
 def test_result_does_not_depend_on_the_number_of_threads():
     # In a subprocess: torch.set_num_threads breaks torch 2.13's CPU batched LU for the rest of the
     # process (tests/ops/test_cpu_batched_lu.py), which other tests of this session use.
@@ -434,33 +426,9 @@ for name, code in json.loads(sys.stdin.read()):
 """
 
 
-def run_cases(cases):
-    """{name: (outcome, message)} of ``cases`` ({name: code}) in worker processes; a crash is
-    recorded for the case that was running and a fresh worker goes on with the rest."""
-    results, todo = {}, list(cases)
-    while todo:
-        proc = subprocess.run([sys.executable, "-c", WORKER], input=json.dumps([(n, cases[n]) for n in todo]),
-                              capture_output=True, text=True, env=subprocess_env(), timeout=300)
-        running = None
-        for line in proc.stdout.splitlines():
-            record = json.loads(line)
-            if record[0] == "start":
-                running = record[1]
-            else:
-                results[record[0]] = (record[1], record[2])
-                running = None
-        crash = ("crashed", f"exit code {proc.returncode}: {proc.stderr.strip()[-500:]}")
-        if running is not None:
-            results[running] = crash
-        elif proc.returncode != 0:
-            results.update({n: crash for n in todo if n not in results})
-        todo = [n for n in todo if n not in results]
-    return results
-
-
 @pytest.fixture(scope="module")
 def outcomes():
-    return run_cases({name: code for name, (_, code, _) in ALL_CASES.items()})
+    return run_cases(WORKER, {name: code for name, (_, code, _) in ALL_CASES.items()})
 
 
 @pytest.mark.parametrize("name", list(ALL_CASES))

@@ -5,16 +5,12 @@ Each case runs in a worker process, so that an out-of-bounds access that crashes
 heap corruption) fails its own test instead of killing the test run; a case that returns a value
 fails too (no wrong number). One worker runs all the cases and reports each as it finishes; when
 one crashes, a fresh worker goes on with the rest."""
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import torch_geometric_chimera
+import worker_cases
 
 # name: (code evaluated with T = torch.tensor, L = a long tensor, ops = torch.ops.chimera and the
 # helpers below, the op and argument the message must name, then a pattern of the message,
@@ -236,28 +232,7 @@ for name, code in json.loads(sys.stdin.read()):
 
 def run_cases(names, device):
     """{name: (outcome, message)}; a crash is recorded for the case that was running."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(torch_geometric_chimera.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    results, todo = {}, list(names)
-    while todo:
-        proc = subprocess.run([sys.executable, "-c", WORKER, device], input=json.dumps([(n, CASES[n][0]) for n in todo]),
-                              capture_output=True, text=True, env=env, timeout=300)
-        running = None
-        for line in proc.stdout.splitlines():
-            record = json.loads(line)
-            if record[0] == "start":
-                running = record[1]
-            else:
-                results[record[0]] = (record[1], record[2])
-                running = None
-        crash = ("crashed", f"exit code {proc.returncode}: {proc.stderr.strip()[-500:]}")
-        if running is not None:  # the worker died inside this case; a fresh one goes on with the rest
-            results[running] = crash
-        elif proc.returncode != 0:  # it died outside any case (at import): every case left fails
-            results.update({n: crash for n in todo if n not in results})
-        todo = [n for n in todo if n not in results]
-    return results
+    return worker_cases.run_cases(WORKER, {n: CASES[n][0] for n in names}, device)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
