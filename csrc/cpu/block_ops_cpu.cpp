@@ -170,7 +170,7 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_rows(const NormArgs<scalar_t>& a, int64
 }
 
 // Gradients of rows [begin, end); partial: the chunk's sums (2 x C: d skip_scale, d weight);
-// scratch: 2 x C values (g and silu(gate) of the row).
+// scratch: 2 x C values (g and sigmoid(gate) of the row: the exp is computed once per element).
 template <typename scalar_t>
 CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>& a, const Rows<scalar_t>& grad,
                                          const scalar_t* rstd, int64_t begin, int64_t end, scalar_t* dy,
@@ -179,15 +179,15 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>&
   const ExpRange range = a.range;
   const scalar_t *__restrict__ d = a.skip_scale, *__restrict__ w = a.weight;
   scalar_t *__restrict__ dd = partial, *__restrict__ dw = partial + C;
-  scalar_t *__restrict__ g = scratch, *__restrict__ silu = scratch + C;
+  scalar_t *__restrict__ g = scratch, *__restrict__ sig = scratch + C;
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t *y = a.y.row(i), *skip = a.skip.row(i), *gate = a.gate.row(i), *go = grad.row(i);
     const scalar_t r = rstd[i];
     scalar_t dot = 0;  // sum_c dout_c w_c g_c
 #pragma omp simd reduction(+ : dot)
     for (int64_t c = 0; c < C; ++c) {
-      silu[c] = gate[c] * sigmoid(gate[c], range);
-      g[c] = (y[c] + skip[c] * d[c]) * silu[c];
+      sig[c] = sigmoid(gate[c], range);
+      g[c] = (y[c] + skip[c] * d[c]) * gate[c] * sig[c];
       dot += go[c] * w[c] * g[c];
     }
     const scalar_t coef = r * r * r * dot / scalar_t(C);
@@ -196,9 +196,8 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>&
       const scalar_t dg = r * w[c] * go[c] - coef * g[c];
       dw[c] += go[c] * g[c] * r;
       const scalar_t s = y[c] + skip[c] * d[c];
-      const scalar_t ds = dg * silu[c];
-      const scalar_t sig = sigmoid(gate[c], range);
-      dgi[c] = dg * s * sig * (scalar_t(1) + gate[c] * (scalar_t(1) - sig));
+      const scalar_t ds = dg * gate[c] * sig[c];
+      dgi[c] = dg * s * sig[c] * (scalar_t(1) + gate[c] * (scalar_t(1) - sig[c]));
       dyi[c] = ds;
       dski[c] = ds * d[c];
       dd[c] += ds * skip[c];
