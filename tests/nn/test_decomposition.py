@@ -1,18 +1,25 @@
-"""Canonical DAG decompositions (paper Figs. 2 and 3) and their mixer, against the dense oracle."""
+"""Canonical DAG decompositions (paper Figs. 2 and 3) built as the authors' image and text models:
+direction-aware local convolution, selectivity per DAG and edge direction. Against a dense oracle
+built independently from pixel coordinates, a pure-PyTorch Mamba-2 block, and each other."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from torch_geometric_chimera.nn.adjacency import dag_adjacency
-from torch_geometric_chimera.nn.decomposition import (batched_grid_dags, batched_line_dags,
-                                                      decomposed_resolvent_attention, decomposition_dags,
-                                                      sharing_groups)
-from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
+from torch_geometric_chimera.nn.decomposition import (DAG_SUM_SCALE, NUM_DIRECTIONS, batched_grid_dags,
+                                                      batched_line_dags, decomposed_resolvent_attention,
+                                                      decomposition_adjacency, decomposition_conv,
+                                                      decomposition_conv_reference, decomposition_dags,
+                                                      decomposition_geometry, dt_groups, sharing_groups)
 from torch_geometric_chimera.utils import grid_graph_dags, is_dag, line_graph_dags
 
 
 def edge_set(edge_index):
     return set(map(tuple, edge_index.t().tolist()))
 
+
+# --- geometry -------------------------------------------------------------------------------------
 
 def test_batched_grid_dags_are_each_images_grid_dags_after_its_offset():
     sizes = [(2, 3), (1, 4), (3, 3), (1, 1)]
@@ -39,17 +46,43 @@ def test_batched_line_dags_follow_the_sequence_lengths():
     assert [edge_set(d) for d in decomposition_dags("fwd", 8, seq_len=seq_len)] == [edge_set(forward)]
 
 
-def test_decomposition_dags_checks_its_geometry():
-    with pytest.raises(ValueError, match="grid_size: decomposition='grid' needs"):
-        decomposition_dags("grid", 4)
-    with pytest.raises(ValueError, match="grid_size: the graphs it describes have 6 nodes in all, but x has 5"):
-        decomposition_dags("grid", 5, grid_size=torch.tensor([[2, 3]]))
-    with pytest.raises(ValueError, match="seq_len: the graphs it describes have 3 nodes in all, but x has 4"):
-        decomposition_dags("line", 4, seq_len=torch.tensor([3]))
-    with pytest.raises(ValueError, match="decomposition: expected one of"):
-        decomposition_dags("ring", 4)
-    with pytest.raises(ValueError, match="sharing: expected one of"):
-        sharing_groups("grid", "columns")
+@pytest.mark.parametrize("call, message", [
+    (lambda: decomposition_dags("grid", 4), "grid_size: decomposition='grid' needs"),
+    (lambda: decomposition_dags("grid", 5, grid_size=torch.tensor([[2, 2]])),
+     "grid_size: the graphs it describes have 4 nodes in all, but x has 5"),
+    (lambda: decomposition_dags("line", 4, seq_len=torch.tensor([3])),
+     "seq_len: the graphs it describes have 3 nodes in all, but x has 4"),
+    (lambda: decomposition_dags("ring", 4), "decomposition: expected one of"),
+    (lambda: sharing_groups("grid", "columns"), "sharing: expected one of"),
+    (lambda: dt_groups("grid", "row"), "share_dt: expected one of"),
+    # sums and products that wrap around int64 (issue 19): each entry is checked first
+    (lambda: decomposition_dags("line", 5, seq_len=torch.tensor([2 ** 62] * 4 + [5])), r"seq_len: every entry must"),
+    (lambda: decomposition_dags("fwd", 5, seq_len=torch.tensor([2 ** 62] * 4 + [5])), r"seq_len: every entry must"),
+    (lambda: decomposition_dags("grid", 4, grid_size=torch.tensor([[4, 2 ** 62 + 1]])), "grid_size: every entry"),
+    (lambda: decomposition_dags("grid", 8, grid_size=torch.tensor([[2 ** 32, 2 ** 32], [2, 2]])),
+     "grid_size: every entry"),
+    (lambda: decomposition_dags("grid", 8, grid_size=torch.tensor([[4, 4], [2, 2]])), "height \\* width > N"),
+    (lambda: decomposition_dags("line", 3, seq_len=torch.tensor([4, -1])), "seq_len: every entry"),
+    (lambda: decomposition_dags("grid", 6, grid_size=torch.tensor([[2.0, 3.0]])), "grid_size: expected an integer"),
+    (lambda: decomposition_dags("grid", 6, grid_size=torch.tensor([2, 3, 1])), "grid_size: expected an integer"),
+    (lambda: decomposition_dags("line", 6, seq_len=torch.tensor([[6]])), "seq_len: expected an integer"),
+    # a batch that disagrees with the geometry, or an unsorted one taken as sequences (issue 19)
+    (lambda: decomposition_dags("grid", 10, grid_size=torch.tensor([[2, 3], [2, 2]]),
+                                batch=torch.tensor([0] * 5 + [1] * 5)), "batch: disagrees with grid_size"),
+    (lambda: decomposition_dags("line", 5, seq_len=torch.tensor([2, 3]), batch=torch.tensor([0, 0, 0, 1, 1])),
+     "batch: disagrees with seq_len"),
+    (lambda: decomposition_dags("line", 5, batch=torch.tensor([0, 1, 0, 1, 1])), "batch: decomposition='line'"),
+])
+def test_decomposition_geometry_is_checked(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_geometry_agrees_with_a_batch_that_renames_its_graphs():
+    # graph ids need not be 0..G-1: only which nodes belong together counts
+    dags = decomposition_dags("grid", 10, grid_size=torch.tensor([[2, 3], [2, 2]]),
+                              batch=torch.tensor([3] * 6 + [7] * 4))
+    assert len(dags) == 4
 
 
 def test_sharing_modes_group_the_grid_dags_as_documented():
@@ -58,61 +91,183 @@ def test_sharing_modes_group_the_grid_dags_as_documented():
     assert sharing_groups("grid", "complete") == (0, 0, 0, 0)
     assert sharing_groups("grid", "row") == (0, 0, 1, 1)            # same vertical direction
     assert sharing_groups("grid", "diagonal") == (0, 1, 1, 0)       # a DAG with its reverse
-    # "diagonal" pairs each DAG with its exact reverse
+    assert dt_groups("grid", "diagonal") == (0, 1, 1, 0) and dt_groups("line", "diagonal") == (0, 0)
     dags = grid_graph_dags(3, 4)
     for d, e in [(0, 3), (1, 2)]:
         assert edge_set(dags[d]) == edge_set(dags[e].flip(0))
 
 
-@pytest.mark.parametrize("decomposition, geometry, sharing", [
-    ("grid", dict(grid_size=torch.tensor([[3, 4], [2, 2]])), "none"),
-    ("grid", dict(grid_size=torch.tensor([[3, 4], [2, 2]])), "diagonal"),
-    ("line", dict(seq_len=torch.tensor([5, 3])), "none"),
-    ("fwd", dict(seq_len=torch.tensor([5, 3])), "complete"),
-])
-def test_decomposed_mixer_equals_the_sum_of_dense_resolvents_of_its_dags(decomposition, geometry, sharing):
+# --- the dense oracle, from coordinates -------------------------------------------------------------
+
+def coordinates(decomposition, sizes):
+    """(graph, row, column, height, width) of every node, in the batch's numbering (lines: row 0)."""
+    out = []
+    for g, size in enumerate(sizes):
+        height, width = (size if decomposition == "grid" else (1, size))
+        out += [(g, r, c, height, width) for r in range(height) for c in range(width)]
+    return out
+
+
+def oracle_parents(decomposition, sizes):
+    """parents[d][i] = list of (j, slot): the parents of node i in DAG d, from the picture of Fig. 3."""
+    nodes = coordinates(decomposition, sizes)
+    index = {(g, r, c): i for i, (g, r, c, _, _) in enumerate(nodes)}
+    if decomposition == "grid":
+        flows = [(1, 1), (1, -1), (-1, 1), (-1, -1)]  # (vertical, horizontal) direction each DAG flows in
+    else:
+        flows = [(0, 1), (0, -1)][:2 if decomposition == "line" else 1]
+    parents = []
+    for dv, dh in flows:
+        per_node = []
+        for (g, r, c, _, _) in nodes:
+            found = []
+            if dv and (g, r - dv, c) in index:
+                found.append((index[(g, r - dv, c)], 0))
+            if (g, r, c - dh) in index:
+                found.append((index[(g, r, c - dh)], 1 if decomposition == "grid" else 0))
+            per_node.append(found)
+        parents.append(per_node)
+    return parents
+
+
+def oracle_mixer(decomposition, sizes, query, key, value, delta, groups, delta_groups):
+    """sum_d scale ((I - A_d)^-1 ⊙ C Bbar_d^T) V with A_d, Bbar_d written out entry by entry."""
+    num_nodes, heads = value.shape[:2]
+    out = torch.zeros_like(value)
+    for d, dag_parents in enumerate(oracle_parents(decomposition, sizes)):
+        for h in range(heads):
+            adjacency = value.new_zeros(num_nodes, num_nodes)
+            scale = value.new_zeros(num_nodes)
+            for i, found in enumerate(dag_parents):
+                dt = delta[i, delta_groups[d], :, h]  # [R]
+                if decomposition == "grid":
+                    norm = 1 / math.sqrt(max(len(found), 1))
+                    for j, slot in found:
+                        adjacency[i, j] = torch.exp(-dt[slot]) * norm
+                    scale[i] = sum((dt[slot] for _, slot in found), value.new_zeros(())) * norm
+                else:  # Mamba-2 per direction
+                    for j, slot in found:
+                        adjacency[i, j] = torch.exp(-dt[slot])
+                    scale[i] = dt[0]
+            resolvent = torch.linalg.inv(torch.eye(num_nodes, dtype=value.dtype) - adjacency)
+            c = query[:, groups[d], min(h, query.size(2) - 1)]
+            b = key[:, groups[d], min(h, key.size(2) - 1)] * scale.unsqueeze(-1)
+            out[:, h] += DAG_SUM_SCALE[decomposition] * (resolvent * (c @ b.t())) @ value[:, h]
+    return out
+
+
+CASES = [
+    ("grid", [(3, 4), (2, 2), (1, 3)], "diagonal", "none"),
+    ("grid", [(3, 4), (2, 2)], "none", "diagonal"),
+    ("grid", [(2, 3), (4, 1), (0, 2)], "row", "none"),
+    ("line", [5, 3, 1], "none", "none"),
+    ("line", [4, 6], "complete", "diagonal"),
+    ("fwd", [5, 3], "none", "none"),
+]
+
+
+def random_problem(decomposition, sizes, sharing, share_dt, heads=2, state=3, head_dim=4, shared_heads=True):
     torch.manual_seed(0)
-    sizes = geometry["grid_size"].prod(-1) if "grid_size" in geometry else geometry["seq_len"]
-    num_nodes, heads, state, head_dim = int(sizes.sum()), 2, 3, 4
-    batch = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
-    groups = sharing_groups(decomposition, sharing)
-    sets = max(groups) + 1
-    query = torch.randn(num_nodes, sets, heads, state, dtype=torch.float64, requires_grad=True)
-    key = torch.randn(num_nodes, sets, heads, state, dtype=torch.float64, requires_grad=True)
-    value = torch.randn(num_nodes, heads, head_dim, dtype=torch.float64, requires_grad=True)
-    delta = torch.rand(num_nodes, heads, dtype=torch.float64).requires_grad_()
-    dags = decomposition_dags(decomposition, num_nodes, batch=batch, **geometry)
+    key_name = "grid_size" if decomposition == "grid" else "seq_len"
+    geometry_tensor = torch.tensor(sizes)
+    num_nodes = int(geometry_tensor.prod(-1).sum()) if decomposition == "grid" else int(geometry_tensor.sum())
+    groups, delta_groups = sharing_groups(decomposition, sharing), dt_groups(decomposition, share_dt)
+    sets, dts, directions = max(groups) + 1, max(delta_groups) + 1, NUM_DIRECTIONS[decomposition]
+    shape = (num_nodes, sets, 1 if shared_heads else heads, state)
+    tensors = dict(query=torch.randn(shape, dtype=torch.float64), key=torch.randn(shape, dtype=torch.float64),
+                   value=torch.randn(num_nodes, heads, head_dim, dtype=torch.float64),
+                   delta=torch.rand(num_nodes, dts, directions, heads, dtype=torch.float64) + 0.05)
+    for t in tensors.values():
+        t.requires_grad_()
+    return {key_name: geometry_tensor}, num_nodes, groups, delta_groups, tensors
 
-    out = decomposed_resolvent_attention(query, key, value, delta, dags, groups, batch=batch)
-    expected = 0
-    for dag, g in zip(dags, groups):
-        weight, key_scale = dag_adjacency(delta, dag)
-        expected = expected + inverse_resolvent_attention(query[:, g], key[:, g] * key_scale.unsqueeze(-1), value,
-                                                          dag, weight)
+
+def library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, t, method="auto"):
+    geo = decomposition_geometry(decomposition, num_nodes, **geometry)
+    weight, key_scale = decomposition_adjacency(t["delta"], geo, delta_groups, DAG_SUM_SCALE[decomposition])
+    return decomposed_resolvent_attention(t["query"], t["key"], t["value"], weight, key_scale, geo, groups,
+                                          method=method)
+
+
+@pytest.mark.parametrize("decomposition, sizes, sharing, share_dt", CASES)
+@pytest.mark.parametrize("method", ["auto", "dense", "dag"])
+def test_decomposed_mixer_equals_the_dense_oracle(decomposition, sizes, sharing, share_dt, method):
+    geometry, num_nodes, groups, delta_groups, t = random_problem(decomposition, sizes, sharing, share_dt)
+    out = library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, t, method)
+    expected = oracle_mixer(decomposition, sizes, t["query"], t["key"], t["value"], t["delta"], groups, delta_groups)
     torch.testing.assert_close(out, expected)
+    assert expected.abs().max() > 0.1
     grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (query, key, value, delta), grad)
-    want = torch.autograd.grad(expected, (query, key, value, delta), grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    names = ["query", "key", "value", "delta"]
+    got = torch.autograd.grad(out, [t[n] for n in names], grad)
+    want = torch.autograd.grad(expected, [t[n] for n in names], grad)
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def dense_resolvent(dag, weight, n):
-    adj = torch.zeros(n, n, dtype=weight.dtype)
-    adj.index_put_((dag[1], dag[0]), weight, accumulate=True)
-    return torch.linalg.inv(torch.eye(n, dtype=weight.dtype) - adj)
+@pytest.mark.parametrize("decomposition, sizes, sharing, share_dt", [CASES[0], CASES[1], CASES[3], CASES[5]])
+def test_decomposed_mixer_gradcheck(decomposition, sizes, sharing, share_dt):
+    geometry, num_nodes, groups, delta_groups, t = random_problem(decomposition, sizes, sharing, share_dt,
+                                                                  heads=1, state=2, head_dim=2)
+    names = ["query", "key", "value", "delta"]
+
+    def f(*inputs):
+        return library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, dict(zip(names, inputs)))
+    assert torch.autograd.gradcheck(f, [t[n] for n in names])
 
 
 def test_grid_decomposition_reaches_every_pair_of_pixels():
     # Figure 3: with positive weights the four DAGs' resolvents add up to L > 0 everywhere.
-    h, w = 4, 5
-    n = h * w
-    delta = torch.rand(n, 1, dtype=torch.float64)
-    resolvents = [dense_resolvent(dag, dag_adjacency(delta, dag)[0][:, 0], n)
-                  for dag in batched_grid_dags(torch.tensor([[h, w]]))]
+    sizes = [(4, 5)]
+    geometry, num_nodes, groups, delta_groups, t = random_problem("grid", sizes, "none", "none", heads=1)
+    geo = decomposition_geometry("grid", num_nodes, **geometry)
+    weight, _ = decomposition_adjacency(t["delta"].detach(), geo, delta_groups)
+    resolvents = []
+    for d, (dag, slots) in enumerate(zip(geo.dags, geo.edge_slot)):
+        adjacency = torch.zeros(num_nodes, num_nodes, dtype=torch.float64)
+        adjacency[dag[1], dag[0]] = weight[d].reshape(-1)[slots]
+        resolvents.append(torch.linalg.inv(torch.eye(num_nodes, dtype=torch.float64) - adjacency))
     assert bool((sum(resolvents) > 0).all())
     # no single DAG does: down-right never reaches a pixel above or to the left
     assert not any(bool((resolvent > 0).all()) for resolvent in resolvents)
+
+
+# --- the local convolution ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decomposition, sizes, kernel", [
+    ("grid", [(3, 4), (3, 4)], 3), ("grid", [(4, 4), (4, 4), (4, 4)], 5), ("line", [6, 6], 7), ("fwd", [5, 5], 4),
+])
+def test_conv_of_equal_shapes_is_torch_conv_and_equals_the_gather(decomposition, sizes, kernel):
+    torch.manual_seed(0)
+    key_name = "grid_size" if decomposition == "grid" else "seq_len"
+    num_nodes = sum(h * w for h, w in sizes) if decomposition == "grid" else sum(sizes)
+    geo = decomposition_geometry(decomposition, num_nodes, **{key_name: torch.tensor(sizes)})
+    assert geo.uniform is not None
+    channels = 5
+    x = torch.randn(num_nodes, channels, dtype=torch.float64)
+    weight = torch.randn(channels, *((kernel, kernel) if decomposition == "grid" else (kernel,)), dtype=torch.float64)
+    bias = torch.randn(channels, dtype=torch.float64)
+    out = decomposition_conv(x, weight, bias, geo)
+    torch.testing.assert_close(out, decomposition_conv_reference(x, weight, bias, geo))
+    # graph by graph with torch.nn's layers, as the authors' Conv2d / Conv1d (causal: Mamba-2's)
+    for g, size in enumerate(sizes):
+        if decomposition == "grid":
+            h, w = size
+            layer = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels).double()
+            layer.weight.data.copy_(weight.unsqueeze(1))
+            layer.bias.data.copy_(bias)
+            image = x[g * h * w:(g + 1) * h * w].t().reshape(1, channels, h, w)
+            expected = layer(image).reshape(channels, h * w).t()
+            rows = slice(g * h * w, (g + 1) * h * w)
+        else:
+            length = size
+            pad = kernel - 1 if decomposition == "fwd" else kernel // 2
+            layer = torch.nn.Conv1d(channels, channels, kernel, padding=pad, groups=channels).double()
+            layer.weight.data.copy_(weight.unsqueeze(1))
+            layer.bias.data.copy_(bias)
+            expected = layer(x[g * length:(g + 1) * length].t().unsqueeze(0))[0, :, :length].t()
+            rows = slice(g * length, (g + 1) * length)
+        torch.testing.assert_close(out[rows], expected)
 
 
 # --- the layer ------------------------------------------------------------------------------------
@@ -122,22 +277,51 @@ from torch_geometric.loader import DataLoader  # noqa: E402
 from torch_geometric_chimera import ChimeraConv  # noqa: E402
 from torch_geometric_chimera.transforms import ImageToGrid, SequenceToLine  # noqa: E402
 
+NO_EDGES = torch.empty(2, 0, dtype=torch.long)
+
 
 def image_batch(sizes=((4, 4), (2, 6)), channels=8):
     return next(iter(DataLoader([ImageToGrid()(torch.randn(channels, h, w)) for h, w in sizes],
                                 batch_size=len(sizes))))
 
 
-def test_fwd_decomposition_is_the_dag_layer_on_the_forward_line():
-    seq_len = torch.tensor([6, 3])
-    x = torch.randn(9, 8)
-    batch = torch.repeat_interleave(torch.arange(2), seq_len)
+def mamba2_block(conv, x):
+    """A Mamba-2 block in plain PyTorch, token by token (one sequence ``x`` [T, channels]):
+    in_proj, causal depthwise conv1d, SiLU, h_t = exp(-Δ_t) h_{t-1} + Δ_t B_t x_tᵀ, y_t = C_tᵀ h_t + D x_t,
+    RMSNorm(y ⊙ SiLU(z)) w, out_proj; parameters read from ``conv`` (a ChimeraConv(decomposition='fwd'))."""
+    length = x.size(0)
+    inner, state, heads, head_dim = conv.inner, conv.state_dim, conv.heads, conv.head_dim
+    z, xbc, dt = (x @ conv.in_proj.weight.t()).split([inner, conv.conv_width, heads], -1)
+    k = conv.conv_kernel
+    padded = torch.cat([xbc.new_zeros(k - 1, xbc.size(1)), xbc])
+    xbc = torch.stack([sum(conv.conv_weight[:, o] * padded[t + o] for o in range(k)) + conv.conv_bias
+                       for t in range(length)])
+    xbc = F.silu(xbc)
+    values, B, C = xbc.split([inner, state, state], -1)
+    values = values.view(length, heads, head_dim)
+    delta = F.softplus(dt + conv.dt_bias)  # [T, H]
+    h = x.new_zeros(heads, state, head_dim)
+    ys = []
+    for t in range(length):
+        h = torch.exp(-delta[t]).view(heads, 1, 1) * h + delta[t].view(heads, 1, 1) * B[t].view(1, state, 1) * values[t].view(heads, 1, head_dim)
+        ys.append(torch.einsum("s,hsp->hp", C[t], h) + conv.D.view(heads, 1) * values[t])
+    y = torch.stack(ys).reshape(length, inner) * F.silu(z)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * conv.norm_weight
+    return y @ conv.out_proj.weight.t()
+
+
+def test_fwd_decomposition_is_a_mamba2_block():
+    torch.manual_seed(0)
     conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="fwd")
-    plain = ChimeraConv(8, heads=2, state_dim=4, adjacency="dag")
-    plain.load_state_dict(conv.state_dict())
-    forward, _ = batched_line_dags(seq_len)
-    torch.testing.assert_close(conv(x, torch.empty(2, 0, dtype=torch.long), batch=batch, seq_len=seq_len),
-                               plain(x, forward, batch=batch))
+    with torch.no_grad():  # away from the identity-like start, so every part matters
+        conv.dt_bias.normal_()
+        conv.D.normal_()
+        conv.norm_weight.normal_()
+    seq_len = torch.tensor([9, 4])
+    x = torch.randn(13, 8)
+    out = conv(x, NO_EDGES, seq_len=seq_len)
+    for rows in (slice(0, 9), slice(9, 13)):
+        torch.testing.assert_close(out[rows], mamba2_block(conv, x[rows]), atol=1e-5, rtol=1e-5)
 
 
 def test_fwd_decomposition_is_causal():
@@ -151,6 +335,28 @@ def test_fwd_decomposition_is_causal():
     out2 = conv(x2, edge_index, seq_len=seq_len)
     torch.testing.assert_close(out[:5], out2[:5])
     assert not torch.allclose(out[5:], out2[5:])
+
+
+@pytest.mark.parametrize("symmetry", ["flip rows", "flip columns", "rotate 180", "transpose"])
+@pytest.mark.parametrize("sharing", ["diagonal", "complete"])
+def test_grid_layer_tells_an_image_from_its_mirror_images(symmetry, sharing):
+    # A layer that sums the DAGs with shared, direction-blind weights is invariant under the 180°
+    # rotation and the transpose; the direction-aware convolution and selectivity are not.
+    torch.manual_seed(0)
+    size = 5
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid", sharing=sharing)
+    image = torch.randn(size, size, 8)
+    moved = {"flip rows": image.flip(0), "flip columns": image.flip(1), "rotate 180": image.flip(0, 1),
+             "transpose": image.transpose(0, 1)}[symmetry]
+    grid_size = torch.tensor([[size, size]])
+
+    def run(img):
+        return conv(img.reshape(-1, 8), NO_EDGES, grid_size=grid_size).reshape(size, size, 8)
+
+    out, out_moved = run(image), run(moved)
+    back = {"flip rows": out_moved.flip(0), "flip columns": out_moved.flip(1), "rotate 180": out_moved.flip(0, 1),
+            "transpose": out_moved.transpose(0, 1)}[symmetry]
+    assert (out - back).abs().max() > 1e-3 * out.abs().max()
 
 
 @pytest.mark.parametrize("sharing", ["row", "diagonal", "none"])
@@ -167,8 +373,8 @@ def test_sharing_modes_with_equal_parameter_sets_equal_complete_sharing(sharing)
         return torch.cat([head] + [b] * sets + [c] * sets + [rest])
 
     state_dict = complete.state_dict()
-    state_dict["in_proj.weight"] = spread(state_dict["in_proj.weight"], 2 * inner)  # z, x, B, C, dt, psi
-    for name in ("conv_self", "conv_neighbors", "conv_bias"):
+    state_dict["in_proj.weight"] = spread(state_dict["in_proj.weight"], 2 * inner)  # z, x, B, C, dt
+    for name in ("conv_weight", "conv_bias"):
         state_dict[name] = spread(state_dict[name], inner)  # x, B, C
     shared.load_state_dict(state_dict)
     args = (data.x, data.edge_index)
@@ -180,16 +386,50 @@ def test_sharing_modes_with_equal_parameter_sets_equal_complete_sharing(sharing)
     assert not torch.allclose(shared(*args, **kwargs), complete(*args, **kwargs))
 
 
+def test_share_dt_diagonal_ties_a_dag_to_its_reverse():
+    # share_dt="diagonal" equals share_dt="none" whose reverse DAGs got copies of the selectivity rows
+    data = image_batch()
+    tied = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid", share_dt="diagonal")
+    free = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid", share_dt="none")
+    assert tied.dt_width == 2 * 2 * 2 and free.dt_width == 4 * 2 * 2
+    state_dict = tied.state_dict()
+    head, dt = state_dict["in_proj.weight"].split([tied.inner + tied.conv_width, tied.dt_width])
+    sets = dt.view(2, 2 * 2, -1)  # [Delta set, direction x head, channels]
+    state_dict["in_proj.weight"] = torch.cat([head, sets[[0, 1, 1, 0]].reshape(-1, dt.size(-1))])
+    free.load_state_dict(state_dict)
+    kwargs = dict(batch=data.batch, grid_size=data.grid_size)
+    torch.testing.assert_close(tied(data.x, NO_EDGES, **kwargs), free(data.x, NO_EDGES, **kwargs))
+
+
+@pytest.mark.parametrize("decomposition", ["grid", "line", "fwd"])
+def test_layer_on_a_batch_of_mixed_sizes_equals_each_graph_alone(decomposition):
+    torch.manual_seed(0)
+    if decomposition == "grid":
+        sizes, key = [(4, 4), (2, 6), (4, 4), (1, 1), (3, 2)], "grid_size"
+        counts = [h * w for h, w in sizes]
+    else:
+        sizes, key = [9, 3, 9, 1], "seq_len"
+        counts = sizes
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition=decomposition).double()
+    x = torch.randn(sum(counts), 8, dtype=torch.float64, requires_grad=True)
+    out = conv(x, NO_EDGES, **{key: torch.tensor(sizes)})
+    start = 0
+    for size, count in zip(sizes, counts):
+        alone = conv(x[start:start + count], NO_EDGES, **{key: torch.tensor([size])})
+        torch.testing.assert_close(out[start:start + count], alone)
+        start += count
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv.parameters())
+
+
 def test_grid_layer_batches_images_like_one_by_one():
     data = image_batch()
     conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid")
     out = conv(data.x, data.edge_index, batch=data.batch, grid_size=data.grid_size)
     for g in range(2):
         mask = data.batch == g
-        single = conv(data.x[mask], torch.empty(2, 0, dtype=torch.long), grid_size=data.grid_size[g:g + 1])
+        single = conv(data.x[mask], NO_EDGES, grid_size=data.grid_size[g:g + 1])
         torch.testing.assert_close(out[mask], single)
-    out.square().sum().backward()
-    assert all(p.grad is not None for p in conv.parameters())
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -197,18 +437,27 @@ def test_grid_layer_batches_images_like_one_by_one():
     (dict(decomposition="grid", adjacency="general"), "adjacency: decomposition='grid' normalizes every DAG"),
     (dict(decomposition="line", edge_dim=3), "edge_dim: the DAGs of a decomposition"),
     (dict(sharing="row"), "sharing: only applies with a decomposition"),
+    (dict(share_dt="diagonal"), "share_dt: only applies with a decomposition"),
+    (dict(conv_kernel=3), "conv_kernel: only applies with a decomposition"),
     (dict(decomposition="grid", sharing="rows"), "sharing: expected one of"),
+    (dict(decomposition="grid", share_dt="row"), "share_dt: expected one of"),
+    (dict(decomposition="grid", conv_kernel=4), "conv_kernel: expected a positive int, odd"),
+    (dict(decomposition="line", conv_kernel=0), "conv_kernel: expected a positive int"),
 ])
 def test_decomposition_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ChimeraConv(8, **kwargs)
 
 
-def test_grid_layer_needs_the_grid_size():
+def test_layer_inputs_are_checked():
     data = image_batch()
     conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid")
     with pytest.raises(ValueError, match="grid_size: decomposition='grid' needs"):
         conv(data.x, data.edge_index, batch=data.batch)
+    with pytest.raises(ValueError, match="x: expected a floating tensor"):
+        conv(data.x.long(), data.edge_index, grid_size=data.grid_size)
+    with pytest.raises(ValueError, match="batch: disagrees with grid_size"):
+        conv(data.x, data.edge_index, grid_size=data.grid_size, batch=data.batch.flip(0))
 
 
 def test_scripted_grid_layer_gives_the_eager_outputs():

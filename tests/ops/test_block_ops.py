@@ -568,7 +568,8 @@ def test_layer_with_the_fused_ops_equals_the_layer_on_the_references(kind, monke
     monkeypatch.setattr(chimera_conv, "local_conv_silu", counting("local_conv_silu", local_conv_silu))
     monkeypatch.setattr(chimera_conv, "gated_rms_norm", counting("gated_rms_norm", gated_rms_norm))
     fused = layer_outputs_and_grads(conv, x, kwargs)
-    assert calls == {"local_conv_silu": [True], "gated_rms_norm": [True]}  # the kernels ran, once each
+    # the kernels ran, once each (a grid layer's local convolution is its k x k conv2d)
+    assert calls == {"local_conv_silu": [True] if kind == "graph" else [], "gated_rms_norm": [True]}
 
     monkeypatch.setattr(chimera_conv, "local_conv_silu", local_conv_silu_reference)
     monkeypatch.setattr(chimera_conv, "gated_rms_norm", gated_rms_norm_reference)

@@ -4,7 +4,7 @@ per head), query and key ``[N, D, 1, S]`` shared by the heads, one output ``[N, 
 the DAGs. Against :func:`grid_attention_reference` in the stacked form, the sum of ``D`` one-DAG
 kernel calls, and the dense inverse oracle on the DAGs' ``edge_index``; autograd and op checks,
 thread-count determinism, low precision, malformed raw-op calls and the layer's use of it
-(``_stacked_grid_attention`` in ``nn/decomposition.py``). The one-DAG form is in
+(``decomposed_resolvent_attention`` in ``nn/decomposition.py``). The one-DAG form is in
 ``test_grid_kernel.py`` and ``test_raw_op_safety.py``."""
 import os
 import re
@@ -18,7 +18,7 @@ from worker_cases import run_cases, subprocess_env
 
 import torch_geometric_chimera.nn.decomposition as decomposition
 from torch_geometric_chimera.nn.decomposition import (batched_grid_dags, decomposed_resolvent_attention,
-                                                      sharing_groups)
+                                                      decomposition_adjacency, decomposition_geometry, sharing_groups)
 from torch_geometric_chimera.ops.grid import (GRID_DIRECTIONS, grid_attention, grid_attention_reference, grid_walks,
                                               grid_weights, num_checkpoints, state_block)
 from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
@@ -518,16 +518,20 @@ def test_decomposed_attention_stacks_shared_heads_and_falls_back_for_per_head_se
     heads, state_dim, head_dim = 3, 3, 4
     grid_size = torch.tensor(MIXED_SIZES)
     n = int(grid_size.prod(-1).sum())
-    dags = batched_grid_dags(grid_size)
+    geometry = decomposition_geometry("grid", n, grid_size=grid_size)
     groups = sharing_groups("grid", sharing)
     shape = (n, max(groups) + 1, 1 if shared_heads else heads, state_dim)
     query = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     key = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     value = torch.randn(n, heads, head_dim, dtype=torch.float64, requires_grad=True)
-    delta = torch.rand(n, heads, dtype=torch.float64).add(0.1).requires_grad_()
+    delta = torch.rand(n, 4, 2, heads, dtype=torch.float64).add(0.1).requires_grad_()  # per DAG and direction
     inputs = (query, key, value, delta)
+
+    def mixer(method):
+        weight, key_scale = decomposition_adjacency(delta, geometry, (0, 1, 2, 3), 0.5)
+        return decomposed_resolvent_attention(query, key, value, weight, key_scale, geometry, groups, method=method)
     with CountGridOps() as counter:
-        out = decomposed_resolvent_attention(query, key, value, delta, dags, groups, grid_size=grid_size)
+        out = mixer("auto")
         grad = torch.randn_like(out)
         got = values_and_grads(out, inputs, grad)
     if shared_heads and threads <= grid_size.size(0):
@@ -536,8 +540,7 @@ def test_decomposed_attention_stacks_shared_heads_and_falls_back_for_per_head_se
     else:
         assert sorted(counter.calls) == [("chimera.grid_attention.default", (n,))] * 4 + [
             ("chimera.grid_attention_backward.default", (n,))] * 4
-    want = values_and_grads(decomposed_resolvent_attention(query, key, value, delta, dags, groups,
-                                                           grid_size=grid_size, method="dense"), inputs, grad)
+    want = values_and_grads(mixer("dense"), inputs, grad)
     assert got[0].abs().max() > 0.01
     assert_all_close(got, want, names=("y", "grad query", "grad key", "grad value", "grad delta"))
     assert decomposition.grid_attention is grid_attention  # the layer's path is the one tested above

@@ -1,6 +1,6 @@
 r"""``ChimeraConv``: a Mamba-2 block whose sequence mixer is resolvent attention on the graph."""
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,11 +11,12 @@ from torch_geometric.typing import Adj, OptTensor
 from torch_geometric.utils import is_torch_sparse_tensor, to_edge_index
 
 from ..ops import METHODS, resolvent_attention
-from ..ops.block import gated_rms_norm, gated_rms_norm_reference, local_conv_silu, local_conv_silu_reference
+from ..ops.block import gated_rms_norm, gated_rms_norm_reference, local_conv_silu
 from ..ops.opaque import opaque_resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
-from .decomposition import (DECOMPOSITIONS, decomposed_resolvent_attention, decomposition_dags, local_neighbors,
+from .decomposition import (CONV_KERNEL, DAG_SUM_SCALE, DECOMPOSITIONS, NUM_DIRECTIONS, decomposed_resolvent_attention,
+                            decomposition_adjacency, decomposition_conv, decomposition_geometry, dt_groups,
                             sharing_groups)
 
 
@@ -154,7 +155,8 @@ class ChimeraConv(MessagePassing):
                  edge_dim: Optional[int] = None, adjacency: Optional[str] = None, method: str = "auto",
                  num_terms: Optional[int] = None, gamma: float = 0.9, local_conv: bool = True,
                  dt_min: float = 0.001, dt_max: float = 0.1, tol: Optional[float] = None, max_iter: int = 1000,
-                 decomposition: Optional[str] = None, sharing: Optional[str] = None, **kwargs):
+                 decomposition: Optional[str] = None, sharing: Optional[str] = None,
+                 conv_kernel: Optional[int] = None, share_dt: Optional[str] = None, **kwargs):
         kwargs.setdefault("aggr", "mean")
         super().__init__(**kwargs)
         # Sizes first: heads=0 would otherwise surface as a modulo by zero or an empty reshape.
@@ -184,11 +186,20 @@ class ChimeraConv(MessagePassing):
             if sharing is None:
                 sharing = "diagonal" if decomposition == "grid" else "none"
             self.groups = sharing_groups(decomposition, sharing)
-        elif sharing is not None:
-            raise ValueError("sharing: only applies with a decomposition; pass decomposition='line', 'fwd' or 'grid'")
+            share_dt = "none" if share_dt is None else share_dt
+            self.dt_groups = dt_groups(decomposition, share_dt)
+            conv_kernel = CONV_KERNEL[decomposition] if conv_kernel is None else conv_kernel
+            if not isinstance(conv_kernel, int) or isinstance(conv_kernel, bool) or conv_kernel < 1 or (
+                    decomposition != "fwd" and conv_kernel % 2 == 0):
+                raise ValueError(f"conv_kernel: expected a positive int, odd for decomposition={decomposition!r} (the "
+                                 f"kernel is centred on the node), got {conv_kernel!r}")
         else:
-            self.groups = (0,)
-        self.decomposition, self.sharing = decomposition, sharing
+            for name, value in (("sharing", sharing), ("share_dt", share_dt), ("conv_kernel", conv_kernel)):
+                if value is not None:
+                    raise ValueError(f"{name}: only applies with a decomposition; pass decomposition='line', 'fwd' "
+                                     f"or 'grid'")
+            self.groups = self.dt_groups = (0,)
+        self.decomposition, self.sharing, self.share_dt, self.conv_kernel = decomposition, sharing, share_dt, conv_kernel
         self.num_sets = max(self.groups) + 1
         if adjacency not in ADJACENCIES:
             raise ValueError(f"adjacency: expected one of {ADJACENCIES}, got {adjacency!r}")
@@ -211,10 +222,19 @@ class ChimeraConv(MessagePassing):
         # x, then B and C for each of the num_sets parameter sets of the decomposition.
         conv_width = inner + 2 * state_dim * self.num_sets
         self.conv_width = conv_width
-        # One projection for z, (x, B, C), delta and psi, as Mamba-2's in_proj.
-        self.in_proj = Linear(channels, inner + conv_width + 2 * heads, bias=False)
-        self.conv_self = Parameter(torch.empty(conv_width))
-        self.conv_neighbors = Parameter(torch.empty(conv_width))
+        if decomposition is None:
+            # delta and psi per head; the local convolution: one weight for the node, one for its neighbours.
+            self.dt_width = 2 * heads
+            self.conv_self = Parameter(torch.empty(conv_width))
+            self.conv_neighbors = Parameter(torch.empty(conv_width))
+        else:
+            # delta per head, Delta set (share_dt) and edge direction; a depthwise convolution with one
+            # weight per offset (k x k on grids, k taps on lines), as the authors' Conv2d / Conv1d.
+            self.dt_width = heads * (max(self.dt_groups) + 1) * NUM_DIRECTIONS[decomposition]
+            kernel_shape = (conv_kernel, conv_kernel) if decomposition == "grid" else (conv_kernel,)
+            self.conv_weight = Parameter(torch.empty(conv_width, *kernel_shape))
+        # One projection for z, (x, B, C) and the selectivity, as Mamba-2's in_proj.
+        self.in_proj = Linear(channels, inner + conv_width + self.dt_width, bias=False)
         self.conv_bias = Parameter(torch.empty(conv_width))
         self.dt_bias = Parameter(torch.empty(heads))
         self.D = Parameter(torch.empty(heads))
@@ -230,12 +250,19 @@ class ChimeraConv(MessagePassing):
         self.out_proj.reset_parameters()
         if self.edge_proj is not None:
             self.edge_proj.reset_parameters()
-        # Local conv starts as identity plus a small neighbour mix (Mamba's short conv starts random).
-        bound = 1.0 / math.sqrt(2.0)
         with torch.no_grad():
-            self.conv_self.uniform_(-bound, bound).add_(1.0)
-            self.conv_neighbors.uniform_(-bound, bound)
-            self.conv_bias.zero_()
+            if self.decomposition is None:
+                # Local conv starts as identity plus a small neighbour mix (Mamba's short conv starts random).
+                bound = 1.0 / math.sqrt(2.0)
+                self.conv_self.uniform_(-bound, bound).add_(1.0)
+                self.conv_neighbors.uniform_(-bound, bound)
+                self.conv_bias.zero_()
+            else:
+                # As torch.nn.Conv2d / Conv1d (Mamba-2's and the authors' convolutions): uniform in
+                # +-1 / sqrt(fan_in), fan_in the kernel's taps (depthwise).
+                bound = 1.0 / math.sqrt(self.conv_weight[0].numel())
+                self.conv_weight.uniform_(-bound, bound)
+                self.conv_bias.uniform_(-bound, bound)
             # Mamba-2's dt initialization: Δ log-uniform in [dt_min, dt_max] through softplus.
             dt = torch.exp(torch.rand(self.heads) * (math.log(self.dt_max) - math.log(self.dt_min))
                            + math.log(self.dt_min)).clamp_min(1e-4)
@@ -359,35 +386,36 @@ class ChimeraConv(MessagePassing):
         return resolvent_attention(query, key, value, edge_index, edge_weight, topology=topology, **options)
 
     @torch.jit.ignore
-    def _decomposition(self, num_nodes: int, grid_size: OptTensor, seq_len: OptTensor,
-                       batch: OptTensor, topology: Any, device: torch.device) -> Tuple[List[Tensor], Tensor]:
-        """The DAGs of ``self.decomposition`` and the edges of the local convolution."""
+    def _decomposition_forward(self, x: Tensor, grid_size: OptTensor, seq_len: OptTensor, batch: OptTensor,
+                               topology: Any) -> Tensor:
+        """The layer on ``self.decomposition``: DAGs, neighbours and directions from the geometry."""
         if topology is not None:
             raise ValueError("topology: a decomposition builds and caches its DAGs from grid_size / seq_len; "
                              "pass topology=None")
-        dags = decomposition_dags(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch,
-                                  device=device)
-        # The local convolution sees what the mixer sees (local_neighbors).
-        return dags, local_neighbors(dags, num_nodes)[0]
-
-    @torch.jit.ignore
-    def _decomposed_neighbors(self, xbc: Tensor, dags: List[Tensor], edge_index: Tensor) -> Tensor:
-        """Sum of xbc over the local convolution's neighbours of a decomposition."""
-        operator = local_neighbors(dags, xbc.size(0))[1]
-        if operator is None:
-            return self.propagate(edge_index.long(), x=xbc, size=(xbc.size(0), xbc.size(0)))
-        return operator.matmul(xbc.new_ones(edge_index.size(1), 1), xbc.unsqueeze(1)).squeeze(1)
-
-    @torch.jit.ignore
-    def _decomposed_mix(self, values: Tensor, B: Tensor, C: Tensor, delta: Tensor, dags: List[Tensor],
-                        batch: OptTensor, grid_size: OptTensor) -> Tensor:
+        num_nodes, heads = x.size(0), self.heads
+        geometry = decomposition_geometry(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len,
+                                          batch=batch, device=x.device)
+        weight_z, weight_xbc, weight_dt = self.in_proj.weight.split([self.inner, self.conv_width, self.dt_width])
+        z, xbc, dt = F.linear(x, weight_z), F.linear(x, weight_xbc), F.linear(x, weight_dt)
+        if self.local_conv:
+            xbc = decomposition_conv(xbc, self.conv_weight, self.conv_bias, geometry)
+        xbc = F.silu(xbc)
+        values, B, C = xbc.split([self.inner, self.state_dim * self.num_sets, self.state_dim * self.num_sets], dim=-1)
+        values = values.view(num_nodes, heads, self.head_dim)
+        # [N, Delta sets, directions, H]: every DAG its own selectivity per edge direction.
+        delta = F.softplus(dt.view(num_nodes, -1, NUM_DIRECTIONS[self.decomposition], heads) + self.dt_bias)
+        weight, key_scale = decomposition_adjacency(delta, geometry, self.dt_groups,
+                                                    DAG_SUM_SCALE[self.decomposition])
         # B, C: [N, num_sets * S] -> [N, num_sets, 1, S], every head of a set sharing them as in mix().
-        shape = (values.size(0), self.num_sets, 1, self.state_dim)
-        B, C = B.reshape(shape), C.reshape(shape)
-        return decomposed_resolvent_attention(C, B, values, delta, dags, self.groups, batch=batch,
-                                              grid_size=grid_size if self.decomposition == "grid" else None,
-                                              method=self.method, num_terms=self.num_terms, tol=self.tol,
-                                              max_iter=self.max_iter)
+        shape = (num_nodes, self.num_sets, 1, self.state_dim)
+        y = decomposed_resolvent_attention(C.reshape(shape), B.reshape(shape), values, weight, key_scale, geometry,
+                                           self.groups, method=self.method, num_terms=self.num_terms, tol=self.tol,
+                                           max_iter=self.max_iter)
+        # Functions, not self._gated_rms_norm / self.out_proj: in a scripted layer this method runs in
+        # Python, where the scripted submodules and ignored methods cannot be called.
+        y = gated_rms_norm(y.reshape(num_nodes, self.inner), values.reshape(num_nodes, self.inner),
+                           self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None,
                 grid_size: OptTensor = None, seq_len: OptTensor = None, topology: Any = None) -> Tensor:
@@ -404,43 +432,37 @@ class ChimeraConv(MessagePassing):
                              "same (with to_hetero, give bipartite relations another layer)")
         if x.dim() != 2 or x.size(-1) != self.channels:
             raise ValueError(f"x: expected shape [N, channels] = [N, {self.channels}], got {list(x.shape)}")
-        num_nodes, heads = x.size(0), self.heads
-        edge_index = self._to_edge_index(edge_index, num_nodes)
-        dags: Optional[List[Tensor]] = None
+        if not x.is_floating_point():
+            raise ValueError(f"x: expected a floating tensor (the layer's weights are {self.in_proj.weight.dtype}), "
+                             f"got dtype {x.dtype}")
         if self.decomposition is not None:
             if edge_attr is not None:
                 raise ValueError("edge_attr: a decomposition's DAGs carry no edge features; pass edge_attr=None")
-            dags, edge_index = self._decomposition(num_nodes, grid_size, seq_len, batch, topology, x.device)
+            return self._decomposition_forward(x, grid_size, seq_len, batch, topology)
+        num_nodes, heads = x.size(0), self.heads
+        edge_index = self._to_edge_index(edge_index, num_nodes)
         delta_edge = self._edge_selectivity(edge_attr, edge_index.size(1))
         edge_mask: OptTensor = None
-        if dags is None and not torch.jit.is_scripting():  # PyG's explain masks exist on the Python module only
+        if not torch.jit.is_scripting():  # PyG's explain masks exist on the Python module only
             edge_mask = self._explain_edge_mask(edge_index.size(1), num_nodes)
 
         # in_proj as three products over row blocks of its weight: one [N, inner + conv_width + 2H]
         # output split in four would need its gradient concatenated back (a copy of the widest
         # tensor of the layer) in the backward.
-        weight_z, weight_xbc, weight_dt = self.in_proj.weight.split([self.inner, self.conv_width, 2 * heads])
+        weight_z, weight_xbc, weight_dt = self.in_proj.weight.split([self.inner, self.conv_width, self.dt_width])
         z, xbc = F.linear(x, weight_z), F.linear(x, weight_xbc)
         dt, psi = F.linear(x, weight_dt).split([heads, heads], dim=-1)
         if self.local_conv:
-            if dags is None:
-                neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
-            else:
-                neighbors = self._decomposed_neighbors(xbc, dags, edge_index)
-            if torch.jit.is_scripting():  # the fused kernel's wrapper is Python
-                xbc = local_conv_silu_reference(xbc, neighbors, self.conv_self, self.conv_neighbors, self.conv_bias)
-            else:
-                xbc = self._local_conv_silu(xbc, neighbors)
+            neighbors = self.propagate(edge_index.long(), x=xbc, size=(num_nodes, num_nodes))
+            # Python even in a scripted layer: a decomposition layer has no conv_self / conv_neighbors.
+            xbc = self._local_conv_silu(xbc, neighbors)
         else:
             xbc = F.silu(xbc)
         values, B, C = xbc.split([self.inner, self.state_dim * self.num_sets, self.state_dim * self.num_sets], dim=-1)
         values = values.view(num_nodes, heads, self.head_dim)
         delta = F.softplus(dt + self.dt_bias)
 
-        if dags is None:
-            y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch, edge_mask, topology)
-        else:
-            y = self._decomposed_mix(values, B, C, delta, dags, batch, grid_size)
+        y = self.mix(values, B, C, delta, edge_index, psi, delta_edge, batch, edge_mask, topology)
         y, values = y.reshape(num_nodes, self.inner), values.reshape(num_nodes, self.inner)
         if torch.jit.is_scripting():
             y = gated_rms_norm_reference(y, values, self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)
@@ -466,4 +488,5 @@ class ChimeraConv(MessagePassing):
         return (f"{self.__class__.__name__}({self.channels}, heads={self.heads}, state_dim={self.state_dim}, "
                 f"expand={self.expand}, edge_dim={self.edge_dim}, adjacency={self.adjacency!r}, "
                 f"method={self.method!r}, num_terms={self.num_terms}"
-                + (f", decomposition={self.decomposition!r}, sharing={self.sharing!r})" if self.decomposition else ")"))
+                + (f", decomposition={self.decomposition!r}, sharing={self.sharing!r}, share_dt={self.share_dt!r}, "
+                   f"conv_kernel={self.conv_kernel})" if self.decomposition else ")"))

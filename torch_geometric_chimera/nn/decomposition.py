@@ -1,35 +1,66 @@
-r"""Canonical DAG decompositions of line and grid graphs (paper §4.1, Figures 2 and 3, App. B.2).
+r"""Canonical DAG decompositions of line and grid graphs (paper §4.1, Figures 2 and 3, App. B.2),
+built as the authors' image and text models build them.
 
 An undirected line graph is the union of two directed lines, an undirected grid graph the union
-of four directed grid DAGs, one flowing towards each corner. Chimera runs its mixer on every DAG,
-each with the DAG normalization of Prop. 4.3, and sums the results. The geometry (sequence
-lengths or grid sizes, as :class:`~torch_geometric_chimera.transforms.SequenceToLine` and
-:class:`~torch_geometric_chimera.transforms.ImageToGrid` record them) says where the DAGs are,
-so nothing is inferred from ``edge_index``.
+of four directed grid DAGs, one flowing towards each corner. Chimera runs its mixer on every DAG
+and sums the results. The geometry (sequence lengths or grid sizes, as
+:class:`~torch_geometric_chimera.transforms.SequenceToLine` and
+:class:`~torch_geometric_chimera.transforms.ImageToGrid` record them) says where the DAGs are, so
+nothing is inferred from ``edge_index``, and it gives every edge a *direction*, which the layer
+uses twice (DESIGN.md §4):
+
+* **Selectivity per DAG and edge direction.** On grids every DAG ``d`` has its own
+  :math:`\Delta_{i,d,r}` for the edge arriving at ``i`` from the vertical (``r = 0``) and from the
+  horizontal (``r = 1``) neighbour, and
+
+  .. math::
+      A^{(d)}_{ij} = \frac{\exp(-\Delta_{i,d,r(j \to i)})}{\sqrt{|p_d(i)|}}, \qquad
+      \bar{\mathbf{B}}^{(d)}_i = \frac{\sum_{j \in p_d(i)} \Delta_{i,d,r(j \to i)}}{\sqrt{|p_d(i)|}}
+          \mathbf{B}_i,
+
+  so a DAG's source corner gets no input of its own in that DAG (the other DAGs carry it), as in
+  the authors' image code. The four outputs are summed and scaled by :math:`1/\sqrt{4}`.
+* On lines each direction has its own :math:`\Delta`, and every direction is Mamba-2 itself:
+  :math:`A_{t,t-1} = \exp(-\Delta_t)`, :math:`\bar{\mathbf{B}}_t = \Delta_t \mathbf{B}_t` (the
+  first token included); the two directions are summed.
+
+(The local convolution, one weight per offset, is :func:`decomposition_conv`.)
 
 Nodes of every graph are numbered consecutively, graph after graph, as PyG's ``DataLoader``
 batches them; inside a sequence in order, inside an image in raster order (row by row).
 """
+import math
 import weakref
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops._extension import HAS_EXTENSION
-from ..ops.common import CsrOperator, host_reads_allowed
-from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, grid_weights, num_checkpoints,
+from ..ops.common import host_reads_allowed
+from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, num_checkpoints,
                         segment_rows_for)
 from ..ops.triton_grid import grid_attention_triton, grid_plan, grid_triton_available
-from ..utils.topology import line_graph_dags
 
 #: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line
-#: alone: causal, Mamba-2's SSD) and ``"grid"`` (four directed grid DAGs, Fig. 3).
+#: alone: causal, Mamba-2) and ``"grid"`` (four directed grid DAGs, Fig. 3).
 DECOMPOSITIONS = ("line", "fwd", "grid")
 
 #: How many DAGs each decomposition has, in the order :func:`decomposition_dags` returns them.
-#: Grid DAGs: (down, right), (down, left), (up, right), (up, left).
+#: Grid DAGs: (down, right), (down, left), (up, right), (up, left); lines: forward, backward.
 NUM_DAGS = {"line": 2, "fwd": 1, "grid": 4}
+
+#: Edge directions a node's parents can come from: on grids the vertical (slot 0) and the
+#: horizontal (slot 1) neighbour, on lines the one previous token.
+NUM_DIRECTIONS = {"line": 1, "fwd": 1, "grid": 2}
+
+#: Scale of the sum over the DAGs: the authors' image model divides it by the square root of the
+#: number of DAGs; their text model adds the two directions.
+DAG_SUM_SCALE = {"line": 1.0, "fwd": 1.0, "grid": 1.0 / math.sqrt(4)}
+
+#: Default width of the local convolution: 3 x 3 on grids (the authors' ``d_conv=2``), 7 taps
+#: centred on lines (their text model), Mamba-2's causal 4 for ``"fwd"``.
+CONV_KERNEL = {"grid": 3, "line": 7, "fwd": 4}
 
 #: Which set of ``B, C`` parameters each DAG uses (App. B.2). Picture the grid DAGs as the
 #: 2 x 2 table ``[[down-right, down-left], [up-right, up-left]]``:
@@ -49,6 +80,10 @@ _GROUPS = {
     "fwd": {mode: (0,) for mode in SHARING},
 }
 
+#: Which DAGs share their selectivity :math:`\Delta` (the authors' ``share_dt_for_two_graphs``):
+#: ``"none"`` (each DAG its own) or ``"diagonal"`` (a DAG and its reverse share, as ``sharing``).
+SHARE_DT = ("none", "diagonal")
+
 
 def sharing_groups(decomposition: str, sharing: str) -> Tuple[int, ...]:
     """The ``B, C`` parameter set of every DAG of ``decomposition`` under ``sharing``."""
@@ -59,48 +94,113 @@ def sharing_groups(decomposition: str, sharing: str) -> Tuple[int, ...]:
     return _GROUPS[decomposition][sharing]
 
 
-def _node_coordinates(sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(node, graph, local)`` of every node of graphs with ``sizes`` nodes, numbered in order."""
-    num_nodes = int(sizes.sum())
-    graph = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes, output_size=num_nodes)
-    offsets = torch.cumsum(sizes, 0) - sizes
-    node = torch.arange(num_nodes, device=sizes.device)
-    return node, graph, node - offsets[graph]
+def dt_groups(decomposition: str, share_dt: str) -> Tuple[int, ...]:
+    """The :math:`\\Delta` set of every DAG of ``decomposition`` under ``share_dt``."""
+    if share_dt not in SHARE_DT:
+        raise ValueError(f"share_dt: expected one of {SHARE_DT}, got {share_dt!r}")
+    return sharing_groups(decomposition, share_dt)
 
 
-def batched_line_dags(seq_len: Tensor) -> List[Tensor]:
-    r"""Forward (``t -> t + 1``) and backward (``t + 1 -> t``) chains of every sequence of a batch
-    with lengths ``seq_len`` (``[G]``), nodes numbered sequence after sequence."""
-    seq_len = seq_len.view(-1).long()
-    num_nodes = int(seq_len.sum())
-    batch = torch.repeat_interleave(torch.arange(seq_len.numel(), device=seq_len.device), seq_len,
-                                    output_size=num_nodes)
-    return list(line_graph_dags(num_nodes, batch))
+class DecompositionGeometry:
+    r"""Everything a decomposition derives from the geometry alone, built once per geometry
+    tensor and shared by every layer of a model on one mini-batch.
+
+    Attributes:
+        decomposition (str): ``"line"``, ``"fwd"`` or ``"grid"``.
+        sizes (LongTensor): ``[G, 2]`` height and width of every image, or ``[G]`` sequence lengths.
+        num_nodes (int): ``N``.
+        graph_ptr (LongTensor): ``[G + 1]`` first node of every graph.
+        batch (LongTensor): ``[N]`` graph of every node.
+        dags (list of LongTensor): ``[2, E_d]`` per DAG, edges grouped by direction slot.
+        edge_slot (list of LongTensor): ``[E_d]`` per DAG: ``R * target + slot``, where edge ``e``
+            reads its weight in a flattened ``[N * R, H]`` per-node table.
+        parents (BoolTensor): ``[D, N, R]``: whether node ``i`` has a parent in slot ``r`` of DAG ``d``.
+        uniform (tuple of int, optional): ``(G, height, width)`` or ``(G, length)`` when every graph
+            has the same shape (the local convolution is then one batched call), else :obj:`None`.
+    """
+
+    def __init__(self, decomposition: str, sizes: Tensor, num_nodes: int):
+        self.decomposition, self.sizes, self.num_nodes = decomposition, sizes, num_nodes
+        device = sizes.device
+        grid = decomposition == "grid"
+        counts = sizes[:, 0] * sizes[:, 1] if grid else sizes
+        num_graphs = counts.numel()
+        self.graph_ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        self.batch = torch.repeat_interleave(torch.arange(num_graphs, device=device), counts, output_size=num_nodes)
+        node = torch.arange(num_nodes, device=device)
+        local = node - self.graph_ptr[self.batch]
+        # Per DAG and slot: which nodes have a parent there, and which node it is.
+        links: List[List[Tuple[Tensor, Tensor]]] = []
+        if grid:
+            height, width = sizes[self.batch, 0], sizes[self.batch, 1]
+            row, column = local // width.clamp_min(1), local % width.clamp_min(1)
+            self.coordinates = (row, column, height, width)
+            for flip_rows, flip_columns in GRID_DIRECTIONS:
+                vertical = (row < height - 1, node + width) if flip_rows else (row > 0, node - width)
+                horizontal = (column < width - 1, node + 1) if flip_columns else (column > 0, node - 1)
+                links.append([vertical, horizontal])
+        else:
+            length = counts[self.batch]
+            self.coordinates = (local, length)
+            links.append([(local > 0, node - 1)])
+            if decomposition == "line":
+                links.append([(local < length - 1, node + 1)])
+        directions = NUM_DIRECTIONS[decomposition]
+        self.parents = torch.stack([torch.stack([valid for valid, _ in dag], -1) for dag in links])
+        self.dags, self.edge_slot = [], []
+        if not grid and num_graphs == 1:  # one sequence: no boolean masks, so nothing is read on the device
+            forward = torch.stack([node[:-1], node[1:]])
+            self.dags = [forward, forward.flip(0)][:len(links)]
+            self.edge_slot = [dag[1] for dag in self.dags]
+        for dag in links[len(self.dags):]:
+            self.dags.append(torch.cat([torch.stack([parent[valid], node[valid]]) for valid, parent in dag], 1))
+            self.edge_slot.append(torch.cat([node[valid] * directions + slot for slot, (valid, _) in enumerate(dag)]))
+        self.uniform: Optional[Tuple[int, ...]] = None
+        if decomposition != "grid" and num_graphs == 1 and num_nodes > 0:  # one sequence: nothing to read
+            self.uniform = (1, num_nodes)
+        elif num_graphs and device.type != "meta":  # the sizes were read on the host already (_checked_sizes)
+            first = sizes[0]
+            if bool((sizes == first).all()) and bool((counts > 0).all()):
+                self.uniform = (num_graphs,) + tuple(int(v) for v in first.view(-1))
+        self._memo: Dict[Hashable, Any] = {}
+
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """A value derived from this geometry alone, built on first use."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def conv_index(self, kernel_size: int) -> Tensor:
+        r"""``[K, N]``: the node at every offset of the local convolution's kernel, or ``N`` (a zero
+        row) past the graph's border. Offsets in the order of the kernel's entries: row-major
+        ``(dy, dx)`` in ``[-r, r]^2`` on grids (``k = 2r + 1``), ``-r .. r`` on lines, ``-(k-1) .. 0``
+        (causal) for ``"fwd"``."""
+        def build() -> Tensor:
+            node = torch.arange(self.num_nodes, device=self.sizes.device)
+            pad = torch.full_like(node, self.num_nodes)
+            rows = []
+            if self.decomposition == "grid":
+                row, column, height, width = self.coordinates
+                radius = kernel_size // 2
+                for dy in range(-radius, radius + 1):
+                    for dx in range(-radius, radius + 1):
+                        inside = ((row + dy >= 0) & (row + dy < height) & (column + dx >= 0)
+                                  & (column + dx < width))
+                        rows.append(torch.where(inside, node + dy * width + dx, pad))
+            else:
+                position, length = self.coordinates
+                first = -(kernel_size - 1) if self.decomposition == "fwd" else -(kernel_size // 2)
+                for offset in range(first, first + kernel_size):
+                    inside = (position + offset >= 0) & (position + offset < length)
+                    rows.append(torch.where(inside, node + offset, pad))
+            return torch.stack(rows) if rows else node.new_zeros(0, self.num_nodes)
+        return self.memo(("conv_index", kernel_size), build)
 
 
-def batched_grid_dags(grid_size: Tensor) -> List[Tensor]:
-    r"""The four directed grid DAGs of every image of a batch with ``grid_size`` (``[G, 2]``:
-    height and width), nodes numbered image after image in raster order: (down, right),
-    (down, left), (up, right), (up, left), as :func:`~torch_geometric_chimera.utils.grid_graph_dags`
-    gives for one image."""
-    grid_size = grid_size.view(-1, 2).long()
-    height, width = grid_size[:, 0], grid_size[:, 1]
-    node, graph, local = _node_coordinates(height * width)
-    row_width = width[graph]
-    row, column = local // row_width, local % row_width
-    has_right = column < row_width - 1
-    has_down = row < height[graph] - 1
-    right = torch.stack([node[has_right], node[has_right] + 1])
-    down = torch.stack([node[has_down], node[has_down] + row_width[has_down]])
-    left, up = right.flip(0), down.flip(0)
-    return [torch.cat([down, right], 1), torch.cat([down, left], 1),
-            torch.cat([up, right], 1), torch.cat([up, left], 1)]
-
-
-class _DagCache:
-    """The DAGs of the last few geometry tensors, so every layer of a model on one mini-batch
-    reuses the same edge tensors (and with them the cached :class:`GraphTopology`). Entries hold
-    weak references and version counters, as :meth:`GraphTopology.get` does."""
+class _GeometryCache:
+    """Values built from the last few geometry tensors, so every layer of a model on one
+    mini-batch reuses them. Entries hold weak references and version counters, as
+    :meth:`GraphTopology.get` does: an in-place write to the tensor is a miss."""
 
     def __init__(self, size: int = 8):
         self.size = size
@@ -109,23 +209,112 @@ class _DagCache:
     def get(self, kind: Hashable, geometry: Tensor, build: Callable[[], Any]) -> Any:
         if geometry.is_inference():
             return build()
-        for ref, version, entry_kind, dags in self.entries:
+        for ref, version, entry_kind, value in self.entries:
             if ref() is geometry and version == geometry._version and entry_kind == kind:
-                return dags
-        dags = build()
-        self.entries = ([(weakref.ref(geometry), geometry._version, kind, dags)]
+                return value
+        value = build()
+        self.entries = ([(weakref.ref(geometry), geometry._version, kind, value)]
                         + [e for e in self.entries if e[0]() is not None][:self.size - 1])
-        return dags
+        return value
 
 
-def _build(decomposition: str, geometry: Tensor) -> List[Tensor]:
+_CACHE = _GeometryCache()
+_SINGLE_SEQUENCE: Dict[Tuple[int, str, str], DecompositionGeometry] = {}
+
+
+def _checked_sizes(decomposition: str, geometry: Tensor, num_nodes: int, name: str) -> Tensor:
+    """``geometry`` as long sizes, every entry checked before anything is summed or multiplied:
+    an int64 sum or product that wraps around could otherwise match ``num_nodes`` by accident."""
+    shape = "[num_graphs, 2]" if name == "grid_size" else "[num_graphs]"
+    if geometry.is_floating_point() or geometry.is_complex() or geometry.dtype == torch.bool:
+        raise ValueError(f"{name}: expected an integer tensor of shape {shape}, got dtype {geometry.dtype}")
+    if name == "grid_size":
+        if geometry.dim() not in (1, 2) or geometry.size(-1) != 2:
+            raise ValueError(f"{name}: expected an integer tensor of shape {shape}, got {list(geometry.shape)}")
+        sizes = geometry.reshape(-1, 2).long()
+    else:
+        if geometry.dim() > 1:
+            raise ValueError(f"{name}: expected an integer tensor of shape {shape}, got {list(geometry.shape)}")
+        sizes = geometry.reshape(-1).long()
+    # The sizes are read on the host once per geometry tensor (the DAGs need them anyway).
+    if bool((sizes < 0).any()) or bool((sizes > num_nodes).any()):
+        raise ValueError(f"{name}: every entry must lie in [0, N] = [0, {num_nodes}] (N, the nodes of x), got "
+                         f"entries from {int(sizes.min())} to {int(sizes.max())}")
+    if name == "grid_size":
+        height, width = sizes[:, 0], sizes[:, 1]
+        # height * width <= N without forming a product that could wrap: height <= N // width.
+        if bool((height > num_nodes // width.clamp_min(1)).any()):
+            raise ValueError(f"{name}: an image has height * width > N = {num_nodes} nodes")
+        counts = height * width
+    else:
+        counts = sizes
+    # Each count is at most N now, so the sum cannot wrap for any realistic number of graphs.
+    total = int(counts.sum())
+    if total != num_nodes:
+        raise ValueError(f"{name}: the graphs it describes have {total} nodes in all, but x has {num_nodes}")
+    return sizes
+
+
+def _sizes_from_batch(batch: Tensor, num_nodes: int) -> Tensor:
+    """Sequence lengths of a ``batch`` whose graphs each occupy consecutive nodes."""
+    if batch.dim() != 1 or batch.numel() != num_nodes or batch.is_floating_point():
+        raise ValueError(f"batch: expected an integer tensor of shape [N] = [{num_nodes}], got "
+                         f"{list(batch.shape)} of dtype {batch.dtype}")
+    if num_nodes > 1 and bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError("batch: decomposition='line' / 'fwd' without seq_len takes every graph of batch as one "
+                         "sequence, so its nodes must be consecutive (batch sorted, as PyG's DataLoader makes it); "
+                         "pass seq_len, or sort the nodes")
+    return torch.unique_consecutive(batch, return_counts=True)[1]
+
+
+def _check_batch(geometry: DecompositionGeometry, batch: Tensor, name: str) -> None:
+    """``batch`` must put the nodes of every graph of the geometry together, graph after graph."""
+    num_nodes = geometry.num_nodes
+    if batch.dim() != 1 or batch.numel() != num_nodes or batch.is_floating_point():
+        raise ValueError(f"batch: expected an integer tensor of shape [N] = [{num_nodes}], got "
+                         f"{list(batch.shape)} of dtype {batch.dtype}")
+    if num_nodes > 1:
+        starts = batch[1:] != batch[:-1]
+        expected = geometry.batch[1:] != geometry.batch[:-1]
+        if bool((batch[1:] < batch[:-1]).any()) or not torch.equal(starts, expected):
+            raise ValueError(f"batch: disagrees with {name}: the graphs of batch must be those {name} describes, "
+                             f"node for node, in the same order")
+
+
+def decomposition_geometry(decomposition: str, num_nodes: int, *, grid_size: Optional[Tensor] = None,
+                           seq_len: Optional[Tensor] = None, batch: Optional[Tensor] = None,
+                           device: Optional[torch.device] = None) -> DecompositionGeometry:
+    r"""The :class:`DecompositionGeometry` of ``decomposition`` over a batch of ``num_nodes`` nodes
+    (cached per geometry tensor). Arguments as :func:`decomposition_dags`."""
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS}, got {decomposition!r}")
     if decomposition == "grid":
-        return batched_grid_dags(geometry)
-    dags = batched_line_dags(geometry)
-    return dags[:1] if decomposition == "fwd" else dags
-
-
-_CACHE = _DagCache()
+        if grid_size is None:
+            raise ValueError("grid_size: decomposition='grid' needs the [num_graphs, 2] grid size of every image "
+                             "(ImageToGrid records it as data.grid_size)")
+        geometry, name = grid_size, "grid_size"
+    elif seq_len is not None:
+        geometry, name = seq_len, "seq_len"
+    elif batch is not None:  # every graph of batch is one sequence
+        return _CACHE.get((decomposition, num_nodes, "batch"), batch,
+                          lambda: DecompositionGeometry(decomposition, _sizes_from_batch(batch, num_nodes), num_nodes))
+    else:  # the whole input is one sequence
+        device = torch.device(device or "cpu")
+        key = (num_nodes, str(device), decomposition)
+        if key not in _SINGLE_SEQUENCE:
+            if len(_SINGLE_SEQUENCE) > 64:  # bounded: many distinct lengths only cost cache misses
+                _SINGLE_SEQUENCE.clear()
+            _SINGLE_SEQUENCE[key] = DecompositionGeometry(decomposition, torch.tensor([num_nodes], device=device),
+                                                          num_nodes)
+        return _SINGLE_SEQUENCE[key]
+    result = _CACHE.get((decomposition, num_nodes), geometry,
+                        lambda: DecompositionGeometry(decomposition,
+                                                      _checked_sizes(decomposition, geometry, num_nodes, name),
+                                                      num_nodes))
+    if batch is not None and host_reads_allowed(batch):
+        # Checked once per (geometry, batch) pair: the memo keeps the batch tensors already seen.
+        _CACHE.get(("batch agrees", id(result)), batch, lambda: _check_batch(result, batch, name))
+    return result
 
 
 def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optional[Tensor] = None,
@@ -139,136 +328,180 @@ def decomposition_dags(decomposition: str, num_nodes: int, *, grid_size: Optiona
         grid_size (LongTensor, optional): ``[G, 2]`` height and width of every image (``"grid"``).
         seq_len (LongTensor, optional): ``[G]`` length of every sequence (``"line"``, ``"fwd"``);
             when :obj:`None`, every graph of ``batch`` (or the whole input) is one sequence.
-        batch (LongTensor, optional): ``[N]`` graph of every node, used only without ``seq_len``.
+        batch (LongTensor, optional): ``[N]`` graph of every node; with ``grid_size`` or
+            ``seq_len`` it must agree with them (checked where host reads are free).
         device (torch.device, optional): where the DAGs go when neither ``seq_len`` nor ``batch``
             is given (default: CPU).
 
     :rtype: list of :class:`LongTensor` ``[2, E_d]``, one per DAG (:data:`NUM_DAGS`).
     """
-    if decomposition not in DECOMPOSITIONS:
-        raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS}, got {decomposition!r}")
-    if decomposition == "grid":
-        if grid_size is None:
-            raise ValueError("grid_size: decomposition='grid' needs the [num_graphs, 2] grid size of every image "
-                             "(ImageToGrid records it as data.grid_size)")
-        if grid_size.dim() not in (1, 2) or grid_size.size(-1) != 2 or grid_size.is_floating_point():
-            raise ValueError(f"grid_size: expected an integer tensor of shape [num_graphs, 2], got "
-                             f"{list(grid_size.shape)} of dtype {grid_size.dtype}")
-        geometry = grid_size
-        total = grid_size.view(-1, 2).long().prod(-1).sum()
-        name = "grid_size"
-    else:
-        if seq_len is None:
-            # Every graph of batch (or the whole input) is one sequence: no lengths needed, no host read.
-            forward_only = decomposition == "fwd"
-            if batch is not None:
-                dags = _CACHE.get(decomposition, batch, lambda: list(line_graph_dags(num_nodes, batch)))
-                return dags[:1] if forward_only else dags
-            key = (num_nodes, str(torch.device(device or "cpu")))
-            if key not in _SINGLE_SEQUENCE:
-                if len(_SINGLE_SEQUENCE) > 64:  # bounded: many distinct lengths only cost cache misses
-                    _SINGLE_SEQUENCE.clear()
-                _SINGLE_SEQUENCE[key] = list(line_graph_dags(num_nodes, device=device))
-            dags = _SINGLE_SEQUENCE[key]
-            return dags[:1] if forward_only else dags
-        if seq_len.dim() > 1 or seq_len.is_floating_point():
-            raise ValueError(f"seq_len: expected an integer tensor of shape [num_graphs], got "
-                             f"{list(seq_len.shape)} of dtype {seq_len.dtype}")
-        geometry = seq_len
-        total = seq_len.long().sum()
-        name = "seq_len"
-    if host_reads_allowed(geometry):  # CPU, or torch_geometric.debug() on accelerators
-        if int(total) != num_nodes or bool((geometry < 0).any()):
-            raise ValueError(f"{name}: the graphs it describes have {int(total)} nodes in all, but x has "
-                             f"{num_nodes} (sizes must be non-negative)")
-    return _CACHE.get(decomposition, geometry, lambda: _build(decomposition, geometry))
+    return decomposition_geometry(decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch,
+                                  device=device).dags
 
 
-_SINGLE_SEQUENCE: Dict[Tuple[int, str], List[Tensor]] = {}
+def batched_line_dags(seq_len: Tensor) -> List[Tensor]:
+    r"""Forward (``t -> t + 1``) and backward (``t + 1 -> t``) chains of every sequence of a batch
+    with lengths ``seq_len`` (``[G]``), nodes numbered sequence after sequence."""
+    num_nodes = int(seq_len.long().sum())
+    return decomposition_dags("line", num_nodes, seq_len=seq_len)
 
 
-def local_neighbors(dags: List[Tensor], num_nodes: int) -> Tuple[Tensor, Optional[CsrOperator]]:
-    r"""The edges of a decomposition's local convolution, every neighbour once: the forward line
-    alone for ``"fwd"`` (causal), both lines for ``"line"``, and for ``"grid"`` the down-left and
-    up-right DAGs, which together hold each of the four neighbour directions once. With the
-    compiled extension on CPU, also their CSR operator (the sum over neighbours as one
-    ``chimera::spmm``, kept with the DAGs)."""
-    def build():
-        edge_index = torch.cat(dags[1:3] if len(dags) == 4 else dags, 1)
-        operator = CsrOperator(edge_index, num_nodes) if HAS_EXTENSION and edge_index.device.type == "cpu" else None
-        return edge_index, operator
-    return _CACHE.get("local", dags[0], build)
+def batched_grid_dags(grid_size: Tensor) -> List[Tensor]:
+    r"""The four directed grid DAGs of every image of a batch with ``grid_size`` (``[G, 2]``:
+    height and width), nodes numbered image after image in raster order: (down, right),
+    (down, left), (up, right), (up, left), as :func:`~torch_geometric_chimera.utils.grid_graph_dags`
+    gives for one image."""
+    num_nodes = int(grid_size.view(-1, 2).long().prod(-1).sum())
+    return decomposition_dags("grid", num_nodes, grid_size=grid_size)
 
 
-def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, delta: Tensor, dags: List[Tensor],
-                                   groups: Tuple[int, ...], *, batch: Optional[Tensor] = None,
-                                   grid_size: Optional[Tensor] = None, method: str = "auto",
-                                   **solver_options) -> Tensor:
+def decomposition_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: DecompositionGeometry) -> Tensor:
+    r"""The local convolution of a decomposition: depthwise, one weight per offset, zero padded at
+    every graph's border, as the authors' ``Conv2d`` (grids) and ``Conv1d`` (lines; causal for
+    ``"fwd"``, as Mamba-2's):
+
+    .. math::
+        \mathbf{x}'_i = \mathbf{b} + \sum_{o} \mathbf{w}_o \odot \mathbf{x}_{i + o}.
+
+    Args:
+        x (Tensor): ``[N, C]``.
+        weight (Tensor): ``[C, k, k]`` (grid) or ``[C, k]`` (lines).
+        bias (Tensor, optional): ``[C]``.
+        geometry (DecompositionGeometry): where the neighbours are.
+
+    Batches of graphs of one shape run as one ``conv2d`` / ``conv1d`` call; mixed shapes gather the
+    ``K`` neighbours (:meth:`DecompositionGeometry.conv_index`), so no graph ever reads another.
+    """
+    num_nodes, channels = x.shape
+    kernel = weight.size(-1)
+    if geometry.uniform is not None and not torch.compiler.is_compiling():
+        if geometry.decomposition == "grid":
+            graphs, height, width = geometry.uniform
+            images = x.view(graphs, height, width, channels).permute(0, 3, 1, 2)  # channels-last strides
+            out = F.conv2d(images, weight.unsqueeze(1), bias, padding=kernel // 2, groups=channels)
+            return out.permute(0, 2, 3, 1).reshape(num_nodes, channels)
+        graphs, length = geometry.uniform
+        pad = (kernel - 1, 0) if geometry.decomposition == "fwd" else (kernel // 2, kernel // 2)
+        sequences = F.pad(x.view(graphs, length, channels).transpose(1, 2), pad)
+        out = F.conv1d(sequences, weight.unsqueeze(1), bias, groups=channels)
+        return out.transpose(1, 2).reshape(num_nodes, channels)
+    return decomposition_conv_reference(x, weight, bias, geometry)
+
+
+def decomposition_conv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                 geometry: DecompositionGeometry) -> Tensor:
+    """:func:`decomposition_conv` as a gather of every offset's neighbour: any mix of shapes."""
+    num_nodes, channels = x.shape
+    index = geometry.conv_index(weight.size(-1))  # [K, N], N where the offset leaves the graph
+    padded = torch.cat([x, x.new_zeros(1, channels)])
+    out = torch.einsum("knc,ck->nc", padded[index], weight.reshape(channels, -1))
+    return out if bias is None else out + bias
+
+
+def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, groups: Tuple[int, ...],
+                            scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    r"""Per-node edge weights and key scales of every DAG (the module docstring's formulas).
+
+    Args:
+        delta (Tensor): :math:`\Delta \ge 0`, ``[N, num_dt, R, H]``: per node, :math:`\Delta` set,
+            edge direction (:data:`NUM_DIRECTIONS`) and head.
+        geometry (DecompositionGeometry): the DAGs' parents.
+        groups (tuple of int): the :math:`\Delta` set of every DAG (:func:`dt_groups`).
+        scale (float, optional): folded into the key scales (:data:`DAG_SUM_SCALE`). (default: ``1``)
+
+    Returns:
+        ``(weight [D, N, R, H], key_scale [D, N, H])``: ``weight[d, i, r]`` is :math:`A^{(d)}_{ij}`
+        for the parent ``j`` of ``i`` in slot ``r`` (zero where there is none), and
+        :math:`\bar{\mathbf{B}}^{(d)}_i` = ``key_scale[d, i] * B_i``.
+    """
+    if len(groups) != len(geometry.dags) or max(groups) >= delta.size(1):
+        raise ValueError(f"groups: expected one Delta set in [0, {delta.size(1)}) per DAG ({len(geometry.dags)}), "
+                         f"got {groups}")
+    if tuple(groups) != tuple(range(delta.size(1))):
+        delta = delta[:, list(groups)]
+    delta = delta.transpose(0, 1)  # [D, N, R, H]
+    parents = geometry.parents.to(delta.dtype).unsqueeze(-1)  # [D, N, R, 1]
+    if geometry.decomposition == "grid":
+        # 1 / sqrt(|p(i)|), with a source's empty parent set counted as 1 (its weights are zero anyway).
+        inv_sqrt = parents.sum(2, keepdim=True).clamp_min(1).rsqrt()
+        weight = torch.exp(-delta) * (parents * inv_sqrt)
+        key_scale = (delta * parents).sum(2) * (inv_sqrt.squeeze(2) * scale)
+    else:  # lines: Mamba-2 in every direction; the first token keeps Delta_t B_t
+        weight = torch.exp(-delta) * parents
+        key_scale = delta.squeeze(2) * scale if scale != 1.0 else delta.squeeze(2)
+    return weight, key_scale
+
+
+def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, weight: Tensor, key_scale: Tensor,
+                                   geometry: DecompositionGeometry, groups: Tuple[int, ...], *,
+                                   method: str = "auto", **solver_options) -> Tensor:
     r"""The Chimera mixer summed over the DAGs of a decomposition:
 
     .. math::
         \mathbf{y} = \sum_{d} \left((\mathbf{I} - \mathbf{A}_d)^{-1} \odot
-            \mathbf{C}_{g(d)} \bar{\mathbf{B}}_{g(d), d}^\top\right) \mathbf{V},
+            \mathbf{C}_{g(d)} \bar{\mathbf{B}}_{d}^\top\right) \mathbf{V},
+        \qquad \bar{\mathbf{B}}_{d, i} = \mathrm{key\_scale}_{d, i}\, \mathbf{B}_{g(d), i},
 
-    where :math:`\mathbf{A}_d` and :math:`\bar{\mathbf{B}}_{g(d), d}` follow the DAG normalization
-    of Prop. 4.3 (:func:`~torch_geometric_chimera.nn.adjacency.dag_adjacency`) on DAG :math:`d`,
-    and :math:`g(d)` = ``groups[d]`` picks the parameter set of ``B, C`` (:data:`SHARING`).
+    with :math:`\mathbf{A}_d` given per node by ``weight`` (:func:`decomposition_adjacency`) and
+    :math:`g(d)` = ``groups[d]`` the parameter set of ``B, C`` (:data:`SHARING`).
 
     Args:
         query (Tensor): :math:`\mathbf{C}`, ``[N, num_sets, H, S]``, or ``[N, num_sets, 1, S]``
             when the heads share it.
         key (Tensor): :math:`\mathbf{B}`, shaped like ``query``.
         value (Tensor): :math:`\mathbf{V}`, ``[N, H, P]``.
-        delta (Tensor): selectivity :math:`\Delta \ge 0`, ``[N, H]``, shared by the DAGs.
-        dags (list of LongTensor): the DAGs, ``[2, E_d]`` each (:func:`decomposition_dags`).
+        weight (Tensor): ``[D, N, R, H]`` edge weights per node and direction slot.
+        key_scale (Tensor): ``[D, N, H]``.
+        geometry (DecompositionGeometry): the DAGs.
         groups (tuple of int): parameter set of every DAG.
-        batch (LongTensor, optional): ``[N]``, so exact solvers work graph by graph.
-        grid_size (LongTensor, optional): ``[G, 2]`` when ``dags`` are the four grid DAGs of
-            :func:`batched_grid_dags`: with ``method="auto"`` they are then solved row by row, on
-            CPU by :func:`~torch_geometric_chimera.ops.grid.grid_attention`, on a GPU with Triton by
-            :func:`~torch_geometric_chimera.ops.triton_grid.grid_attention_triton`.
         method (str, optional): solver of every DAG, see
-            :func:`~torch_geometric_chimera.ops.resolvent_attention`. (default: ``"auto"``, which
-            takes ``"line"`` on directed lines and the row-by-row grid kernel on grids, where it
-            exists)
+            :func:`~torch_geometric_chimera.ops.resolvent_attention`. (default: ``"auto"``: on
+            grids the row-by-row grid kernel where it exists (CPU:
+            :func:`~torch_geometric_chimera.ops.grid.grid_attention`, GPU with Triton:
+            :func:`~torch_geometric_chimera.ops.triton_grid.grid_attention_triton`), on lines
+            the chunked SSD of ``"line"``)
         **solver_options: passed on to :func:`~torch_geometric_chimera.ops.resolvent_attention`.
 
     :rtype: :class:`Tensor` ``[N, H, P]``.
     """
     from ..ops import resolvent_attention
-    from .adjacency import dag_adjacency
 
-    if len(groups) != len(dags):
-        raise ValueError(f"groups: expected one parameter set per DAG ({len(dags)}), got {len(groups)}")
+    num_dags, num_nodes, heads = len(geometry.dags), value.size(0), value.size(1)
+    if len(groups) != num_dags:
+        raise ValueError(f"groups: expected one parameter set per DAG ({num_dags}), got {len(groups)}")
     if query.dim() != 4 or key.shape != query.shape or max(groups) >= query.size(1):
         raise ValueError(f"query: expected shape [N, num_sets, H, S] (or [N, num_sets, 1, S], shared by the heads) "
                          f"with num_sets > {max(groups)}, like key, got {list(query.shape)} and {list(key.shape)}")
-    heads = value.size(1)
     if query.size(2) not in (1, heads):
         raise ValueError(f"query: expected H = {heads} heads (like value) or 1, got shape {list(query.shape)}")
+    directions = NUM_DIRECTIONS[geometry.decomposition]
+    if weight.shape != (num_dags, num_nodes, directions, heads) or key_scale.shape != (num_dags, num_nodes, heads):
+        raise ValueError(f"weight: expected shape [D, N, R, H] = {[num_dags, num_nodes, directions, heads]} and "
+                         f"key_scale [D, N, H], got {list(weight.shape)} and {list(key_scale.shape)}")
     walks = plan = None
-    on_cpu, on_triton = grid_available(value), grid_triton_available(value)
-    if grid_size is not None and method == "auto" and (on_cpu or on_triton):
-        if len(dags) != len(GRID_DIRECTIONS):
-            raise ValueError(f"grid_size: given for the four grid DAGs, but dags has {len(dags)}")
-        walks = _CACHE.get("grid_walks", grid_size, lambda: grid_walks(grid_size, dags))
-        if on_cpu:
+    if geometry.decomposition == "grid" and method == "auto" and (grid_available(value) or
+                                                                   grid_triton_available(value)):
+        walks = geometry.memo("walks", lambda: grid_walks(geometry.sizes, geometry.dags))
+        value = value.contiguous()  # once, not in every DAG's kernel call
+        if grid_available(value):
             segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
             checkpoints = num_checkpoints(walks.graph_ptr, walks.row_width, segment_rows)  # shared by the DAGs
+            # The four DAGs in one kernel call, whose tasks are whole images (all heads); with fewer
+            # images than threads, one call per DAG keeps every (image, head) a task of its own.
+            if query.size(2) == 1 and walks.graph_ptr.numel() - 1 >= torch.get_num_threads():
+                nodes = geometry.memo("stacked walks", lambda: torch.stack(walks.nodes))
+                index = torch.tensor(groups, device=query.device)
+                # [D, N, 3, H]: from above, from before in the row, the key's scale per head.
+                table = torch.cat([weight, key_scale.unsqueeze(2)], 2)
+                return grid_attention(walks.graph_ptr, walks.row_width, nodes, table, query.index_select(1, index),
+                                      key.index_select(1, index), value, segment_rows, checkpoints)
         else:  # the Triton row-scan kernels (GPU); the plan reads the sizes once per geometry and shape
-            key = ("grid_plan", query.size(-1), value.size(-1), query.element_size())
-            plan = _CACHE.get(key, grid_size, lambda: grid_plan(walks.graph_ptr, walks.row_width, query.size(-1),
-                                                                  value.size(-1), element_size=query.element_size()))
-        value = value.contiguous()  # once, not in every DAG's kernel call
-    # CPU: the four DAGs in one kernel call, whose tasks are whole images (all heads); with fewer
-    # images than threads, one call per DAG keeps every (image, head) a task of its own.
-    if (walks is not None and plan is None and query.size(2) == 1
-            and walks.graph_ptr.numel() - 1 >= torch.get_num_threads()):
-        return _stacked_grid_attention(query, key, value, delta, dags, groups, walks, segment_rows, checkpoints)
+            plan = geometry.memo(("grid_plan", query.size(-1), value.size(-1), query.element_size()),
+                                 lambda: grid_plan(walks.graph_ptr, walks.row_width, query.size(-1), value.size(-1),
+                                                   element_size=query.element_size()))
     out: Optional[Tensor] = None
     queries: Dict[int, Tensor] = {}
-    for d, (dag, group) in enumerate(zip(dags, groups)):
-        edge_weight, key_scale = dag_adjacency(delta, dag)
+    for d, group in enumerate(groups):
         # Select the set, then broadcast over heads: gradients stay [N, num_sets, 1, S]-sized.
         query_d = queries.get(group)
         if query_d is None:
@@ -276,39 +509,16 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, de
             if walks is not None:  # the kernels read it contiguous: copy once per set, not in every call
                 query_d = query_d.contiguous()
             queries[group] = query_d
-        key_d = key[:, group] * key_scale.unsqueeze(-1)
-        if walks is not None:
-            weight = grid_weights(edge_weight, walks.weight_index[d], value.size(0))
-            if plan is None:
-                y = grid_attention(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query_d, key_d, value,
-                                   segment_rows, checkpoints)
-            else:
-                y = grid_attention_triton(walks.graph_ptr, walks.row_width, walks.nodes[d], weight, query_d, key_d,
-                                          value, plan=plan)
+        key_d = key[:, group] * key_scale[d].unsqueeze(-1)
+        if walks is not None and plan is None:
+            y = grid_attention(walks.graph_ptr, walks.row_width, walks.nodes[d], weight[d], query_d, key_d, value,
+                               segment_rows, checkpoints)
+        elif walks is not None:
+            y = grid_attention_triton(walks.graph_ptr, walks.row_width, walks.nodes[d], weight[d], query_d, key_d,
+                                      value, plan=plan)
         else:
-            y = resolvent_attention(query_d, key_d, value, dag, edge_weight, method=method, batch=batch,
-                                    **solver_options)
+            edge_weight = weight[d].reshape(num_nodes * directions, heads).index_select(0, geometry.edge_slot[d])
+            y = resolvent_attention(query_d, key_d, value, geometry.dags[d], edge_weight, method=method,
+                                    batch=geometry.batch, **solver_options)
         out = y if out is None else out.add_(y)  # y is a fresh tensor; add's backward needs neither
     return out
-
-
-def _stacked_grid_attention(query: Tensor, key: Tensor, value: Tensor, delta: Tensor, dags: List[Tensor],
-                            groups: Tuple[int, ...], walks, segment_rows: int, checkpoints: int) -> Tensor:
-    """The grid DAGs of a decomposition in one ``chimera::grid_attention`` call: the kernel sums
-    their outputs (and value gradients) in place of one tensor per DAG added up afterwards."""
-    from .adjacency import dag_adjacency
-
-    num_nodes = value.size(0)
-    weights = []
-    for d, dag in enumerate(dags):
-        edge_weight, key_scale = dag_adjacency(delta, dag)
-        # [N, 3, H]: the edge from above, from before in the row, and the key's scale per head
-        weights.append(torch.cat([grid_weights(edge_weight, walks.weight_index[d], num_nodes),
-                                  key_scale.unsqueeze(1)], 1))
-    index = torch.tensor(groups, device=query.device)
-    # [N, D, 1, S]: the kernel scales the key per head and shares both over the heads, so no
-    # [N, D, H, S] tensor is made.
-    query_all, key_all = query.index_select(1, index), key.index_select(1, index)
-    nodes = _CACHE.get("grid_nodes", dags[0], lambda: torch.stack(walks.nodes))
-    return grid_attention(walks.graph_ptr, walks.row_width, nodes, torch.stack(weights), query_all, key_all, value,
-                          segment_rows, checkpoints)
