@@ -460,6 +460,23 @@ def test_layer_inputs_are_checked():
         conv(data.x, data.edge_index, grid_size=data.grid_size, batch=data.batch.flip(0))
 
 
+@pytest.mark.parametrize("decomposition, geometry, message", [
+    # issue 19: these killed the process (an int64 sum or product that wraps, trusted by repeat_interleave)
+    ("line", dict(seq_len=torch.tensor([2 ** 62] * 4 + [5])), "seq_len: every entry must lie in"),
+    ("fwd", dict(seq_len=torch.tensor([2 ** 62] * 4 + [5])), "seq_len: every entry must lie in"),
+    ("grid", dict(grid_size=torch.tensor([[2 ** 62, 4], [1, 5]])), "grid_size: every entry must lie in"),
+    ("grid", dict(grid_size=torch.tensor([[5, 1], [3, 0]])), None),  # an empty image is fine
+])
+def test_layer_rejects_geometry_that_overflows(decomposition, geometry, message):
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition=decomposition)
+    x = torch.randn(5, 8)
+    if message is None:
+        assert conv(x, NO_EDGES, **geometry).shape == (5, 8)
+    else:
+        with pytest.raises(ValueError, match=message):
+            conv(x, NO_EDGES, **geometry)
+
+
 def test_scripted_grid_layer_gives_the_eager_outputs():
     data = image_batch()
     conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid")
