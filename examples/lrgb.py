@@ -26,22 +26,11 @@ import sys
 import time
 from typing import Dict, List
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/_threads.py, examples/_common.py
+from _threads import pin_threads  # noqa: E402
 
-def _threads_from_argv(argv: List[str], default: int = 1) -> int:
-    """``--threads`` read before argparse runs (a malformed value is left for argparse to report)."""
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--threads=") else \
-            argv[i + 1] if arg == "--threads" and i + 1 < len(argv) else None
-        if value is not None:
-            return int(value) if value.lstrip("-").isdigit() else default
-    return default
-
-
-if __name__ == "__main__" and _threads_from_argv(sys.argv[1:]) > 0:
-    # --threads takes effect through the environment, before torch starts: with torch 2.13 (MKL),
-    # calling torch.set_num_threads and then running at more than one thread makes batched LU
-    # factorizations (torch.linalg.inv, used by Chimera's dense path) return invalid pivots.
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads_from_argv(sys.argv[1:]))
+if __name__ == "__main__":
+    pin_threads(sys.argv[1:], default=1)  # before torch starts: see examples/_threads.py
 
 import torch  # noqa: E402  (after the thread count is in the environment)
 import torch.distributed as dist  # noqa: E402
@@ -51,6 +40,8 @@ from torch_geometric.loader import DataLoader  # noqa: E402
 from torch_geometric_chimera.lrgb import (LRGB_TASKS, MODELS, TASKS, LRGBModel, average_precision,
                                          count_parameters, load_splits, macro_f1, mean_absolute_error,
                                          width_for_budget)  # noqa: E402
+from _common import (HelpFormatter, fingerprint_in_subprocess, fingerprint_losses, fingerprint_record,  # noqa: E402
+                     plot_seeds, print_fingerprint, pyplot, without_options)
 
 try:
     from tqdm.auto import tqdm
@@ -61,16 +52,6 @@ except ImportError:  # tqdm is optional: fall back to a plain iterator
 MODEL_TITLES = {"chimera": "Chimera-GPS (ours)", "gps": "GraphGPS+Transformer", "gcn": "GCN"}
 HYPERPARAMETERS = ("lr", "dropout", "layers", "hidden", "heads", "state_dim", "expand", "head_layers",
                    "batch_size", "epochs", "norm_style", "warmup", "weight_decay")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default (options whose default depends on
-    the task say so in their help instead of showing ``None``)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _task_defaults(name: str) -> str:
@@ -112,7 +93,12 @@ def parse_args(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--record", default=None, metavar="JSON",
                         help="also write the summary where benchmarks/report.py reads it (the main job: "
-                             "benchmarks/results/main_job_cpu.json), with the learning curves beside it")
+                             "benchmarks/results/main_job_cpu.json), with the learning curves and the code's "
+                             "fingerprint (see --fingerprint-only) beside it")
+    parser.add_argument("--fingerprint-only", action="store_true",
+                        help="train nothing: print the fingerprint of the code (every model of the table, seed 0, "
+                             "a few optimizer steps on the first training batch, unshuffled) that "
+                             "--record stores and tests/test_readme.py checks")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.datasets = ((["peptides-mini"] if args.root is None else LRGB_TASKS) if args.dataset is None
@@ -316,33 +302,28 @@ def table(results: Dict, datasets: List[str], models: List[str], budget: int) ->
 
 
 def plot(results: Dict, path: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+    """Validation score and training loss per epoch: the mean over seeds, and every seed thinly."""
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, len(results), figsize=(4.5 * len(results), 6.5), squeeze=False)
     for col, (dataset, per_model) in enumerate(results.items()):
         for model_name, runs in per_model.items():
-            history = runs[0]["history"]
-            epochs = [h["epoch"] for h in history]
-            axes[0][col].plot(epochs, [h["val"] for h in history], label=f"{model_name} val")
-            axes[1][col].plot(epochs, [h["train_loss"] for h in history], label=f"{model_name} train")
-        axes[0][col].set_title(f"{TASKS[dataset].title} (seed {per_model[next(iter(per_model))][0]['seed']})")
+            color = plot_seeds(axes[0][col], runs, "epoch", lambda h: h["val"], f"{model_name} val")
+            plot_seeds(axes[1][col], runs, "epoch", lambda h: h["train_loss"], f"{model_name} train", color)
+        axes[0][col].set_title(TASKS[dataset].title)
         axes[0][col].set_ylabel(TASKS[dataset].metric.upper())
         axes[1][col].set_ylabel("training loss")
         axes[1][col].set_xlabel("epoch")
         for ax in axes[:, col]:
-            ax.legend()
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"saved {path}")
 
 
-def record(summary: Dict, args, curves: str):
+def record(summary: Dict, args, curves: str, fingerprint: Dict):
     """Write ``summary`` as a benchmark result (``benchmarks/report.py`` renders it into BENCHMARKS.md)."""
     import datetime
     import platform
@@ -351,9 +332,10 @@ def record(summary: Dict, args, curves: str):
     os.makedirs(directory, exist_ok=True)
     result = {"device": f"{platform.machine()} {summary['device']}, {summary['threads']} thread{'s' if summary['threads'] != 1 else ''}",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "torch": torch.__version__, "command": "python examples/lrgb.py " + " ".join(
-                  a for a in args.argv if not a.startswith("--record") and a != args.record),
-              **{k: summary[k] for k in ("table", "seconds", "runs", "threads", "load_average")}}
+              "torch": torch.__version__,
+              "command": "python examples/lrgb.py " + " ".join(without_options(args.argv, ("--record",))),
+              **{k: summary[k] for k in ("table", "seconds", "runs", "threads", "load_average")},
+              "fingerprint": fingerprint}
     with open(args.record, "w") as f:
         json.dump(result, f, indent=1)
     stem = os.path.splitext(os.path.basename(args.record))[0]
@@ -388,8 +370,51 @@ def model_options(hp: Dict) -> Dict:
     return {k: hp[k] for k in ("layers", "heads", "dropout", "head_layers", "state_dim", "expand", "norm_style")}
 
 
+def model_widths(task, hp: Dict, args) -> Dict[str, int]:
+    """Every model's width; equal budget: the baselines are widened (or narrowed) to Chimera's
+    parameter count (unless --no-match-budget)."""
+    chimera_params = count_parameters(LRGBModel(task, "chimera", hidden=hp["hidden"], **model_options(hp)))
+    widths = {}
+    for model_name in args.models:
+        widths[model_name] = hp["hidden"]
+        if model_name != "chimera" and not args.no_match_budget:
+            widths[model_name] = width_for_budget(task, model_name, min(chimera_params, args.budget),
+                                                  step=math.lcm(4, hp["heads"]), **model_options(hp))
+    return widths
+
+
+def fingerprint(args) -> Dict:
+    """The code's fingerprint for this command's table (see examples/_common.py): each model of each
+    task, built as the run builds it (seed 0), takes a few optimizer steps on the task's first
+    --batch-size training graphs (a batch as the run's, so that ``auto`` picks the same paths); the
+    losses, as full floats."""
+    from torch_geometric.data import Batch
+    losses, sizes = {}, []
+    for dataset in args.datasets:
+        task = TASKS[dataset]
+        hp = hyperparameters(task, args)
+        batch = Batch.from_data_list(list(load_splits(dataset, args.root)["train"][:hp["batch_size"]]))
+        sizes.append(batch.num_graphs)
+        target = target_of(task, batch)
+        for model_name, width in model_widths(task, hp, args).items():
+            torch.manual_seed(0)
+            model = LRGBModel(task, model_name, hidden=width, method=args.method, **model_options(hp))
+            optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+            losses[f"{dataset}/{model_name}"] = fingerprint_losses(
+                model, optimizer, lambda: task_loss(task, model(batch), target))
+    return fingerprint_record("examples/lrgb.py", without_options(args.argv, ("--fingerprint-only", "--threads")),
+                              sizes[0] if len(set(sizes)) == 1 else sizes, losses)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.fingerprint_only:
+        result = fingerprint(args)
+        print_fingerprint(result)
+        return result
+    # A recording stores the fingerprint of the code it ran, computed first, before anything can change it.
+    recorded_fingerprint = (fingerprint_in_subprocess("examples/lrgb.py", args.argv)
+                            if args.record is not None else None)
     if args.threads > 0 and args.threads != torch.get_num_threads():
         # Called from Python with torch already running: torch.set_num_threads would break its
         # LU (see the top of this file), so the caller's count stays, and the summary records it.
@@ -412,14 +437,8 @@ def main(argv=None):
         if args.limit is not None:
             splits = {k: v[:args.limit] for k, v in splits.items()}
         log(f"\n{dataset}: " + ", ".join(f"{k} {len(v)} graphs" for k, v in splits.items()) + f"; {hp}")
-        # Equal budget: the baselines are widened (or narrowed) to Chimera's parameter count.
-        chimera_params = count_parameters(LRGBModel(task, "chimera", hidden=hp["hidden"], **model_options(hp)))
         results[dataset] = {}
-        for model_name in args.models:
-            width = hp["hidden"]
-            if model_name != "chimera" and not args.no_match_budget:
-                width = width_for_budget(task, model_name, min(chimera_params, args.budget),
-                                         step=math.lcm(4, hp["heads"]), **model_options(hp))
+        for model_name, width in model_widths(task, hp, args).items():
             params = count_parameters(LRGBModel(task, model_name, hidden=width, **model_options(hp)))
             log(f"{MODEL_TITLES[model_name]}: width {width}, {params:,} parameters")
             if params > args.budget and not args.allow_over_budget:
@@ -453,7 +472,7 @@ def main(argv=None):
         print(f"saved {os.path.join(args.out, 'summary.json')} and table.md")
         plot(results, os.path.join(args.out, "learning_curves.png"))
         if args.record is not None:
-            record(summary, args, os.path.join(args.out, "learning_curves.png"))
+            record(summary, args, os.path.join(args.out, "learning_curves.png"), recorded_fingerprint)
         print(resume_note(results, args.out))  # last, where a user reading a reprinted table looks
     barrier(world)
     if world > 1:

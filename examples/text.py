@@ -28,17 +28,29 @@ are scored on the test windows: masked accuracy and cross-entropy (nats per mask
 
     python examples/text.py                          # the table in the README
     python examples/text.py --model line,bert --seeds 0,1,2 --steps 1000
+    python examples/text.py --record                 # refresh benchmarks/results/text_cpu.json
+
+The JSON log and the plot go to --out (runs/text/); only --record writes the recorded results in
+benchmarks/results/, with the code's fingerprint (--fingerprint-only) that tests/test_readme.py
+compares with the code's.
 """
 import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/_threads.py, examples/_common.py
+from _threads import pin_threads  # noqa: E402
+
+if __name__ == "__main__":
+    pin_threads(sys.argv[1:], default=None)  # before torch starts: see examples/_threads.py
+
+import torch  # noqa: E402  (after the thread count is in the environment)
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
@@ -48,8 +60,9 @@ from torch_geometric.utils import to_dense_batch
 from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.transforms import SequenceToLine
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/_common.py
-from _common import Block, count_parameters, machine_description, mean_std, pyplot, warmup_cosine  # noqa: E402
+from _common import (Block, HelpFormatter, count_parameters, fingerprint_in_subprocess, fingerprint_losses,  # noqa: E402
+                     fingerprint_record, machine_description, mean_std, plot_seeds, print_fingerprint, pyplot,
+                     record_paths, warmup_cosine, without_options)
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 
 try:
@@ -66,9 +79,7 @@ EVAL_MASK_SEED = 12345
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
-                                     formatter_class=type("Formatter", (argparse.RawDescriptionHelpFormatter,
-                                                                        argparse.ArgumentDefaultsHelpFormatter), {}))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="all", help=f"comma list of {list(MODELS)} or 'all'")
     parser.add_argument("--pos-emb", default="learned", choices=("learned", "none"),
                         help="position embeddings added to the byte embeddings of every model")
@@ -88,11 +99,20 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--limit", type=int, default=None, help="use the first N windows of each split (smoke runs)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads, set as OMP_NUM_THREADS and MKL_NUM_THREADS before torch starts (default: "
+                             "the environment's, else torch's choice: every core)")
+    parser.add_argument("--out", default=os.path.join("runs", "text"),
                         help="folder of the JSON log text_<tag>.json and the plot text_<tag>.png")
     parser.add_argument("--tag", default=None, help="file name tag (default: the device type)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--record", nargs="?", const="", default=None, metavar="JSON",
+                        help="also write the JSON log, with the command and the code's fingerprint, to JSON and the "
+                             "plot beside it (without a value: benchmarks/results/text_<tag>.json, the recorded "
+                             "results the README quotes)")
+    parser.add_argument("--fingerprint-only", action="store_true",
+                        help="train nothing: print the code's fingerprint (every model of the table, seed 0, "
+                             "a few optimizer steps on the first training batch) that --record stores")
     args = parser.parse_args(argv)
     args.models = list(MODELS) if args.model == "all" else args.model.split(",")
     for name in args.models:
@@ -105,6 +125,7 @@ def parse_args(argv=None):
     if args.heads < 1 or args.layers < 1 or args.budget < 1 or args.steps < 1 or args.eval_every < 1:
         parser.error("--heads, --layers, --budget, --steps and --eval-every must be positive")
     args.seed_list = [int(s) for s in args.seeds.split(",")]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
@@ -306,16 +327,16 @@ def plot(rows: List[Dict], path: str) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:
-        history = row["runs"][0]["history"]
-        steps = [h["step"] for h in history]
-        line, = axes[0].plot(steps, [h["train_ce"] for h in history], label=TITLES[row["model"]])
-        axes[1].plot(steps, [h["val_ce"] for h in history], color=line.get_color(), label=TITLES[row["model"]])
+        color = plot_seeds(axes[0], row["runs"], "step", lambda h: h["train_ce"], TITLES[row["model"]])
+        plot_seeds(axes[1], row["runs"], "step", lambda h: h["val_ce"], TITLES[row["model"]], color)
     axes[0].set_ylabel("training cross-entropy (masked bytes)")
     axes[1].set_ylabel("validation cross-entropy (masked bytes)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    axes[0].set_title(f"pydoc_data.topics MLM, seed {rows[0]['runs'][0]['seed']}")
+    seeds = [r["seed"] for r in rows[0]["runs"]]
+    axes[0].set_title(f"pydoc_data.topics MLM, mean over seeds {seeds}" if len(seeds) > 1
+                      else f"pydoc_data.topics MLM, seed {seeds[0]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -324,10 +345,41 @@ def plot(rows: List[Dict], path: str) -> bool:
 
 
 
+def fingerprint(args) -> Dict:
+    """The code's fingerprint for this command's table (see examples/_common.py): every model of the
+    table at its width, seed 0, a few AdamW steps on the first --batch-size training windows, masked
+    once with the generator of seed 0."""
+    from torch_geometric.data import Batch
+    batch = Batch.from_data_list(load_splits(args.length, args.batch_size)["train"])
+    inputs, chosen = bert_mask(batch.x, args.mask_prob, torch.Generator().manual_seed(0))
+    target = batch.x[chosen]
+    batch.x = inputs
+    losses = {}
+    for kind in args.models:
+        width = width_for_budget(kind, args)
+        torch.manual_seed(0)
+        model = build(kind, width, args)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        losses[kind] = fingerprint_losses(model, optimizer, lambda: F.cross_entropy(model(batch, chosen), target),
+                                          clip=1.0)
+    return fingerprint_record("examples/text.py", without_options(args.argv, ("--fingerprint-only", "--threads")),
+                              batch.num_graphs, losses)
+
+
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads and args.threads != torch.get_num_threads():
+        # Called from Python with torch already running: torch.set_num_threads would break its LU
+        # (see examples/_threads.py), so the caller's count stays.
+        print(f"--threads {args.threads} applies when this file runs as a command; running with the "
+              f"{torch.get_num_threads()} threads of this process")
+    if args.fingerprint_only:
+        result = fingerprint(args)
+        print_fingerprint(result)
+        return result
+    # A recording stores the fingerprint of the code it ran, computed first, before anything can change it.
+    recorded_fingerprint = (fingerprint_in_subprocess("examples/text.py", args.argv)
+                            if args.record is not None else None)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     splits = load_splits(args.length, args.limit)
     for name in ("val", "test"):
@@ -358,9 +410,23 @@ def main(argv=None) -> Dict:
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\nsaved {path}")
-    if plot(rows, os.path.join(args.out, f"text_{tag}.png")):
-        print(f"saved {os.path.join(args.out, f'text_{tag}.png')}")
+    png = os.path.join(args.out, f"text_{tag}.png")
+    if plot(rows, png):
+        print(f"saved {png}")
+    if args.record is not None:
+        record(summary, args, record_paths(args.record, f"text_{tag}"), png, recorded_fingerprint)
     return summary
+
+
+def record(summary: Dict, args, path: str, png: str, fingerprint_: Dict):
+    """The JSON log as a recorded result, with its command and the code's fingerprint; the plot beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    command = "python examples/text.py " + " ".join(without_options(args.argv, ("--record",)))
+    with open(path, "w") as f:
+        json.dump({**summary, "command": command.strip(), "fingerprint": fingerprint_}, f, indent=1)
+    if os.path.exists(png):
+        shutil.copyfile(png, os.path.splitext(path)[0] + ".png")
+    print(f"recorded {path} (and its plot); the README quotes its table")
 
 
 if __name__ == "__main__":
