@@ -93,4 +93,11 @@ TORCH_LIBRARY(chimera, m) {
   m.def("gated_rms_norm(Tensor y, Tensor skip, Tensor skip_scale, Tensor gate, Tensor weight, float eps) -> Tensor[]");
   m.def("gated_rms_norm_backward(Tensor grad_out, Tensor y, Tensor skip, Tensor skip_scale, Tensor gate, "
         "Tensor weight, Tensor rstd) -> Tensor[]");
+  // window_conv_silu: silu(bias + a depthwise kh x kw window of x), every image of a batch of [N, C] rows
+  // (raster order, image after image: graph_ptr, row_width) zero padded at its border; the window of the
+  // output pixel (y, x) starts at (y + row_offset, x + col_offset). Sequences are images of one row.
+  m.def("window_conv_silu(Tensor x, Tensor graph_ptr, Tensor row_width, Tensor weight, Tensor bias, int row_offset, "
+        "int col_offset) -> Tensor");
+  m.def("window_conv_silu_backward(Tensor grad_out, Tensor x, Tensor graph_ptr, Tensor row_width, Tensor weight, "
+        "Tensor bias, int row_offset, int col_offset) -> Tensor[]");
 }

@@ -7,6 +7,8 @@
 //
 //   local_conv_silu:  out = silu(x * a + n * b + c)                                    (per channel a, b, c)
 //   gated_rms_norm:   g = (y + skip * d) * silu(gate),  out = g * rsqrt(mean_row(g^2) + eps) * w
+//   window_conv_silu: out = silu(bias + sum over a kh x kw window of weight * x), a depthwise convolution
+//                     over every image (or sequence: one row) of a batch, zero padded at its border
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -205,6 +207,116 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>&
   }
 }
 
+
+// A depthwise convolution over a batch of images laid out as [N, C] rows in raster order, image
+// after image, with a kh x kw window starting at (row_offset, col_offset) from the output pixel.
+// Work is split into segments of one image row (at most kSegment positions), so a batch of one long
+// sequence still spreads over the threads.
+struct WindowSegment {
+  int64_t base, rows, width, y, x_begin, x_end;  // image's first node, its size; the output row and columns
+};
+
+template <typename scalar_t>
+struct WindowArgs {
+  Rows<scalar_t> x;
+  const scalar_t* weight;  // [kh * kw, C]: the op's [C, kh, kw] weight transposed once
+  const scalar_t* bias;    // [C]
+  int64_t channels, kh, kw, row_offset, col_offset;
+  ExpRange range;
+};
+
+// pre[(x - x_begin) * C + c] = bias + window sum, for the segment's positions.
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE void window_preactivation(const WindowArgs<scalar_t>& a, const WindowSegment& s, scalar_t* pre) {
+  const int64_t C = a.channels;
+  const scalar_t* __restrict__ bias = a.bias;
+  for (int64_t x = s.x_begin; x < s.x_end; ++x) {
+    scalar_t* __restrict__ p = pre + (x - s.x_begin) * C;
+    for (int64_t c = 0; c < C; ++c) p[c] = bias[c];
+  }
+  for (int64_t i = 0; i < a.kh; ++i) {
+    const int64_t yy = s.y + a.row_offset + i;
+    if (yy < 0 || yy >= s.rows) continue;
+    for (int64_t j = 0; j < a.kw; ++j) {
+      const scalar_t* __restrict__ w = a.weight + (i * a.kw + j) * C;
+      const int64_t first = std::max(s.x_begin, -(a.col_offset + j)), last = std::min(s.x_end, s.width - a.col_offset - j);
+      for (int64_t x = first; x < last; ++x) {
+        const scalar_t* __restrict__ src = a.x.row(s.base + yy * s.width + x + a.col_offset + j);
+        scalar_t* __restrict__ p = pre + (x - s.x_begin) * C;
+        for (int64_t c = 0; c < C; ++c) p[c] += w[c] * src[c];
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE void window_conv_silu_segment(const WindowArgs<scalar_t>& a, const WindowSegment& s, scalar_t* out) {
+  const int64_t C = a.channels;
+  const ExpRange range = a.range;
+  scalar_t* __restrict__ o = out + (s.base + s.y * s.width + s.x_begin) * C;
+  window_preactivation(a, s, o);
+  const int64_t count = (s.x_end - s.x_begin) * C;
+  for (int64_t k = 0; k < count; ++k) o[k] = o[k] * sigmoid(o[k], range);
+}
+
+// First pass of the backward: the gradient of the pre-activation into gpre (at the output's
+// positions) and the segment's partial sums of the weight and bias gradients ((kh * kw + 1) x C).
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE void window_conv_silu_grad_pre(const WindowArgs<scalar_t>& a, const Rows<scalar_t>& grad,
+                                                    const WindowSegment& s, scalar_t* gpre, scalar_t* partial,
+                                                    scalar_t* scratch) {
+  const int64_t C = a.channels;
+  const ExpRange range = a.range;
+  window_preactivation(a, s, scratch);
+  scalar_t* __restrict__ dbias = partial + a.kh * a.kw * C;
+  for (int64_t x = s.x_begin; x < s.x_end; ++x) {
+    const int64_t node = s.base + s.y * s.width + x;
+    const scalar_t* __restrict__ go = grad.row(node);
+    const scalar_t* __restrict__ p = scratch + (x - s.x_begin) * C;
+    scalar_t* __restrict__ g = gpre + node * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t sg = sigmoid(p[c], range);
+      g[c] = go[c] * sg * (scalar_t(1) + p[c] * (scalar_t(1) - sg));
+      dbias[c] += g[c];
+    }
+  }
+  for (int64_t i = 0; i < a.kh; ++i) {
+    const int64_t yy = s.y + a.row_offset + i;
+    if (yy < 0 || yy >= s.rows) continue;
+    for (int64_t j = 0; j < a.kw; ++j) {
+      scalar_t* __restrict__ dw = partial + (i * a.kw + j) * C;
+      const int64_t first = std::max(s.x_begin, -(a.col_offset + j)), last = std::min(s.x_end, s.width - a.col_offset - j);
+      for (int64_t x = first; x < last; ++x) {
+        const scalar_t* __restrict__ src = a.x.row(s.base + yy * s.width + x + a.col_offset + j);
+        const scalar_t* __restrict__ g = gpre + (s.base + s.y * s.width + x) * C;
+        for (int64_t c = 0; c < C; ++c) dw[c] += g[c] * src[c];
+      }
+    }
+  }
+}
+
+// Second pass: dx at the segment's positions, the window transposed over gpre.
+template <typename scalar_t>
+CHIMERA_BLOCK_INLINE void window_conv_silu_grad_x(const WindowArgs<scalar_t>& a, const WindowSegment& s,
+                                                  const scalar_t* gpre, scalar_t* dx) {
+  const int64_t C = a.channels;
+  scalar_t* __restrict__ out = dx + (s.base + s.y * s.width + s.x_begin) * C;
+  for (int64_t k = 0; k < (s.x_end - s.x_begin) * C; ++k) out[k] = scalar_t(0);
+  for (int64_t i = 0; i < a.kh; ++i) {
+    const int64_t yo = s.y - a.row_offset - i;  // the output row that read this row through tap i
+    if (yo < 0 || yo >= s.rows) continue;
+    for (int64_t j = 0; j < a.kw; ++j) {
+      const scalar_t* __restrict__ w = a.weight + (i * a.kw + j) * C;
+      const int64_t first = std::max(s.x_begin, a.col_offset + j), last = std::min(s.x_end, s.width + a.col_offset + j);
+      for (int64_t x = first; x < last; ++x) {
+        const scalar_t* __restrict__ g = gpre + (s.base + yo * s.width + x - a.col_offset - j) * C;
+        scalar_t* __restrict__ d = out + (x - s.x_begin) * C;
+        for (int64_t c = 0; c < C; ++c) d[c] += w[c] * g[c];
+      }
+    }
+  }
+}
+
 #define CHIMERA_BLOCK_LOOPS(scalar_t)                                                                              \
   CHIMERA_BLOCK_CLONES void local_conv_silu_chunk(const ConvArgs<scalar_t>& a, int64_t begin, int64_t end,         \
                                                   scalar_t* out) {                                                 \
@@ -224,6 +336,22 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>&
                                                           scalar_t* dy, scalar_t* dskip, scalar_t* dgate,           \
                                                           scalar_t* partial, scalar_t* scratch) {                   \
     gated_rms_norm_backward_rows(a, grad, rstd, begin, end, dy, dskip, dgate, partial, scratch);                   \
+  }                                                                                                                \
+  CHIMERA_BLOCK_CLONES void window_conv_silu_chunk(const WindowArgs<scalar_t>& a, const WindowSegment* segments,   \
+                                                   int64_t first, int64_t last, scalar_t* out) {                    \
+    for (int64_t k = first; k < last; ++k) window_conv_silu_segment(a, segments[k], out);                         \
+  }                                                                                                                \
+  CHIMERA_BLOCK_CLONES void window_conv_silu_grad_pre_chunk(const WindowArgs<scalar_t>& a, const Rows<scalar_t>& grad, \
+                                                            const WindowSegment* segments, int64_t first,          \
+                                                            int64_t last, scalar_t* gpre, scalar_t* partials,      \
+                                                            int64_t partial_size, scalar_t* scratch) {             \
+    for (int64_t k = first; k < last; ++k)                                                                         \
+      window_conv_silu_grad_pre(a, grad, segments[k], gpre, partials + k * partial_size, scratch);                 \
+  }                                                                                                                \
+  CHIMERA_BLOCK_CLONES void window_conv_silu_grad_x_chunk(const WindowArgs<scalar_t>& a, const WindowSegment* segments, \
+                                                          int64_t first, int64_t last, const scalar_t* gpre,       \
+                                                          scalar_t* dx) {                                          \
+    for (int64_t k = first; k < last; ++k) window_conv_silu_grad_x(a, segments[k], gpre, dx);                     \
   }
 CHIMERA_BLOCK_LOOPS(float)
 CHIMERA_BLOCK_LOOPS(double)
@@ -394,6 +522,119 @@ std::vector<at::Tensor> gated_rms_norm_backward_cpu(const at::Tensor& grad_in, c
   return {dy, dskip, sums[0], dgate, sums[1]};
 }
 
+
+// The segments of a batch of images (graph_ptr [G + 1], row_width [G]), checked: every image's node
+// count a multiple of its width, rows split into at most kSegment positions.
+constexpr int64_t kSegment = 256;
+
+std::vector<WindowSegment> window_segments(const at::Tensor& graph_ptr_in, const at::Tensor& row_width_in,
+                                           int64_t num_nodes, const char* op) {
+  TORCH_CHECK(graph_ptr_in.dim() == 1 && graph_ptr_in.size(0) >= 1 && graph_ptr_in.scalar_type() == at::kLong &&
+                  graph_ptr_in.device().is_cpu(),
+              op, ": graph_ptr must be a CPU int64 tensor of shape [G + 1], got ", graph_ptr_in.sizes(), " ",
+              graph_ptr_in.scalar_type());
+  const int64_t G = graph_ptr_in.size(0) - 1;
+  TORCH_CHECK(row_width_in.dim() == 1 && row_width_in.size(0) == G && row_width_in.scalar_type() == at::kLong &&
+                  row_width_in.device().is_cpu(),
+              op, ": row_width must be a CPU int64 tensor of shape [G] = [", G, "], got ", row_width_in.sizes(), " ",
+              row_width_in.scalar_type());
+  const auto graph_ptr = graph_ptr_in.contiguous(), row_width = row_width_in.contiguous();
+  const int64_t *ptr = graph_ptr.data_ptr<int64_t>(), *width = row_width.data_ptr<int64_t>();
+  TORCH_CHECK(ptr[0] == 0, op, ": graph_ptr[0] must be 0, got ", ptr[0]);
+  TORCH_CHECK(ptr[G] == num_nodes, op, ": graph_ptr[-1] must equal the number of nodes N = ", num_nodes, ", got ",
+              ptr[G]);
+  std::vector<WindowSegment> segments;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t size = ptr[g + 1] - ptr[g];
+    TORCH_CHECK(size >= 0, op, ": graph_ptr must be non-decreasing, but graph_ptr[", g + 1, "] < graph_ptr[", g, "]");
+    if (size == 0) continue;
+    TORCH_CHECK(width[g] >= 1 && size % width[g] == 0, op, ": row_width[", g, "] = ", width[g],
+                " must be positive and divide the image's ", size, " nodes");
+    const int64_t rows = size / width[g];
+    for (int64_t y = 0; y < rows; ++y)
+      for (int64_t x = 0; x < width[g]; x += kSegment)
+        segments.push_back({ptr[g], rows, width[g], y, x, std::min(width[g], x + kSegment)});
+  }
+  return segments;
+}
+
+// The weight [C, kh, kw] as [kh * kw, C], so the kernels read a tap's channels contiguously.
+at::Tensor window_weight(const at::Tensor& weight, const at::Tensor& x, int64_t channels, const char* op) {
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == channels && weight.size(1) >= 1 && weight.size(2) >= 1, op,
+              ": weight must have shape [C, kh, kw] with C = ", channels, " and a non-empty window, got ",
+              weight.sizes());
+  TORCH_CHECK(weight.device() == x.device() && weight.scalar_type() == x.scalar_type(), op,
+              ": weight must have x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
+              weight.scalar_type(), ", ", weight.device());
+  return weight.reshape({channels, -1}).t().contiguous();
+}
+
+at::Tensor window_conv_silu_cpu(const at::Tensor& x_in, const at::Tensor& graph_ptr, const at::Tensor& row_width,
+                                const at::Tensor& weight_in, const at::Tensor& bias_in, int64_t row_offset,
+                                int64_t col_offset) {
+  const char* op = "chimera::window_conv_silu";
+  check_lead(x_in, op, "x");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto x = row_input(x_in, x_in, C, op, "x");
+  const auto weight = window_weight(weight_in, x_in, C, op);
+  const auto bias = channel_input(bias_in, x_in, C, op, "bias");
+  const auto segments = window_segments(graph_ptr, row_width, N, op);
+  auto out = at::empty({N, C}, x_in.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "chimera_window_conv_silu_cpu", [&] {
+    const WindowArgs<scalar_t> args{rows_of<scalar_t>(x), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C,
+                                    weight_in.size(1), weight_in.size(2), row_offset, col_offset, ExpRange{}};
+    scalar_t* op_out = out.data_ptr<scalar_t>();
+    const WindowSegment* segs = segments.data();
+    at::parallel_for(0, static_cast<int64_t>(segments.size()), std::max<int64_t>(1, 16384 / (C * kSegment)),
+                     [&](int64_t first, int64_t last) { window_conv_silu_chunk(args, segs, first, last, op_out); });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> window_conv_silu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                      const at::Tensor& graph_ptr, const at::Tensor& row_width,
+                                                      const at::Tensor& weight_in, const at::Tensor& bias_in,
+                                                      int64_t row_offset, int64_t col_offset) {
+  const char* op = "chimera::window_conv_silu_backward";
+  check_lead(x_in, op, "x");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const auto grad = row_input(grad_in, x_in, C, op, "grad_out");
+  const auto x = row_input(x_in, x_in, C, op, "x");
+  const auto weight = window_weight(weight_in, x_in, C, op);
+  const auto bias = channel_input(bias_in, x_in, C, op, "bias");
+  const auto segments = window_segments(graph_ptr, row_width, N, op);
+  const int64_t kh = weight_in.size(1), kw = weight_in.size(2), taps = kh * kw;
+  auto dx = at::empty({N, C}, x_in.options());
+  auto gpre = at::empty({N, C}, x_in.options());
+  at::Tensor dweight, dbias;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "chimera_window_conv_silu_backward_cpu", [&] {
+    const WindowArgs<scalar_t> args{rows_of<scalar_t>(x), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C,
+                                    kh, kw, row_offset, col_offset, ExpRange{}};
+    const Rows<scalar_t> grad_rows = rows_of<scalar_t>(grad);
+    const int64_t count = static_cast<int64_t>(segments.size()), partial_size = (taps + 1) * C;
+    // One partial per segment, summed in segment order: the result does not depend on the threads.
+    std::vector<scalar_t> partials(count * partial_size, scalar_t(0));
+    scalar_t *gp = gpre.data_ptr<scalar_t>(), *dxp = dx.data_ptr<scalar_t>();
+    const WindowSegment* segs = segments.data();
+    const int64_t grain = std::max<int64_t>(1, 16384 / (C * kSegment));
+    at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
+      std::vector<scalar_t> scratch(kSegment * C);
+      window_conv_silu_grad_pre_chunk(args, grad_rows, segs, first, last, gp, partials.data(), partial_size,
+                                      scratch.data());
+    });
+    at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
+      window_conv_silu_grad_x_chunk(args, segs, first, last, gp, dxp);
+    });
+    auto sums = reduce_partials(partials, count, taps + 1, C, bias.options());
+    // [kh * kw] taps of [C] -> the op's [C, kh, kw]
+    dweight = at::stack(std::vector<at::Tensor>(sums.begin(), sums.begin() + taps), 1).reshape({C, kh, kw});
+    dbias = sums[taps];
+  });
+  if (N == 0) dx.zero_();
+  return {dx, dweight, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(chimera, CPU, m) {
@@ -401,6 +642,8 @@ TORCH_LIBRARY_IMPL(chimera, CPU, m) {
   m.impl("local_conv_silu_backward", &local_conv_silu_backward_cpu);
   m.impl("gated_rms_norm", &gated_rms_norm_cpu);
   m.impl("gated_rms_norm_backward", &gated_rms_norm_backward_cpu);
+  m.impl("window_conv_silu", &window_conv_silu_cpu);
+  m.impl("window_conv_silu_backward", &window_conv_silu_backward_cpu);
 }
 
 }  // namespace chimera

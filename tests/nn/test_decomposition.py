@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from torch_geometric_chimera.nn.decomposition import (DAG_SUM_SCALE, NUM_DIRECTIONS, batched_grid_dags,
                                                       batched_line_dags, decomposed_resolvent_attention,
-                                                      decomposition_adjacency, decomposition_conv,
-                                                      decomposition_conv_reference, decomposition_dags,
+                                                      decomposition_adjacency, decomposition_conv_silu,
+                                                      decomposition_conv_silu_reference, decomposition_dags,
                                                       decomposition_geometry, dt_groups, sharing_groups)
 from torch_geometric_chimera.utils import grid_graph_dags, is_dag, line_graph_dags
 
@@ -237,7 +237,7 @@ def test_grid_decomposition_reaches_every_pair_of_pixels():
 @pytest.mark.parametrize("decomposition, sizes, kernel", [
     ("grid", [(3, 4), (3, 4)], 3), ("grid", [(4, 4), (4, 4), (4, 4)], 5), ("line", [6, 6], 7), ("fwd", [5, 5], 4),
 ])
-def test_conv_of_equal_shapes_is_torch_conv_and_equals_the_gather(decomposition, sizes, kernel):
+def test_conv_of_equal_shapes_is_torch_conv_and_equals_the_gather(decomposition, sizes, kernel, monkeypatch):
     torch.manual_seed(0)
     key_name = "grid_size" if decomposition == "grid" else "seq_len"
     num_nodes = sum(h * w for h, w in sizes) if decomposition == "grid" else sum(sizes)
@@ -247,8 +247,11 @@ def test_conv_of_equal_shapes_is_torch_conv_and_equals_the_gather(decomposition,
     x = torch.randn(num_nodes, channels, dtype=torch.float64)
     weight = torch.randn(channels, *((kernel, kernel) if decomposition == "grid" else (kernel,)), dtype=torch.float64)
     bias = torch.randn(channels, dtype=torch.float64)
-    out = decomposition_conv(x, weight, bias, geo)
-    torch.testing.assert_close(out, decomposition_conv_reference(x, weight, bias, geo))
+    out = decomposition_conv_silu(x, weight, bias, geo)  # the kernel, with the extension
+    torch.testing.assert_close(out, decomposition_conv_silu_reference(x, weight, bias, geo))
+    import torch_geometric_chimera.nn.decomposition as module
+    monkeypatch.setattr(module, "block_kernels_available", lambda *args: False)  # as off CPU: torch's conv
+    torch.testing.assert_close(decomposition_conv_silu(x, weight, bias, geo), out)
     # graph by graph with torch.nn's layers, as the authors' Conv2d / Conv1d (causal: Mamba-2's)
     for g, size in enumerate(sizes):
         if decomposition == "grid":
@@ -267,7 +270,7 @@ def test_conv_of_equal_shapes_is_torch_conv_and_equals_the_gather(decomposition,
             layer.bias.data.copy_(bias)
             expected = layer(x[g * length:(g + 1) * length].t().unsqueeze(0))[0, :, :length].t()
             rows = slice(g * length, (g + 1) * length)
-        torch.testing.assert_close(out[rows], expected)
+        torch.testing.assert_close(out[rows], F.silu(expected))
 
 
 # --- the layer ------------------------------------------------------------------------------------

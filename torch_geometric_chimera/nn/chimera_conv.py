@@ -16,7 +16,7 @@ from ..ops.opaque import opaque_resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
 from .decomposition import (CONV_KERNEL, DAG_SUM_SCALE, DECOMPOSITIONS, NUM_DIRECTIONS, decomposed_resolvent_attention,
-                            decomposition_adjacency, decomposition_conv, decomposition_geometry, dt_groups,
+                            decomposition_adjacency, decomposition_conv_silu, decomposition_geometry, dt_groups,
                             sharing_groups)
 
 
@@ -397,9 +397,7 @@ class ChimeraConv(MessagePassing):
                                           batch=batch, device=x.device)
         weight_z, weight_xbc, weight_dt = self.in_proj.weight.split([self.inner, self.conv_width, self.dt_width])
         z, xbc, dt = F.linear(x, weight_z), F.linear(x, weight_xbc), F.linear(x, weight_dt)
-        if self.local_conv:
-            xbc = decomposition_conv(xbc, self.conv_weight, self.conv_bias, geometry)
-        xbc = F.silu(xbc)
+        xbc = decomposition_conv_silu(xbc, self.conv_weight, self.conv_bias, geometry) if self.local_conv else F.silu(xbc)
         values, B, C = xbc.split([self.inner, self.state_dim * self.num_sets, self.state_dim * self.num_sets], dim=-1)
         values = values.view(num_nodes, heads, self.head_dim)
         # [N, Delta sets, directions, H]: every DAG its own selectivity per edge direction.

@@ -24,7 +24,7 @@ uses twice (DESIGN.md §4):
   :math:`A_{t,t-1} = \exp(-\Delta_t)`, :math:`\bar{\mathbf{B}}_t = \Delta_t \mathbf{B}_t` (the
   first token included); the two directions are summed.
 
-(The local convolution, one weight per offset, is :func:`decomposition_conv`.)
+(The local convolution, one weight per offset, is :func:`decomposition_conv_silu`.)
 
 Nodes of every graph are numbered consecutively, graph after graph, as PyG's ``DataLoader``
 batches them; inside a sequence in order, inside an image in raster order (row by row).
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.block import block_kernels_available, window_conv_silu, window_conv_silu_reference
 from ..ops.common import host_reads_allowed
 from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, num_checkpoints,
                         segment_rows_for)
@@ -169,32 +170,6 @@ class DecompositionGeometry:
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
-
-    def conv_index(self, kernel_size: int) -> Tensor:
-        r"""``[K, N]``: the node at every offset of the local convolution's kernel, or ``N`` (a zero
-        row) past the graph's border. Offsets in the order of the kernel's entries: row-major
-        ``(dy, dx)`` in ``[-r, r]^2`` on grids (``k = 2r + 1``), ``-r .. r`` on lines, ``-(k-1) .. 0``
-        (causal) for ``"fwd"``."""
-        def build() -> Tensor:
-            node = torch.arange(self.num_nodes, device=self.sizes.device)
-            pad = torch.full_like(node, self.num_nodes)
-            rows = []
-            if self.decomposition == "grid":
-                row, column, height, width = self.coordinates
-                radius = kernel_size // 2
-                for dy in range(-radius, radius + 1):
-                    for dx in range(-radius, radius + 1):
-                        inside = ((row + dy >= 0) & (row + dy < height) & (column + dx >= 0)
-                                  & (column + dx < width))
-                        rows.append(torch.where(inside, node + dy * width + dx, pad))
-            else:
-                position, length = self.coordinates
-                first = -(kernel_size - 1) if self.decomposition == "fwd" else -(kernel_size // 2)
-                for offset in range(first, first + kernel_size):
-                    inside = (position + offset >= 0) & (position + offset < length)
-                    rows.append(torch.where(inside, node + offset, pad))
-            return torch.stack(rows) if rows else node.new_zeros(0, self.num_nodes)
-        return self.memo(("conv_index", kernel_size), build)
 
 
 class _GeometryCache:
@@ -355,23 +330,38 @@ def batched_grid_dags(grid_size: Tensor) -> List[Tensor]:
     return decomposition_dags("grid", num_nodes, grid_size=grid_size)
 
 
-def decomposition_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: DecompositionGeometry) -> Tensor:
-    r"""The local convolution of a decomposition: depthwise, one weight per offset, zero padded at
-    every graph's border, as the authors' ``Conv2d`` (grids) and ``Conv1d`` (lines; causal for
-    ``"fwd"``, as Mamba-2's):
+def _window(geometry: "DecompositionGeometry", weight: Tensor) -> Tuple[Tensor, Tensor, Tensor, int, int]:
+    """The images, window weight ``[C, kh, kw]`` and offsets of :func:`window_conv_silu` for this geometry."""
+    kernel = weight.size(-1)
+    if geometry.decomposition == "grid":
+        return geometry.graph_ptr, geometry.sizes[:, 1], weight, -(kernel // 2), -(kernel // 2)
+    # sequences are images of one row; "fwd" looks back only (causal), "line" both ways
+    first = -(kernel - 1) if geometry.decomposition == "fwd" else -(kernel // 2)
+    return geometry.graph_ptr, geometry.sizes, weight.unsqueeze(1), 0, first
+
+
+def decomposition_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, geometry: DecompositionGeometry) -> Tensor:
+    r"""The local convolution of a decomposition and its SiLU: depthwise, one weight per offset, zero
+    padded at every graph's border, as the authors' ``Conv2d`` (grids) and ``Conv1d`` (lines; causal
+    for ``"fwd"``, as Mamba-2's):
 
     .. math::
-        \mathbf{x}'_i = \mathbf{b} + \sum_{o} \mathbf{w}_o \odot \mathbf{x}_{i + o}.
+        \mathbf{x}'_i = \mathrm{SiLU}\Big(\mathbf{b} + \sum_{o} \mathbf{w}_o \odot \mathbf{x}_{i + o}\Big).
 
     Args:
         x (Tensor): ``[N, C]``.
         weight (Tensor): ``[C, k, k]`` (grid) or ``[C, k]`` (lines).
-        bias (Tensor, optional): ``[C]``.
+        bias (Tensor): ``[C]``.
         geometry (DecompositionGeometry): where the neighbours are.
 
-    Batches of graphs of one shape run as one ``conv2d`` / ``conv1d`` call; mixed shapes gather the
-    ``K`` neighbours (:meth:`DecompositionGeometry.conv_index`), so no graph ever reads another.
+    On CPU one ``chimera::window_conv_silu`` call for the whole batch, any mix of shapes
+    (:func:`~torch_geometric_chimera.ops.block.window_conv_silu`); elsewhere a batch of graphs of one
+    shape is one ``conv2d`` / ``conv1d`` call, and mixed shapes gather every offset's neighbour
+    (:func:`decomposition_conv_silu_reference`). No graph ever reads another.
     """
+    graph_ptr, row_width, window, row_offset, col_offset = _window(geometry, weight)
+    if block_kernels_available(x, weight, bias):
+        return window_conv_silu(x, graph_ptr, row_width, window, bias, row_offset, col_offset)
     num_nodes, channels = x.shape
     kernel = weight.size(-1)
     if geometry.uniform is not None and not torch.compiler.is_compiling():
@@ -379,23 +369,20 @@ def decomposition_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], geomet
             graphs, height, width = geometry.uniform
             images = x.view(graphs, height, width, channels).permute(0, 3, 1, 2)  # channels-last strides
             out = F.conv2d(images, weight.unsqueeze(1), bias, padding=kernel // 2, groups=channels)
-            return out.permute(0, 2, 3, 1).reshape(num_nodes, channels)
+            return F.silu(out.permute(0, 2, 3, 1).reshape(num_nodes, channels))
         graphs, length = geometry.uniform
         pad = (kernel - 1, 0) if geometry.decomposition == "fwd" else (kernel // 2, kernel // 2)
         sequences = F.pad(x.view(graphs, length, channels).transpose(1, 2), pad)
         out = F.conv1d(sequences, weight.unsqueeze(1), bias, groups=channels)
-        return out.transpose(1, 2).reshape(num_nodes, channels)
-    return decomposition_conv_reference(x, weight, bias, geometry)
+        return F.silu(out.transpose(1, 2).reshape(num_nodes, channels))
+    return decomposition_conv_silu_reference(x, weight, bias, geometry)
 
 
-def decomposition_conv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                 geometry: DecompositionGeometry) -> Tensor:
-    """:func:`decomposition_conv` as a gather of every offset's neighbour: any mix of shapes."""
-    num_nodes, channels = x.shape
-    index = geometry.conv_index(weight.size(-1))  # [K, N], N where the offset leaves the graph
-    padded = torch.cat([x, x.new_zeros(1, channels)])
-    out = torch.einsum("knc,ck->nc", padded[index], weight.reshape(channels, -1))
-    return out if bias is None else out + bias
+def decomposition_conv_silu_reference(x: Tensor, weight: Tensor, bias: Tensor,
+                                      geometry: DecompositionGeometry) -> Tensor:
+    """:func:`decomposition_conv_silu` in PyTorch ops, every offset's neighbour gathered: any mix of shapes."""
+    graph_ptr, row_width, window, row_offset, col_offset = _window(geometry, weight)
+    return window_conv_silu_reference(x, graph_ptr, row_width, window, bias, row_offset, col_offset)
 
 
 def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, groups: Tuple[int, ...],

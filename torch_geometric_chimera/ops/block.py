@@ -112,7 +112,80 @@ def gated_rms_norm(y: Tensor, skip: Tensor, skip_scale: Tensor, gate: Tensor, we
     return torch.ops.chimera.gated_rms_norm(y, skip, skip_scale, gate, weight, float(eps))[0]
 
 
+def window_conv_silu_reference(x: Tensor, graph_ptr: Tensor, row_width: Tensor, weight: Tensor, bias: Tensor,
+                               row_offset: int, col_offset: int) -> Tensor:
+    r""":func:`window_conv_silu` in PyTorch ops: the window's neighbours gathered (a zero row past
+    an image's border), weighted and summed."""
+    num_nodes, channels = x.shape
+    kh, kw = weight.shape[1:]
+    sizes = graph_ptr.diff()
+    graph = torch.repeat_interleave(torch.arange(sizes.numel(), device=x.device), sizes, output_size=num_nodes)
+    local = torch.arange(num_nodes, device=x.device) - graph_ptr[graph]
+    width = row_width[graph].clamp_min(1)
+    rows = sizes[graph] // width
+    row, column = local // width, local % width
+    padded = torch.cat([x, x.new_zeros(1, channels)])
+    out = bias.expand(num_nodes, channels)
+    for i in range(kh):
+        for j in range(kw):
+            r, c = row + row_offset + i, column + col_offset + j
+            inside = (r >= 0) & (r < rows) & (c >= 0) & (c < width)
+            neighbor = torch.where(inside, graph_ptr[graph] + r * width + c, num_nodes)
+            out = out + padded[neighbor] * weight[:, i, j]
+    return F.silu(out)
+
+
+def window_conv_silu(x: Tensor, graph_ptr: Tensor, row_width: Tensor, weight: Tensor, bias: Tensor, row_offset: int,
+                     col_offset: int) -> Tensor:
+    r"""A depthwise convolution with SiLU over every image of a batch (sequences: images of one row),
+    zero padded at each image's border, so no image reads another:
+
+    .. math::
+        \mathbf{x}'_{(y, x)} = \mathrm{SiLU}\Big(\mathbf{b} + \sum_{i < k_h,\, j < k_w}
+            \mathbf{w}_{:, i, j} \odot \mathbf{x}_{(y + r_0 + i,\; x + c_0 + j)}\Big).
+
+    Args:
+        x (Tensor): ``[N, C]``, the nodes of every image in raster order, image after image.
+        graph_ptr (LongTensor): ``[G + 1]`` first node of every image.
+        row_width (LongTensor): ``[G]`` width of every image (it divides the image's node count).
+        weight (Tensor): ``[C, k_h, k_w]``. bias (Tensor): ``[C]``.
+        row_offset (int): :math:`r_0`. col_offset (int): :math:`c_0` (``-(k // 2)`` centres the window).
+
+    One pass forward, two backward (``chimera::window_conv_silu``, CPU float32 / float64 with the
+    compiled extension); elsewhere :func:`window_conv_silu_reference`.
+
+    :rtype: :class:`Tensor` ``[N, C]``.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape [N, C], got {list(x.shape)}")
+    if weight.dim() != 3 or weight.size(0) != x.size(1):
+        raise ValueError(f"weight: expected shape [C, kh, kw] with C = {x.size(1)}, got {list(weight.shape)}")
+    _check_channels("bias", bias, x.size(1))
+    if not (block_kernels_available(x, weight, bias) and graph_ptr.device.type == "cpu"):
+        return window_conv_silu_reference(x, graph_ptr, row_width, weight, bias, row_offset, col_offset)
+    return torch.ops.chimera.window_conv_silu(x, graph_ptr, row_width, weight, bias, row_offset, col_offset)
+
+
 if HAS_EXTENSION:
+
+    @torch.library.register_fake("chimera::window_conv_silu")
+    def _window_conv_silu_fake(x, graph_ptr, row_width, weight, bias, row_offset, col_offset):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("chimera::window_conv_silu_backward")
+    def _window_conv_silu_backward_fake(grad_out, x, graph_ptr, row_width, weight, bias, row_offset, col_offset):
+        return [x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)]
+
+    def _window_conv_silu_setup_context(ctx, inputs, output):
+        x, graph_ptr, row_width, weight, bias, row_offset, col_offset = inputs
+        ctx.save_for_backward(x, graph_ptr, row_width, weight, bias)
+        ctx.offsets = (row_offset, col_offset)
+
+    def _window_conv_silu_backward(ctx, grad_out):
+        x, graph_ptr, row_width, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = torch.ops.chimera.window_conv_silu_backward(grad_out, x, graph_ptr, row_width, weight,
+                                                                         bias, *ctx.offsets)
+        return dx, None, None, dweight, dbias, None, None
 
     @torch.library.register_fake("chimera::local_conv_silu")
     def _local_conv_silu_fake(x, neighbors, self_scale, neighbor_scale, bias):
@@ -153,16 +226,19 @@ if HAS_EXTENSION:
         return dy, dskip, dskip_scale, dgate, dweight, None
 
     def _no_double_backward(ctx, *grads):
-        raise NotImplementedError("chimera's fused block kernels (local_conv_silu, gated_rms_norm): double backward "
-                                  "is not supported; use local_conv_silu_reference / gated_rms_norm_reference")
+        raise NotImplementedError("chimera's fused block kernels (local_conv_silu, gated_rms_norm, window_conv_silu): "
+                                  "double backward is not supported; use their *_reference functions")
 
     torch.library.register_autograd("chimera::local_conv_silu", _local_conv_silu_backward,
                                     setup_context=_local_conv_silu_setup_context)
     torch.library.register_autograd("chimera::gated_rms_norm", _gated_rms_norm_backward,
                                     setup_context=_gated_rms_norm_setup_context)
-    for _name in ("chimera::local_conv_silu_backward", "chimera::gated_rms_norm_backward"):
+    torch.library.register_autograd("chimera::window_conv_silu", _window_conv_silu_backward,
+                                    setup_context=_window_conv_silu_setup_context)
+    for _name in ("chimera::local_conv_silu_backward", "chimera::gated_rms_norm_backward",
+                  "chimera::window_conv_silu_backward"):
         torch.library.register_autograd(_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 __all__ = ("local_conv_silu", "local_conv_silu_reference", "gated_rms_norm", "gated_rms_norm_reference",
-           "block_kernels_available")
+           "window_conv_silu", "window_conv_silu_reference", "block_kernels_available")
