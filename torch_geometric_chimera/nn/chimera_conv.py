@@ -96,9 +96,10 @@ class ChimeraConv(MessagePassing):
 
     .. note::
 
-        :func:`torch.jit.script` compiles the layer, but the resolvent solve stays a Python call
-        (its topology cache and autograd functions are not TorchScript): the scripted module runs
-        in Python and gives the eager outputs, but :func:`torch.jit.save` refuses it.
+        :func:`torch.jit.script` compiles the layer, but the resolvent solve, the fused local
+        convolution and a decomposition's whole block stay Python calls (topology caches, autograd
+        functions and compiled ops that are not TorchScript): the scripted module runs in Python and
+        gives the eager outputs, but :func:`torch.jit.save` refuses it.
 
     Args:
         channels (int): size of every input and output node feature.
