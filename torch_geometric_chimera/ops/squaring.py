@@ -23,7 +23,9 @@ and :math:`\|(\mathbf{I} - \mathbf{A})^{-1}\|_\infty \le 1 / (1 - \gamma)`: the 
 *relative to that bound* is at most :math:`\gamma^{2^k}`. :func:`squarings_for_bound` picks the fewest
 ``k`` with :math:`\gamma^{2^k} \le` ``tol``, by default the unit roundoff of the precision
 (:data:`DEFAULT_TOL`), so that truncation is no larger than rounding: for :math:`\gamma = 0.9`, ``k`` is
-8 in float32, 7 in tf32 and 6 in bf16 (9 in float64).
+8 in float32, 7 in tf32 and 6 in bf16 (9 in float64). A batch may mix both kinds: with no bound given,
+:func:`squarings_per_graph` decides graph by graph (every graph a DAG, or with every row of
+:math:`|\mathbf{A}|` summing to less than 1) and takes the most squarings any graph needs.
 
 **Backward.** Not autograd through the chain: with :math:`\mathbf{S} = \mathbf{Q}\mathbf{K}^\top`,
 :math:`\partial\mathbf{M} = \partial\mathbf{Y}\,\mathbf{V}^\top` (the gradient of
@@ -86,6 +88,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
+from ..utils.topology import topological_levels
 from . import common
 
 
@@ -602,11 +605,10 @@ def row_sum_bound(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> fl
 
 
 def resolve_num_squarings(num_squarings: Optional[int], depth: Optional[int], gamma: Optional[float],
-                          tol: Optional[float], precision: str, dtype: torch.dtype,
-                          measure_gamma=None) -> int:
+                          tol: Optional[float], precision: str, dtype: torch.dtype) -> int:
     """The ``k`` of :func:`squaring_resolvent_attention`: ``num_squarings`` if given; else exact for
-    ``depth``; else the bound for ``gamma`` (or, if :obj:`None`, for the measured row sums, a host
-    read) at ``tol`` (default :data:`DEFAULT_TOL` of the precision)."""
+    ``depth``; else the bound for ``gamma`` at ``tol`` (default :data:`DEFAULT_TOL` of the precision).
+    With none of them, :func:`squarings_per_graph` measures the graphs."""
     if num_squarings is not None:
         if isinstance(num_squarings, bool) or not isinstance(num_squarings, int) or not 1 <= num_squarings:
             raise ValueError(f"num_squarings: expected a positive int, got {num_squarings!r}")
@@ -621,14 +623,83 @@ def resolve_num_squarings(num_squarings: Optional[int], depth: Optional[int], ga
     if tol is None:
         tol = DEFAULT_TOL["float64" if dtype == torch.float64 and precision == "float32" else precision]
     if gamma is None:
-        if measure_gamma is None:
-            raise ValueError("gamma: expected a bound on the row sums of |A| (or num_squarings, or depth)")
-        gamma = measure_gamma()
-        if gamma >= 1:
-            raise ValueError(f"edge_weight: a row of |A| sums to {gamma:.4g} >= 1, so the squaring series has no "
-                             f"error bound; pass depth= (a DAG: exact), num_squarings=, or normalize the rows "
-                             f"(e.g. the 'general' adjacency with gamma < 1)")
+        raise ValueError("gamma: expected a bound on the row sums of |A| (or num_squarings, or depth)")
     return squarings_for_bound(gamma, tol)
+
+
+def squarings_per_graph(edge_index: Tensor, edge_weight: Tensor, levels: Tensor, batch: Optional[Tensor] = None,
+                        num_graphs: Optional[int] = None, tol: Optional[float] = None, precision: str = "float32",
+                        dtype: torch.dtype = torch.float32, batch_ids: Optional[Tensor] = None) -> int:
+    r"""The ``k`` of the squaring path when no bound is given, decided graph by graph: a DAG is exact
+    with :func:`squarings_for_depth` of its longest path, whatever its weights; a graph with a cycle
+    needs every row of :math:`|\mathbf{A}|` to sum to less than 1, and :func:`squarings_for_bound` of
+    its largest row sum (at ``tol``, default :data:`DEFAULT_TOL` of the precision). ``k`` is the largest
+    over the graphs: more squarings leave a DAG exact and a bounded graph closer. Graphs do not meet in
+    the padded batch, so a DAG whose rows sum to 3 and a graph with a cycle whose rows sum to 0.6 go
+    together as they go alone.
+
+    Per-graph segment reductions over the nodes (``scatter_reduce`` by ``batch``, no loop over
+    graphs) and one host read.
+
+    Args:
+        edge_index (LongTensor): ``[2, E]``, source first, edges inside graphs.
+        edge_weight (Tensor): ``[E, H]``.
+        levels (LongTensor): ``[N]`` topological level of every node, ``-1`` on or after a cycle
+            (:func:`~torch_geometric_chimera.utils.topological_levels` with ``raise_on_cycle=False``).
+        batch (LongTensor, optional): ``[N]`` graph of every node, ids ``0 .. G - 1``. (default: one graph)
+        num_graphs (int, optional): ``G``; ``batch.max() + 1`` (a host read) when :obj:`None`.
+        batch_ids (LongTensor, optional): the graph ids to name in the error, when ``batch`` renumbers
+            them (as :attr:`~.resolvent.GraphTopology.batch` does). (default: ``batch``)
+
+    Raises:
+        ValueError: a graph has a cycle and a row of :math:`|\mathbf{A}|` summing to 1 or more (or NaN);
+            the message names the first such graph (its id in ``batch``) and its largest row sum.
+    """
+    num_nodes = levels.numel()
+    if num_nodes == 0:
+        return 1
+    device = levels.device
+    graph = torch.zeros(num_nodes, dtype=torch.long, device=device) if batch is None else batch.long()
+    if num_graphs is None:
+        num_graphs = int(graph.max()) + 1
+
+    def per_graph(values: Tensor, empty: float) -> Tensor:  # the largest value of every graph's nodes
+        out = torch.full((num_graphs,), empty, dtype=values.dtype, device=device)
+        return out.scatter_reduce(0, graph, values, reduce="amax", include_self=True)
+
+    rows = edge_weight.new_zeros(num_nodes, edge_weight.size(1))
+    rows.index_add_(0, edge_index[1].long(), edge_weight.detach().abs())
+    node_nan = torch.isnan(rows).any(1) if rows.size(1) else torch.zeros_like(graph, dtype=torch.bool)
+    node_rows = rows.amax(1) if rows.size(1) else rows.new_zeros(num_nodes)
+    node_rows = torch.where(node_nan, float("inf"), node_rows).double()
+    row_max, has_nan = per_graph(node_rows, 0.0), per_graph(node_nan.double(), 0.0) > 0
+    cyclic = per_graph((levels < 0).double(), 0.0) > 0
+    depth = per_graph(levels.double(), -1.0)  # on a DAG, its longest path; -1 for a graph without nodes
+    bad = cyclic & ~(row_max < 1)
+    first = torch.argmax(bad.long())  # the first graph that is neither a DAG nor bounded below 1
+    any_bad, first, first_rows, first_nan, dag_depth, cyclic_rows, any_cyclic = torch.stack([
+        bad.any().double(), first.double(), row_max[first], has_nan[first].double(),
+        torch.where(cyclic, -1.0, depth).max(), torch.where(cyclic, row_max, 0.0).max(),
+        cyclic.any().double()]).tolist()  # the one host read
+    if any_bad:
+        first = int(first)
+        if batch is None:
+            name = "the graph"
+        else:
+            ids = graph if batch_ids is None else batch_ids
+            name = f"graph {int(ids[(graph == first).nonzero()[0, 0]])} of batch"
+        if first_nan:
+            raise ValueError(f"edge_weight: contains NaN in {name}, which has a cycle, so its rows of |A| have no "
+                             f"bound (method='squaring')")
+        raise ValueError(f"edge_weight: a row of |A| sums to {first_rows:.4g} >= 1 in {name}, which has a cycle: "
+                         f"method='squaring' needs every graph to be a DAG (exact) or to have every row of |A| sum "
+                         f"to less than 1 (e.g. the 'general' adjacency with gamma < 1); use method='dense'")
+    known = []
+    if dag_depth >= 0:  # some DAG with nodes
+        known.append(resolve_num_squarings(None, int(dag_depth), None, tol, precision, dtype))
+    if any_cyclic:
+        known.append(resolve_num_squarings(None, None, cyclic_rows, tol, precision, dtype))
+    return max(known, default=1)
 
 
 def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
@@ -659,8 +730,10 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
         depth (int, optional): on DAGs, the longest path (in edges) of any graph, or an upper bound
             (``max_nodes - 1`` always is one): ``k = ceil(log2(depth + 1))``, exact.
         gamma (float, optional): a bound :math:`< 1` on every row sum of :math:`|\mathbf{A}|` (``gamma``
-            of the ``general`` adjacency); measured on the host when :obj:`None` and neither
-            ``num_squarings`` nor ``depth`` is given. ``k`` is then :func:`squarings_for_bound` ``(gamma, tol)``.
+            of the ``general`` adjacency): ``k`` is then :func:`squarings_for_bound` ``(gamma, tol)``. When
+            none of ``num_squarings``, ``depth`` and ``gamma`` is given, ``k`` is decided graph by graph
+            on the host (:func:`squarings_per_graph`): every graph must be a DAG (exact) or have every
+            row of :math:`|\mathbf{A}|` sum to less than 1.
         tol (float, optional): the truncation bound, relative to :math:`1/(1-\gamma)`. (default:
             the unit roundoff of ``precision``, :data:`DEFAULT_TOL`)
         precision (str, optional): inputs of the matrix products in ``"float32"`` (the input dtype),
@@ -692,8 +765,11 @@ def squaring_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, edge
     dtype = query.dtype
     if dtype in (torch.float16, torch.bfloat16):
         query, key, value, edge_weight = (t.float() for t in (query, key, value, edge_weight))
-    k = resolve_num_squarings(num_squarings, depth, gamma, tol, precision, query.dtype,
-                              lambda: row_sum_bound(edge_index, edge_weight, num_nodes))
+    if num_squarings is None and depth is None and gamma is None:  # decided graph by graph (host reads)
+        levels = topological_levels(edge_index, num_nodes, raise_on_cycle=False)
+        k = squarings_per_graph(edge_index, edge_weight, levels, batch, None, tol, precision, query.dtype)
+    else:
+        k = resolve_num_squarings(num_squarings, depth, gamma, tol, precision, query.dtype)
     if num_nodes == 0 or value.numel() == 0:
         return value.new_zeros(value.shape).to(dtype)
 
