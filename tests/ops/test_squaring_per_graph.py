@@ -18,7 +18,6 @@ HEADS = 2
 # resolvent_attention(method="squaring") takes its number of squarings in resolvent._squaring, which
 # still measures one row sum over the whole batch: these cases pass once it calls
 # squaring.squarings_per_graph (see the issue note); strict, so that they are unmarked then.
-NEEDS_RESOLVENT = pytest.mark.xfail(strict=True, reason="resolvent._squaring does not call squarings_per_graph yet")
 
 
 def make_graph(kind, n, row_sum):
@@ -72,7 +71,7 @@ ENTRY_POINTS = {
                                                                              batch=batch),
 }
 ENTRY_PARAMS = [pytest.param("squaring_resolvent_attention"),
-                pytest.param("resolvent_attention", marks=NEEDS_RESOLVENT)]
+                "resolvent_attention"]
 
 
 @pytest.mark.parametrize("entry", ENTRY_PARAMS)
@@ -103,7 +102,6 @@ def test_the_graph_that_is_neither_a_dag_nor_bounded_is_named(entry):
         ENTRY_POINTS[entry](q, k, v, edge_index, weight, batch)
 
 
-@NEEDS_RESOLVENT
 def test_resolvent_attention_names_the_graph_by_its_id_in_batch_when_ids_are_renumbered():
     # Ids >= N are renumbered inside the topology; the error still names the id the caller gave.
     q, k, v, edge_index, weight, batch = make_batch([("cyclic", 6, 0.6), ("cyclic", 5, 1.25)], ids=[7, 10 ** 9])

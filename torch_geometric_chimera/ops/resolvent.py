@@ -25,7 +25,8 @@ from .iterative import default_tolerance, iterative_solve
 from .line import line_order, line_resolvent_attention
 from .neumann import NeumannSchedule, checkpointed_neumann, neumann_schedule
 from .squaring import (PaddedIndex, PaddedLayout, bucketed_layouts, fused_available, over_layouts, padded_index,
-                       padded_layout, padding_bounds, resolve_num_squarings, row_sum_bound, squaring_attention)
+                       padded_layout, padding_bounds, resolve_num_squarings, row_sum_bound, squaring_attention,
+                       squarings_per_graph)
 
 METHODS = ("auto", "dense", "squaring", "band", "dag", "line", "neumann", "iterative")
 
@@ -579,26 +580,26 @@ def _squaring(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, to
     with neither, for the measured row sums of ``|A|``, a host read (one synchronization on a GPU).
     A given ``gamma`` is checked where reading the row sums is free."""
     depth = topology.depth  # cached: None on graphs with a cycle
-    measured = None
-    if (depth is None and gamma is None) or (gamma is not None and common.host_reads_allowed(edge_weight)):
+    if gamma is not None and common.host_reads_allowed(edge_weight):
         measured = row_sum_bound(topology.edge_index, edge_weight, topology.num_nodes)
         if math.isnan(measured):
             raise ValueError("edge_weight: contains NaN, so the rows of |A| have no bound (method='squaring')")
-    if gamma is not None and measured is not None and measured > gamma * (1 + GAMMA_SLACK):
-        raise ValueError(f"gamma: a row of |A| sums to {measured:.6g}, above the bound gamma = {gamma}; pass the "
-                         f"true bound, or gamma=None to measure it")
+        if measured > gamma * (1 + GAMMA_SLACK):
+            raise ValueError(f"gamma: a row of |A| sums to {measured:.6g}, above the bound gamma = {gamma}; pass "
+                             f"the true bound, or gamma=None to measure it")
     if depth is None and gamma is None:
-        if measured >= 1:
-            raise ValueError(f"edge_weight: a row of |A| sums to {measured:.4g} >= 1, and the graph has a cycle: "
-                             f"method='squaring' converges only when every row sums to less than 1 (e.g. the "
-                             f"'general' adjacency with gamma < 1); use method='dense'")
-        gamma = measured
-    known = []
-    if depth is not None:  # exact
-        known.append(resolve_num_squarings(None, depth, None, tol, "float32", query.dtype))
-    if gamma is not None:  # truncation below tol (default: the roundoff)
-        known.append(resolve_num_squarings(None, None, gamma, tol, "float32", query.dtype))
-    num_squarings = min(known)
+        # Decided graph by graph: every graph a DAG (exact) or with rows of |A| summing to < 1; the
+        # error names the first graph that is neither.
+        num_squarings = squarings_per_graph(topology.edge_index, edge_weight, topology.levels, topology.batch,
+                                            topology.num_graphs, tol, "float32", query.dtype,
+                                            batch_ids=topology._batch_ids)
+    else:
+        known = []
+        if depth is not None:  # exact
+            known.append(resolve_num_squarings(None, depth, None, tol, "float32", query.dtype))
+        if gamma is not None:  # truncation below tol (default: the roundoff)
+            known.append(resolve_num_squarings(None, None, gamma, tol, "float32", query.dtype))
+        num_squarings = min(known)
     fused = query.device.type == "cuda" and fused_available(query.device)
     layouts, inverse = topology.padded_layouts
     return over_layouts(lambda q, k, v, w, layout, index: squaring_attention(q, k, v, w, layout, num_squarings,
