@@ -29,6 +29,30 @@ def test_kernels_in_the_interpreter():
     run_in_interpreter(__file__, tg.INTERPRETED)
 
 
+@pytest.mark.skipif(tg.INTERPRETED, reason="runs a pytest subprocess of its own")
+def test_a_failed_interpreter_run_shows_its_first_failure(tmp_path):
+    """The assertion shows the first failure's traceback and the summary, however much output the
+    later failures add (the last 4,000 characters alone hid the first error)."""
+    test_file = tmp_path / "test_failing.py"
+    test_file.write_text(
+        "import pytest\n\n\n"
+        "def descend(depth):\n"
+        "    if depth == 0:\n"
+        "        raise ValueError('the first failure')\n"
+        "    descend(depth - 1)\n\n\n"
+        "def test_first():\n"
+        "    descend(60)\n\n\n"
+        "@pytest.mark.parametrize('i', range(5))\n"
+        "def test_later(i):\n"
+        "    assert i < 0, 'a later failure ' + 'x' * 3000\n")
+    with pytest.raises(AssertionError) as failure:
+        run_in_interpreter(str(test_file), False)
+    message = str(failure.value)
+    assert "E   ValueError: the first failure" in message  # the traceback itself, not only its summary line
+    assert "test_failing.py::test_later[4]" in message and "6 failed" in message
+    assert len(message) < 14000
+
+
 # Three images (2 x 3, 3 x 2, 1 x 4): a segment boundary inside the 3-row one, a single row, widths
 # below the padded column tile of 4.
 GRID_SIZE = torch.tensor([[2, 3], [3, 2], [1, 4]])

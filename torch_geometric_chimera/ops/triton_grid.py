@@ -74,7 +74,12 @@ loops on runtime bounds read from ``graph_ptr``: Triton 3.6's interpreter evalua
 (triton-lang/triton#9171), whereas a ``while`` condition goes through ``bool()``, which numpy still
 allows. (:mod:`.triton_attention` instead makes its loop bound a ``constexpr``; here that would
 compile one variant per image height.) On a GPU a ``while`` loop compiles to ``scf.while``; the
-row loop is sequential anyway.
+row loop is sequential anyway. A mask that joins a block to a scalar condition (``r > 0``: the row
+has a row above) goes through ``_and_scalar``: the interpreter broadcasts a scalar comparison as an
+array of its operands' integer type, ``&`` keeps that type, and from Triton 3.9 the interpreter's
+``tl.load`` / ``tl.store`` refuse such a mask ("mask has unsupported dtype"; 3.6 to 3.8 took it as
+boolean). Compiled, the helper's ``tl.where(condition, True, False)`` folds away: the sm_90 PTX is
+the same as with a plain ``&``.
 
 The entry points are :func:`grid_attention_triton` and :func:`grid_solve_triton`, backed by the
 custom ops ``chimera_triton::grid_attention`` (and ``_backward``), ``chimera_triton::grid_solve``
@@ -206,6 +211,12 @@ if HAS_TRITON:
         return state
 
     @triton.jit
+    def _and_scalar(mask, condition):
+        """``mask & condition`` for a block ``mask`` and a scalar ``condition``, a boolean block in Triton's
+        interpreter too (module docstring); compiled, the same code as ``mask & condition``."""
+        return mask & tl.where(condition, True, False)
+
+    @triton.jit
     def _attention_forward_kernel(GRAPH_PTR, ROW_WIDTH, NODES, WEIGHT, Q, K, V, Y, CKPT, CKPT_PTR,
                                   num_nodes, heads, S, P, segment_rows,
                                   BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -233,7 +244,7 @@ if HAS_TRITON:
         r = 0
         while r < rows:
             node = tl.load(NODES + base + r * width + col, mask=col_ok, other=0)
-            w_up = tl.load(WEIGHT + (node * 2) * heads + h, mask=col_ok & (r > 0), other=0.0)
+            w_up = tl.load(WEIGHT + (node * 2) * heads + h, mask=_and_scalar(col_ok, r > 0), other=0.0)
             w_left = tl.load(WEIGHT + (node * 2 + 1) * heads + h, mask=col_ok & (col > 0), other=0.0)
             nh = node * heads + h
             q = tl.load(Q + nh[:, None] * S + fs[None, :], mask=qk_ok, other=0.0)
@@ -246,7 +257,7 @@ if HAS_TRITON:
             keep = ((r + 1) % segment_rows == 0) & (r + 1 < rows)
             position = first_checkpoint + ((r + 1) // segment_rows - 1) * width + col
             tl.store(CKPT + (position[:, None, None] * heads + h) * S * P + state_offset, state,
-                     mask=state_ok & keep)
+                     mask=_and_scalar(state_ok, keep))
             r += 1
 
     @triton.jit
@@ -296,12 +307,12 @@ if HAS_TRITON:
             # Scratch row 0: the checkpoint above the segment (zero above the first).
             position = first_checkpoint + (tl.maximum(segment, 1) - 1) * width + j
             state = tl.load(CKPT + (position[:, None, None] * heads + h) * S * P + state_offset,
-                            mask=fwd_state_ok & (segment > 0), other=0.0)
+                            mask=_and_scalar(fwd_state_ok, segment > 0), other=0.0)
             tl.store(scratch + j[:, None, None] * (BLOCK_S * BLOCK_P) + tile_offset, state)
             r = r0
             while r < r1:  # recompute the segment's states
                 node = tl.load(NODES + base + r * width + j, mask=fwd_ok, other=0)
-                w_up = tl.load(WEIGHT + (node * 2) * heads + h, mask=fwd_ok & (r > 0), other=0.0)
+                w_up = tl.load(WEIGHT + (node * 2) * heads + h, mask=_and_scalar(fwd_ok, r > 0), other=0.0)
                 w_left = tl.load(WEIGHT + (node * 2 + 1) * heads + h, mask=fwd_ok & (j > 0), other=0.0)
                 nh = node * heads + h
                 k = tl.load(K + nh[:, None] * S + fs[None, :], mask=fwd_qk_ok, other=0.0)
@@ -316,9 +327,9 @@ if HAS_TRITON:
                 position = base + r * width + col
                 node = tl.load(NODES + position, mask=rev_ok, other=0)
                 right = tl.load(NODES + position + 1, mask=rev_ok & (col + 1 < width), other=0)
-                down = tl.load(NODES + position + width, mask=rev_ok & (r + 1 < rows), other=0)
+                down = tl.load(NODES + position + width, mask=_and_scalar(rev_ok, r + 1 < rows), other=0)
                 w_right = tl.load(WEIGHT + (right * 2 + 1) * heads + h, mask=rev_ok & (col + 1 < width), other=0.0)
-                w_down = tl.load(WEIGHT + (down * 2) * heads + h, mask=rev_ok & (r + 1 < rows), other=0.0)
+                w_down = tl.load(WEIGHT + (down * 2) * heads + h, mask=_and_scalar(rev_ok, r + 1 < rows), other=0.0)
                 nh = node * heads + h
                 q = tl.load(Q + nh[:, None] * S + fs[None, :], mask=rev_qk_ok, other=0.0)
                 k = tl.load(K + nh[:, None] * S + fs[None, :], mask=rev_qk_ok, other=0.0)
@@ -365,7 +376,7 @@ if HAS_TRITON:
         r = 0
         while r < rows:
             node = tl.load(NODES + base + r * width + col, mask=col_ok, other=0)
-            w_up = tl.load(WEIGHT + (node * 2) * heads + h, mask=col_ok & (r > 0), other=0.0)
+            w_up = tl.load(WEIGHT + (node * 2) * heads + h, mask=_and_scalar(col_ok, r > 0), other=0.0)
             w_left = tl.load(WEIGHT + (node * 2 + 1) * heads + h, mask=col_ok & (col > 0), other=0.0)
             offset = (node * heads + h)[:, None] * F + ff[None, :]
             x = tl.load(X + offset, mask=ok, other=0.0)
@@ -397,8 +408,8 @@ if HAS_TRITON:
         while r >= 0:
             position = base + r * width + col
             node = tl.load(NODES + position, mask=col_ok, other=0)
-            has_right, has_down = col_ok & (col + 1 < width), col_ok & (r + 1 < rows)
-            has_left, has_up = col_ok & (col > 0), col_ok & (r > 0)
+            has_right, has_down = col_ok & (col + 1 < width), _and_scalar(col_ok, r + 1 < rows)
+            has_left, has_up = col_ok & (col > 0), _and_scalar(col_ok, r > 0)
             right = tl.load(NODES + position + 1, mask=has_right, other=0)
             down = tl.load(NODES + position + width, mask=has_down, other=0)
             left = tl.load(NODES + position - 1, mask=has_left, other=0)
