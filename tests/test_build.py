@@ -4,12 +4,15 @@ A compiler that links libstdc++ statically into the extension gives it a second,
 of the iostream machinery: every TORCH_CHECK message it formats then kills the process with a
 segmentation fault (seen on a GPU image whose default g++ did so). These tests read the built
 ``.so`` and raise one extension error in a subprocess; tools/check_cuda_build.sh runs them against
-the CUDA build too."""
+the CUDA build too. The last one checks that CI (``.ci/run``) installs what the README installs."""
 import importlib.util
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from typing import List
 
 import pytest
 
@@ -105,3 +108,44 @@ def test_an_extension_error_arrives_as_a_runtime_error():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-1000:]}"
     assert "RuntimeError: chimera::spmm: col[0] = 5 is out of range [0, 1)" in result.stdout
+
+
+def shell_commands(script: str) -> List[List[str]]:
+    """The commands of a shell script or a README code block, each split into words: one per line or
+    per ``&&``, comments dropped, and the lines that start with ``if``, ``fi``, ``set`` or ``cd``."""
+    commands = []
+    for line in script.splitlines():
+        words = shlex.split(line, comments=True)
+        if words and words[0] in ("if", "fi", "set", "cd"):
+            continue
+        command: List[str] = []
+        for word in words + ["&&"]:
+            if word != "&&":
+                command.append(word)
+            elif command:
+                commands.append(command)
+                command = []
+    return commands
+
+
+def test_ci_installs_what_the_readme_installs_and_runs_its_tests():
+    """.ci/run runs the pip commands of the README's quick start (as ``python -m pip install --quiet
+    --disable-pip-version-check``, with nothing else pinned, and without the example job), then the
+    README's test command: CI tests what a user of the README gets, the newest Triton included."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        quick_start = re.search(r"^## Quick start\n.*?^```bash\n(.*?)^```", f.read(), flags=re.M | re.S)
+    assert quick_start, "README.md: no bash block under '## Quick start'"
+    readme = shell_commands(quick_start.group(1))
+    readme_installs = [c for c in readme if c[:2] == ["pip", "install"]]
+    readme_tests = [c for c in readme if "pytest" in c]
+    assert readme_installs and readme_tests == [["python", "-m", "pytest", "tests"]], readme
+
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = shell_commands(f.read())
+    prefix = ["python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    ci_installs = [c for c in ci if "pip" in c]
+    assert all(c[:len(prefix)] == prefix for c in ci_installs), ci_installs
+    assert [["pip", "install"] + c[len(prefix):] for c in ci_installs] == readme_installs
+    assert ci[-1] == readme_tests[0], ci
+    assert not [c for c in ci if any(word.startswith("examples/") for word in c)], ci
+    assert [c for c in ci if "tools/check_cuda_compiles.sh" in c], ci  # nvcc compiles the CUDA sources
