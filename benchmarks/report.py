@@ -177,6 +177,18 @@ def lrgb_step_section(r):
     return lines
 
 
+def fingerprint_lines(r):
+    """What ties a recorded example table to the code (``examples/_common.py``)."""
+    fp = r.get("fingerprint")
+    if fp is None:
+        return []
+    losses = "; ".join(f"{name} " + ", ".join(f"{v:.6f}" for v in values) for name, values in fp["losses"].items())
+    return [f"Fingerprint of the code that ran ({fp['cpu']}, {fp['threads']} thread, torch {fp['torch']}): the loss "
+            f"of every model before each of {fp['steps']} optimizer steps on the first training batch "
+            f"({fp['batch']} graphs) and after the last: {losses}. `tests/test_readme.py` recomputes it and fails "
+            f"when the code no longer gives these losses (bit for bit on this kind of CPU).", ""]
+
+
 def main_job_section(r):
     lines = ["## Main job: three models on PeptidesMini (issue 4)", "", header(r), "",
              "`python examples/lrgb.py` with its defaults: PeptidesMini (shipped; 11 structural targets from "
@@ -187,6 +199,7 @@ def main_job_section(r):
              f"Training time (s): {r['seconds']}" + (f"; load average at start and end: {r['load_average']}"
                                                     if r.get("load_average") else ""),
              *([r["note"]] if r.get("note") else []), "",
+             *fingerprint_lines(r),
              "![PeptidesMini learning curves](benchmarks/results/main_job_learning_curves.png)"]
     return lines
 

@@ -1,11 +1,13 @@
 """The README's snippets and commands work as written: each Python snippet alone, from any directory."""
 import contextlib
+import glob
 import importlib.util
 import io
 import json
 import os
 import re
 import shlex
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,37 @@ def test_main_job_table_matches_the_recorded_run():
     assert table_rows(readme) == recorded
     benchmarks = open(os.path.join(ROOT, "BENCHMARKS.md"), encoding="utf-8").read()
     assert table_rows(benchmarks[benchmarks.index("## Main job"):]) [:3] == recorded
+
+
+# Every recorded example table: the main job's, and those of examples/images.py and examples/text.py.
+RECORDED_TABLES = sorted(os.path.basename(p) for pattern in ("main_job_*.json", "images_cpu*.json", "text_cpu*.json")
+                         for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", pattern)))
+
+
+def test_every_example_table_is_checked():
+    assert {"main_job_cpu.json", "images_cpu.json", "text_cpu.json"} <= set(RECORDED_TABLES)
+
+
+@pytest.mark.parametrize("name", RECORDED_TABLES)
+def test_recorded_table_comes_from_this_code(name):
+    """The fingerprint recorded with a table (every model of the table, a few optimizer steps on one
+    fixed batch at one thread; examples/_common.py) equals the code's, recomputed in a fresh process:
+    bit for bit on the recording's kind of CPU (what the README promises), within
+    FINGERPRINT_REL_TOL on another. A mismatch means the code no longer computes what the table says:
+    rerun the recording's command with --record and update the README."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import _common
+    result = json.load(open(os.path.join(ROOT, "benchmarks", "results", name), encoding="utf-8"))
+    recorded = result.get("fingerprint")
+    if recorded is None:
+        pytest.skip(f"{name} was recorded before fingerprints existed, so nothing ties its table to the code: "
+                    f"re-record it (its command, as the README quotes it, with --record benchmarks/results/{name})")
+    # the fingerprint is the one of the recorded command (at one thread)
+    assert _common.without_options(shlex.split(result["command"])[2:], ("--threads",)) == recorded["argv"]
+    computed = _common.fingerprint_in_subprocess(recorded["script"], recorded["argv"])
+    mismatches = _common.fingerprint_mismatches(recorded, computed)
+    assert not mismatches, (
+        f"{name} no longer matches the code ({'bit for bit' if recorded['cpu'] == computed['cpu'] else 'within '}"
+        f"{'' if recorded['cpu'] == computed['cpu'] else _common.FINGERPRINT_REL_TOL}): rerun "
+        f"`{result['command']} --record benchmarks/results/{name}` and update the README's table. "
+        + "; ".join(mismatches))
