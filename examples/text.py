@@ -60,8 +60,8 @@ from torch_geometric.utils import to_dense_batch
 from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.transforms import SequenceToLine
 
-from _common import (Block, HelpFormatter, count_parameters, fingerprint_in_subprocess, fingerprint_losses,  # noqa: E402
-                     fingerprint_record, machine_description, mean_std, plot_seeds, print_fingerprint, pyplot,
+from _common import (Block, HelpFormatter, count_parameters, fingerprint_in_subprocess,  # noqa: E402
+                     fingerprint_losses, fingerprint_record, machine_description, mean_std, plot_seeds, print_fingerprint, pyplot,
                      record_paths, warmup_cosine, without_options)
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 

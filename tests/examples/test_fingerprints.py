@@ -34,7 +34,8 @@ def fingerprint(name, argv):
      ["peptides-mini/chimera"]),
     ("images", IMAGES_SMALL, ["--state-dim", "8"], ["grid/diagonal", "fwdrev", "fwd", "vit"],
      ["grid/diagonal", "fwdrev", "fwd"]),  # the ViT has no state
-    ("text", TEXT_SMALL, ["--lr", "0.001"], ["undirected", "line", "fwd", "bert"], ["undirected", "line", "fwd", "bert"]),
+    ("text", TEXT_SMALL, ["--lr", "0.001"], ["undirected", "line", "fwd", "bert"],
+     ["undirected", "line", "fwd", "bert"]),
 ], ids=["lrgb", "images", "text"])
 def test_fingerprint_is_reproducible_and_moves_with_a_hyperparameter(name, small, changed, models, moved, capsys):
     first, again, other = fingerprint(name, small), fingerprint(name, small), fingerprint(name, small + changed)
