@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torch_geometric_chimera.nn.decomposition import (DAG_SUM_SCALE, NUM_DIRECTIONS, batched_grid_dags,
+from torch_geometric_chimera.nn.decomposition import (DAG_SUM_SCALE, GRID_LIKE, NUM_DIRECTIONS, batched_grid_dags,
                                                       batched_line_dags, decomposed_resolvent_attention,
                                                       decomposition_adjacency, decomposition_conv_silu,
                                                       decomposition_conv_silu_reference, decomposition_dags,
@@ -53,6 +53,7 @@ def test_batched_line_dags_follow_the_sequence_lengths():
     (lambda: decomposition_dags("line", 4, seq_len=torch.tensor([3])),
      "seq_len: the graphs it describes have 3 nodes in all, but x has 4"),
     (lambda: decomposition_dags("ring", 4), "decomposition: expected one of"),
+    (lambda: decomposition_dags("cross_scan", 4), "grid_size: decomposition='cross_scan' needs"),
     (lambda: sharing_groups("grid", "columns"), "sharing: expected one of"),
     (lambda: dt_groups("grid", "row"), "share_dt: expected one of"),
     # sums and products that wrap around int64 (issue 19): each entry is checked first
@@ -103,7 +104,7 @@ def coordinates(decomposition, sizes):
     """(graph, row, column, height, width) of every node, in the batch's numbering (lines: row 0)."""
     out = []
     for g, size in enumerate(sizes):
-        height, width = (size if decomposition == "grid" else (1, size))
+        height, width = (size if decomposition in GRID_LIKE else (1, size))
         out += [(g, r, c, height, width) for r in range(height) for c in range(width)]
     return out
 
@@ -112,6 +113,20 @@ def oracle_parents(decomposition, sizes):
     """parents[d][i] = list of (j, slot): the parents of node i in DAG d, from the picture of Fig. 3."""
     nodes = coordinates(decomposition, sizes)
     index = {(g, r, c): i for i, (g, r, c, _, _) in enumerate(nodes)}
+    if decomposition == "cross_scan":  # every scan: the node before in its order
+        orders = []
+        for g, (h, w) in enumerate(sizes):
+            orders.append(([index[(g, r, c)] for r in range(h) for c in range(w)],
+                           [index[(g, r, c)] for c in range(w) for r in range(h)]))
+        parents = []
+        for axis, reverse in [(0, False), (0, True), (1, False), (1, True)]:
+            per_node = [[] for _ in nodes]
+            for order in orders:
+                walk = order[axis][::-1] if reverse else order[axis]
+                for before, after in zip(walk[:-1], walk[1:]):
+                    per_node[after].append((before, 0))
+            parents.append(per_node)
+        return parents
     if decomposition == "grid":
         flows = [(1, 1), (1, -1), (-1, 1), (-1, -1)]  # (vertical, horizontal) direction each DAG flows in
     else:
@@ -163,14 +178,16 @@ CASES = [
     ("line", [5, 3, 1], "none", "none"),
     ("line", [4, 6], "complete", "diagonal"),
     ("fwd", [5, 3], "none", "none"),
+    ("cross_scan", [(3, 4), (1, 3), (2, 1)], "none", "none"),
+    ("cross_scan", [(2, 3), (3, 3)], "row", "diagonal"),
 ]
 
 
 def random_problem(decomposition, sizes, sharing, share_dt, heads=2, state=3, head_dim=4, shared_heads=True):
     torch.manual_seed(0)
-    key_name = "grid_size" if decomposition == "grid" else "seq_len"
+    key_name = "grid_size" if decomposition in GRID_LIKE else "seq_len"
     geometry_tensor = torch.tensor(sizes)
-    num_nodes = int(geometry_tensor.prod(-1).sum()) if decomposition == "grid" else int(geometry_tensor.sum())
+    num_nodes = int(geometry_tensor.prod(-1).sum()) if decomposition in GRID_LIKE else int(geometry_tensor.sum())
     groups, delta_groups = sharing_groups(decomposition, sharing), dt_groups(decomposition, share_dt)
     sets, dts, directions = max(groups) + 1, max(delta_groups) + 1, NUM_DIRECTIONS[decomposition]
     shape = (num_nodes, sets, 1 if shared_heads else heads, state)
@@ -205,7 +222,7 @@ def test_decomposed_mixer_equals_the_dense_oracle(decomposition, sizes, sharing,
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("decomposition, sizes, sharing, share_dt", [CASES[0], CASES[1], CASES[3], CASES[5]])
+@pytest.mark.parametrize("decomposition, sizes, sharing, share_dt", [CASES[0], CASES[1], CASES[3], CASES[5], CASES[6]])
 def test_decomposed_mixer_gradcheck(decomposition, sizes, sharing, share_dt):
     geometry, num_nodes, groups, delta_groups, t = random_problem(decomposition, sizes, sharing, share_dt,
                                                                   heads=1, state=2, head_dim=2)
@@ -236,16 +253,17 @@ def test_grid_decomposition_reaches_every_pair_of_pixels():
 
 @pytest.mark.parametrize("decomposition, sizes, kernel", [
     ("grid", [(3, 4), (3, 4)], 3), ("grid", [(4, 4), (4, 4), (4, 4)], 5), ("line", [6, 6], 7), ("fwd", [5, 5], 4),
+    ("cross_scan", [(2, 5), (2, 5)], 3),
 ])
 def test_conv_of_equal_shapes_is_torch_conv_and_equals_the_gather(decomposition, sizes, kernel, monkeypatch):
     torch.manual_seed(0)
-    key_name = "grid_size" if decomposition == "grid" else "seq_len"
-    num_nodes = sum(h * w for h, w in sizes) if decomposition == "grid" else sum(sizes)
+    key_name = "grid_size" if decomposition in GRID_LIKE else "seq_len"
+    num_nodes = sum(h * w for h, w in sizes) if decomposition in GRID_LIKE else sum(sizes)
     geo = decomposition_geometry(decomposition, num_nodes, **{key_name: torch.tensor(sizes)})
     assert geo.uniform is not None
     channels = 5
     x = torch.randn(num_nodes, channels, dtype=torch.float64)
-    weight = torch.randn(channels, *((kernel, kernel) if decomposition == "grid" else (kernel,)), dtype=torch.float64)
+    weight = torch.randn(channels, *((kernel, kernel) if decomposition in GRID_LIKE else (kernel,)), dtype=torch.float64)
     bias = torch.randn(channels, dtype=torch.float64)
     out = decomposition_conv_silu(x, weight, bias, geo)  # the kernel, with the extension
     torch.testing.assert_close(out, decomposition_conv_silu_reference(x, weight, bias, geo))
@@ -254,7 +272,7 @@ def test_conv_of_equal_shapes_is_torch_conv_and_equals_the_gather(decomposition,
     torch.testing.assert_close(decomposition_conv_silu(x, weight, bias, geo), out)
     # graph by graph with torch.nn's layers, as the authors' Conv2d / Conv1d (causal: Mamba-2's)
     for g, size in enumerate(sizes):
-        if decomposition == "grid":
+        if decomposition in GRID_LIKE:
             h, w = size
             layer = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels).double()
             layer.weight.data.copy_(weight.unsqueeze(1))
@@ -404,10 +422,10 @@ def test_share_dt_diagonal_ties_a_dag_to_its_reverse():
     torch.testing.assert_close(tied(data.x, NO_EDGES, **kwargs), free(data.x, NO_EDGES, **kwargs))
 
 
-@pytest.mark.parametrize("decomposition", ["grid", "line", "fwd"])
+@pytest.mark.parametrize("decomposition", ["grid", "line", "fwd", "cross_scan"])
 def test_layer_on_a_batch_of_mixed_sizes_equals_each_graph_alone(decomposition):
     torch.manual_seed(0)
-    if decomposition == "grid":
+    if decomposition in GRID_LIKE:
         sizes, key = [(4, 4), (2, 6), (4, 4), (1, 1), (3, 2)], "grid_size"
         counts = [h * w for h, w in sizes]
     else:

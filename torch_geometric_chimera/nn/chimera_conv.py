@@ -15,7 +15,7 @@ from ..ops.block import gated_rms_norm, gated_rms_norm_reference, local_conv_sil
 from ..ops.opaque import opaque_resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
-from .decomposition import (CONV_KERNEL, DAG_SUM_SCALE, DECOMPOSITIONS, NUM_DIRECTIONS, decomposed_resolvent_attention,
+from .decomposition import (CONV_KERNEL, DAG_SUM_SCALE, DECOMPOSITIONS, GRID_LIKE, NUM_DIRECTIONS, decomposed_resolvent_attention,
                             decomposition_adjacency, decomposition_conv_silu, decomposition_geometry, dt_groups,
                             sharing_groups)
 
@@ -232,7 +232,7 @@ class ChimeraConv(MessagePassing):
             # delta per head, Delta set (share_dt) and edge direction; a depthwise convolution with one
             # weight per offset (k x k on grids, k taps on lines), as the authors' Conv2d / Conv1d.
             self.dt_width = heads * (max(self.dt_groups) + 1) * NUM_DIRECTIONS[decomposition]
-            kernel_shape = (conv_kernel, conv_kernel) if decomposition == "grid" else (conv_kernel,)
+            kernel_shape = (conv_kernel, conv_kernel) if decomposition in GRID_LIKE else (conv_kernel,)
             self.conv_weight = Parameter(torch.empty(conv_width, *kernel_shape))
         # One projection for z, (x, B, C) and the selectivity, as Mamba-2's in_proj.
         self.in_proj = Linear(channels, inner + conv_width + self.dt_width, bias=False)

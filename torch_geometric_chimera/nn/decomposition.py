@@ -44,24 +44,29 @@ from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_wa
 from ..ops.triton_grid import grid_attention_triton, grid_plan, grid_triton_available
 
 #: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line
-#: alone: causal, Mamba-2) and ``"grid"`` (four directed grid DAGs, Fig. 3).
-DECOMPOSITIONS = ("line", "fwd", "grid")
+#: alone: causal, Mamba-2), ``"grid"`` (four directed grid DAGs, Fig. 3) and, as the baseline that
+#: vision SSMs use, ``"cross_scan"`` (VMamba's SS2D: four raster scans of every image, row-major
+#: and column-major, each forward and reverse, every one a Mamba-2 line).
+DECOMPOSITIONS = ("line", "fwd", "grid", "cross_scan")
+
+#: Decompositions whose geometry is a grid (``grid_size``); the others take ``seq_len``.
+GRID_LIKE = ("grid", "cross_scan")
 
 #: How many DAGs each decomposition has, in the order :func:`decomposition_dags` returns them.
 #: Grid DAGs: (down, right), (down, left), (up, right), (up, left); lines: forward, backward.
-NUM_DAGS = {"line": 2, "fwd": 1, "grid": 4}
+NUM_DAGS = {"line": 2, "fwd": 1, "grid": 4, "cross_scan": 4}
 
 #: Edge directions a node's parents can come from: on grids the vertical (slot 0) and the
 #: horizontal (slot 1) neighbour, on lines the one previous token.
-NUM_DIRECTIONS = {"line": 1, "fwd": 1, "grid": 2}
+NUM_DIRECTIONS = {"line": 1, "fwd": 1, "grid": 2, "cross_scan": 1}
 
 #: Scale of the sum over the DAGs: the authors' image model divides it by the square root of the
-#: number of DAGs; their text model adds the two directions.
-DAG_SUM_SCALE = {"line": 1.0, "fwd": 1.0, "grid": 1.0 / math.sqrt(4)}
+#: number of DAGs; their text model adds the two directions, as VMamba adds its four scans.
+DAG_SUM_SCALE = {"line": 1.0, "fwd": 1.0, "grid": 1.0 / math.sqrt(4), "cross_scan": 1.0}
 
 #: Default width of the local convolution: 3 x 3 on grids (the authors' ``d_conv=2``), 7 taps
 #: centred on lines (their text model), Mamba-2's causal 4 for ``"fwd"``.
-CONV_KERNEL = {"grid": 3, "line": 7, "fwd": 4}
+CONV_KERNEL = {"grid": 3, "line": 7, "fwd": 4, "cross_scan": 3}
 
 #: Which set of ``B, C`` parameters each DAG uses (App. B.2). Picture the grid DAGs as the
 #: 2 x 2 table ``[[down-right, down-left], [up-right, up-left]]``:
@@ -73,12 +78,14 @@ CONV_KERNEL = {"grid": 3, "line": 7, "fwd": 4}
 #:   up-left, down-left with up-right) share.
 #:
 #: A line has two DAGs, a forward and its reverse: ``"none"`` gives each its own ``B, C``,
-#: every other mode shares one.
+#: every other mode shares one. The cross-scan's DAGs are (row-major, its reverse, column-major,
+#: its reverse): ``"row"`` and ``"diagonal"`` both pair a scan with its reverse.
 SHARING = ("none", "complete", "row", "diagonal")
 _GROUPS = {
     "grid": {"none": (0, 1, 2, 3), "complete": (0, 0, 0, 0), "row": (0, 0, 1, 1), "diagonal": (0, 1, 1, 0)},
     "line": {"none": (0, 1), "complete": (0, 0), "row": (0, 0), "diagonal": (0, 0)},
     "fwd": {mode: (0,) for mode in SHARING},
+    "cross_scan": {"none": (0, 1, 2, 3), "complete": (0, 0, 0, 0), "row": (0, 0, 1, 1), "diagonal": (0, 0, 1, 1)},
 }
 
 #: Which DAGs share their selectivity :math:`\Delta` (the authors' ``share_dt_for_two_graphs``):
@@ -123,7 +130,7 @@ class DecompositionGeometry:
     def __init__(self, decomposition: str, sizes: Tensor, num_nodes: int):
         self.decomposition, self.sizes, self.num_nodes = decomposition, sizes, num_nodes
         device = sizes.device
-        grid = decomposition == "grid"
+        grid = decomposition in GRID_LIKE
         counts = sizes[:, 0] * sizes[:, 1] if grid else sizes
         num_graphs = counts.numel()
         self.graph_ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
@@ -136,7 +143,14 @@ class DecompositionGeometry:
             height, width = sizes[self.batch, 0], sizes[self.batch, 1]
             row, column = local // width.clamp_min(1), local % width.clamp_min(1)
             self.coordinates = (row, column, height, width)
-            for flip_rows, flip_columns in GRID_DIRECTIONS:
+            if decomposition == "cross_scan":  # each scan: the node before in its order
+                size = height * width
+                by_column = column * height + row  # position in the column-major scan
+                links = [[(local > 0, node - 1)], [(local < size - 1, node + 1)],
+                         [(by_column > 0, torch.where(row > 0, node - width, node + (height - 1) * width - 1))],
+                         [(by_column < size - 1,
+                           torch.where(row < height - 1, node + width, node - (height - 1) * width + 1))]]
+            for flip_rows, flip_columns in GRID_DIRECTIONS if decomposition == "grid" else ():
                 vertical = (row < height - 1, node + width) if flip_rows else (row > 0, node - width)
                 horizontal = (column < width - 1, node + 1) if flip_columns else (column > 0, node - 1)
                 links.append([vertical, horizontal])
@@ -157,7 +171,7 @@ class DecompositionGeometry:
             self.dags.append(torch.cat([torch.stack([parent[valid], node[valid]]) for valid, parent in dag], 1))
             self.edge_slot.append(torch.cat([node[valid] * directions + slot for slot, (valid, _) in enumerate(dag)]))
         self.uniform: Optional[Tuple[int, ...]] = None
-        if decomposition != "grid" and num_graphs == 1 and num_nodes > 0:  # one sequence: nothing to read
+        if not grid and num_graphs == 1 and num_nodes > 0:  # one sequence: nothing to read
             self.uniform = (1, num_nodes)
         elif num_graphs and device.type != "meta":  # the sizes were read on the host already (_checked_sizes)
             first = sizes[0]
@@ -263,9 +277,9 @@ def decomposition_geometry(decomposition: str, num_nodes: int, *, grid_size: Opt
     (cached per geometry tensor). Arguments as :func:`decomposition_dags`."""
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS}, got {decomposition!r}")
-    if decomposition == "grid":
+    if decomposition in GRID_LIKE:
         if grid_size is None:
-            raise ValueError("grid_size: decomposition='grid' needs the [num_graphs, 2] grid size of every image "
+            raise ValueError(f"grid_size: decomposition={decomposition!r} needs the [num_graphs, 2] grid size of every image "
                              "(ImageToGrid records it as data.grid_size)")
         geometry, name = grid_size, "grid_size"
     elif seq_len is not None:
@@ -333,7 +347,7 @@ def batched_grid_dags(grid_size: Tensor) -> List[Tensor]:
 def _window(geometry: "DecompositionGeometry", weight: Tensor) -> Tuple[Tensor, Tensor, Tensor, int, int]:
     """The images, window weight ``[C, kh, kw]`` and offsets of :func:`window_conv_silu` for this geometry."""
     kernel = weight.size(-1)
-    if geometry.decomposition == "grid":
+    if geometry.decomposition in GRID_LIKE:
         return geometry.graph_ptr, geometry.sizes[:, 1], weight, -(kernel // 2), -(kernel // 2)
     # sequences are images of one row; "fwd" looks back only (causal), "line" both ways
     first = -(kernel - 1) if geometry.decomposition == "fwd" else -(kernel // 2)
@@ -365,7 +379,7 @@ def decomposition_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, geometry: D
     num_nodes, channels = x.shape
     kernel = weight.size(-1)
     if geometry.uniform is not None and not torch.compiler.is_compiling():
-        if geometry.decomposition == "grid":
+        if geometry.decomposition in GRID_LIKE:
             graphs, height, width = geometry.uniform
             images = x.view(graphs, height, width, channels).permute(0, 3, 1, 2)  # channels-last strides
             out = F.conv2d(images, weight.unsqueeze(1), bias, padding=kernel // 2, groups=channels)
