@@ -4,19 +4,24 @@ Every 8x8 digit becomes the 4-neighbour grid graph of its 2x2 patches (``ImageTo
 4 pixels each, as ViT cuts an image into patches) and four models classify it at an equal
 parameter budget, over several seeds:
 
-    grid     Chimera on the four directed grid DAGs (Fig. 3), B/C shared as --sharing says (App. B.2)
-    fwdrev   Chimera on the forward and the reverse raster line (1-D, both directions, Fig. 2)
-    fwd      Chimera on the forward raster line alone (1-D, causal: Mamba-2)
-    vit      a ViT-style Transformer encoder with learned position embeddings
+    grid       Chimera on the four directed grid DAGs (Fig. 3), B/C shared as --sharing says (App. B.2)
+    crossscan  the cross-scan of vision SSMs (VMamba's SS2D): four raster scans, row- and column-major,
+               each forward and reverse, every one a Mamba-2 line, summed
+    fwdrev     Chimera on the forward and the reverse raster line (1-D, both directions, Fig. 2)
+    fwd        Chimera on the forward raster line alone (1-D, causal: Mamba-2)
+    vit        a ViT-style Transformer encoder with learned position embeddings
+
+The four SSMs are one block (ChimeraConv on a decomposition: a 3 x 3 depthwise convolution over the
+image for the 2-D models, 7 centred taps or Mamba-2's causal 4 on the raster lines, a selectivity
+per DAG and edge direction, gated RMSNorm); only the DAGs differ.
 
 Every model is the same pre-norm stack, only the token mixer differs: a linear patch embedding
 plus learned position embeddings (--pos-emb), --layers blocks of [LayerNorm, mixer, dropout,
 residual; LayerNorm, MLP (GELU, 2x width), dropout, residual], a final LayerNorm, mean pooling
 over the patches (no class token: the grid has no node for it) and a linear classifier. The
 width of each model is the largest one whose parameter count fits --budget.
-Position embeddings are on by default for Chimera too: summing the grid DAGs (or both line
-directions) with shared parameters is invariant to the square's reflections, which a digit
-classifier must not be (6 and 9 are one rotation apart); --pos-emb none shows the effect.
+Position embeddings are on by default (the ViT needs them); the SSMs tell directions apart without
+them (the authors' image model has none): --pos-emb none runs every model without.
 
 Training: AdamW (--lr, --weight-decay), linear warmup over --warmup epochs then cosine decay to 0,
 --epochs epochs of --batch-size images, gradient norm clipped at 1. Data: load_digits (1,797
@@ -74,9 +79,9 @@ except ImportError:  # tqdm is optional: fall back to a plain iterator
     def tqdm(iterable, **kwargs):
         return iterable
 
-MODELS = ("grid", "fwdrev", "fwd", "vit")
-TITLES = {"grid": "Chimera (2D grid DAGs)", "fwdrev": "Fwd & Rev (1-D raster)", "fwd": "Fwd (1-D raster)",
-          "vit": "ViT (learned positions)"}
+MODELS = ("grid", "crossscan", "fwdrev", "fwd", "vit")
+TITLES = {"grid": "Chimera (2D grid DAGs)", "crossscan": "Cross-scan (4 raster scans, VMamba)",
+          "fwdrev": "Fwd & Rev (1-D raster)", "fwd": "Fwd (1-D raster)", "vit": "ViT"}
 SPLIT = (1197, 300, 300)  # train, val, test
 
 
@@ -164,7 +169,7 @@ class Mixer(nn.Module):
         if kind == "vit":
             self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         else:
-            decomposition = {"grid": "grid", "fwdrev": "line", "fwd": "fwd"}[kind]
+            decomposition = {"grid": "grid", "crossscan": "cross_scan", "fwdrev": "line", "fwd": "fwd"}[kind]
             # The raster lines have two DAGs (or one): App. B.2's sharing is a grid option.
             self.conv = ChimeraConv(width, heads=heads, state_dim=state_dim, decomposition=decomposition,
                                     sharing=sharing if kind == "grid" else None)
@@ -174,7 +179,7 @@ class Mixer(nn.Module):
             dense, mask = to_dense_batch(x, data.batch)
             out = self.attn(dense, dense, dense, key_padding_mask=~mask, need_weights=False)[0]
             return out[mask]
-        if self.kind == "grid":
+        if self.kind in ("grid", "crossscan"):
             return self.conv(x, data.edge_index, batch=data.batch, grid_size=data.grid_size)
         # The raster line of an image: its nodes are already numbered row by row.
         return self.conv(x, data.edge_index, batch=data.batch, seq_len=data.grid_size.prod(-1))

@@ -10,6 +10,8 @@ parameter budget, fill in masked bytes:
     undirected  Chimera on the undirected line graph, one resolvent with App. B.1's weights
                 (adjacency="undirected_line": A_ij = exp(-(Δ_i + Δ_j)/3) / 2, so A_ij A_ji ≤ 1/4)
     line        Chimera on the two directed lines, summed (decomposition="line", Fig. 2)
+    hydra       Hydra's bidirectional mixer: both lines, each output shifted by one token, plus a
+                data-dependent diagonal term (decomposition="hydra")
     fwd         Chimera on the forward line alone (decomposition="fwd": causal, Mamba-2)
     bert        a BERT-style Transformer encoder (bidirectional attention, learned positions)
 
@@ -71,9 +73,9 @@ except ImportError:  # tqdm is optional: fall back to a plain iterator
     def tqdm(iterable, **kwargs):
         return iterable
 
-MODELS = ("undirected", "line", "fwd", "bert")
+MODELS = ("undirected", "line", "hydra", "fwd", "bert")
 TITLES = {"undirected": "Chimera (undirected line, B.1)", "line": "Chimera (two directed lines)",
-          "fwd": "Fwd only (causal)", "bert": "BERT (learned positions)"}
+          "hydra": "Hydra-style (shifted fwd + rev, diagonal)", "fwd": "Fwd only (causal)", "bert": "BERT (learned positions)"}
 MASK = 256  # the [MASK] token; bytes are 0..255
 EVAL_MASK_SEED = 12345
 

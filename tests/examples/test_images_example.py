@@ -49,9 +49,10 @@ def test_sharing_all_runs_the_grid_model_once_per_mode(tmp_path):
     assert rows[1]["width"] >= rows[3]["width"] >= rows[0]["width"]
 
 
-def test_position_embeddings_break_the_digit_symmetry():
-    # Without positions, the default grid model (diagonal sharing) sees a digit and its 180°
-    # rotation alike (6 vs 9); the learned position embeddings tell them apart.
+def test_grid_model_tells_a_digit_from_its_rotation_with_or_without_positions():
+    # Summing the grid DAGs with shared, direction-blind weights saw a digit and its 180° rotation
+    # alike (6 vs 9); the direction-aware convolution and selectivity do not need position
+    # embeddings to tell them apart (issue 16).
     example = load_example()
     from torch_geometric.data import Batch, Data
     from torch_geometric_chimera.transforms import ImageToGrid
@@ -59,15 +60,14 @@ def test_position_embeddings_break_the_digit_symmetry():
     torch.manual_seed(0)
     image = torch.rand(1, 8, 8, dtype=torch.float64)
     pair = Batch.from_data_list([ImageToGrid()(Data(x=image)), ImageToGrid()(Data(x=image.flip(1, 2)))])
-    for pos_emb, invariant in (("none", True), ("learned", False)):
-        torch.manual_seed(1)
-        model = example.DigitClassifier("grid", 1, 8, width=16, layers=2, heads=2, state_dim=4,
-                                        sharing="diagonal", dropout=0.0, pos_emb=pos_emb).double().eval()
-        if model.pos is not None:
-            torch.nn.init.normal_(model.pos.weight, std=1.0)
-        with torch.no_grad():
-            logits = model(pair)
-        assert torch.allclose(logits[0], logits[1], atol=1e-9) == invariant, pos_emb
+    for kind in ("grid", "crossscan"):
+        for pos_emb in ("none", "learned"):
+            torch.manual_seed(1)
+            model = example.DigitClassifier(kind, 1, 8, width=16, layers=2, heads=2, state_dim=4,
+                                            sharing="diagonal", dropout=0.0, pos_emb=pos_emb).double().eval()
+            with torch.no_grad():
+                logits = model(pair)
+            assert (logits[0] - logits[1]).abs().max() > 1e-6, (kind, pos_emb)
 
 
 def test_missing_scikit_learn_says_what_to_install(monkeypatch):

@@ -232,6 +232,8 @@ class ChimeraConv(MessagePassing):
             # delta per head, Delta set (share_dt) and edge direction; a depthwise convolution with one
             # weight per offset (k x k on grids, k taps on lines), as the authors' Conv2d / Conv1d.
             self.dt_width = heads * (max(self.dt_groups) + 1) * NUM_DIRECTIONS[decomposition]
+            if decomposition == "hydra":  # and Hydra's data-dependent diagonal, per head
+                self.dt_width += heads
             kernel_shape = (conv_kernel, conv_kernel) if decomposition in GRID_LIKE else (conv_kernel,)
             self.conv_weight = Parameter(torch.empty(conv_width, *kernel_shape))
         # One projection for z, (x, B, C) and the selectivity, as Mamba-2's in_proj.
@@ -398,6 +400,9 @@ class ChimeraConv(MessagePassing):
                                           batch=batch, device=x.device)
         weight_z, weight_xbc, weight_dt = self.in_proj.weight.split([self.inner, self.conv_width, self.dt_width])
         z, xbc, dt = F.linear(x, weight_z), F.linear(x, weight_xbc), F.linear(x, weight_dt)
+        diagonal: Optional[Tensor] = None
+        if self.decomposition == "hydra":
+            dt, diagonal = dt.split([self.dt_width - heads, heads], dim=-1)
         xbc = decomposition_conv_silu(xbc, self.conv_weight, self.conv_bias, geometry) if self.local_conv else F.silu(xbc)
         values, B, C = xbc.split([self.inner, self.state_dim * self.num_sets, self.state_dim * self.num_sets], dim=-1)
         values = values.view(num_nodes, heads, self.head_dim)
@@ -410,6 +415,8 @@ class ChimeraConv(MessagePassing):
         y = decomposed_resolvent_attention(C.reshape(shape), B.reshape(shape), values, weight, key_scale, geometry,
                                            self.groups, method=self.method, num_terms=self.num_terms, tol=self.tol,
                                            max_iter=self.max_iter)
+        if diagonal is not None:  # Hydra: y_t += d_t x_t, d_t a projection of the input (D adds to it below)
+            y = y + diagonal.unsqueeze(-1) * values
         # Functions, not self._gated_rms_norm / self.out_proj: in a scripted layer this method runs in
         # Python, where the scripted submodules and ignored methods cannot be called.
         y = gated_rms_norm(y.reshape(num_nodes, self.inner), values.reshape(num_nodes, self.inner),

@@ -46,27 +46,29 @@ from ..ops.triton_grid import grid_attention_triton, grid_plan, grid_triton_avai
 #: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line
 #: alone: causal, Mamba-2), ``"grid"`` (four directed grid DAGs, Fig. 3) and, as the baseline that
 #: vision SSMs use, ``"cross_scan"`` (VMamba's SS2D: four raster scans of every image, row-major
-#: and column-major, each forward and reverse, every one a Mamba-2 line).
-DECOMPOSITIONS = ("line", "fwd", "grid", "cross_scan")
+#: and column-major, each forward and reverse, every one a Mamba-2 line); for text, ``"hydra"``
+#: (Hydra's bidirectional mixer: the two lines' outputs each shifted by one token, so neither
+#: direction sees the token itself, plus a data-dependent diagonal term; see :class:`ChimeraConv`).
+DECOMPOSITIONS = ("line", "fwd", "grid", "cross_scan", "hydra")
 
 #: Decompositions whose geometry is a grid (``grid_size``); the others take ``seq_len``.
 GRID_LIKE = ("grid", "cross_scan")
 
 #: How many DAGs each decomposition has, in the order :func:`decomposition_dags` returns them.
 #: Grid DAGs: (down, right), (down, left), (up, right), (up, left); lines: forward, backward.
-NUM_DAGS = {"line": 2, "fwd": 1, "grid": 4, "cross_scan": 4}
+NUM_DAGS = {"line": 2, "fwd": 1, "grid": 4, "cross_scan": 4, "hydra": 2}
 
 #: Edge directions a node's parents can come from: on grids the vertical (slot 0) and the
 #: horizontal (slot 1) neighbour, on lines the one previous token.
-NUM_DIRECTIONS = {"line": 1, "fwd": 1, "grid": 2, "cross_scan": 1}
+NUM_DIRECTIONS = {"line": 1, "fwd": 1, "grid": 2, "cross_scan": 1, "hydra": 1}
 
 #: Scale of the sum over the DAGs: the authors' image model divides it by the square root of the
 #: number of DAGs; their text model adds the two directions, as VMamba adds its four scans.
-DAG_SUM_SCALE = {"line": 1.0, "fwd": 1.0, "grid": 1.0 / math.sqrt(4), "cross_scan": 1.0}
+DAG_SUM_SCALE = {"line": 1.0, "fwd": 1.0, "grid": 1.0 / math.sqrt(4), "cross_scan": 1.0, "hydra": 1.0}
 
 #: Default width of the local convolution: 3 x 3 on grids (the authors' ``d_conv=2``), 7 taps
 #: centred on lines (their text model), Mamba-2's causal 4 for ``"fwd"``.
-CONV_KERNEL = {"grid": 3, "line": 7, "fwd": 4, "cross_scan": 3}
+CONV_KERNEL = {"grid": 3, "line": 7, "fwd": 4, "cross_scan": 3, "hydra": 7}
 
 #: Which set of ``B, C`` parameters each DAG uses (App. B.2). Picture the grid DAGs as the
 #: 2 x 2 table ``[[down-right, down-left], [up-right, up-left]]``:
@@ -84,6 +86,7 @@ SHARING = ("none", "complete", "row", "diagonal")
 _GROUPS = {
     "grid": {"none": (0, 1, 2, 3), "complete": (0, 0, 0, 0), "row": (0, 0, 1, 1), "diagonal": (0, 1, 1, 0)},
     "line": {"none": (0, 1), "complete": (0, 0), "row": (0, 0), "diagonal": (0, 0)},
+    "hydra": {"none": (0, 1), "complete": (0, 0), "row": (0, 0), "diagonal": (0, 0)},
     "fwd": {mode: (0,) for mode in SHARING},
     "cross_scan": {"none": (0, 1, 2, 3), "complete": (0, 0, 0, 0), "row": (0, 0, 1, 1), "diagonal": (0, 0, 1, 1)},
 }
@@ -158,10 +161,12 @@ class DecompositionGeometry:
             length = counts[self.batch]
             self.coordinates = (local, length)
             links.append([(local > 0, node - 1)])
-            if decomposition == "line":
+            if decomposition in ("line", "hydra"):
                 links.append([(local < length - 1, node + 1)])
         directions = NUM_DIRECTIONS[decomposition]
         self.parents = torch.stack([torch.stack([valid for valid, _ in dag], -1) for dag in links])
+        if decomposition == "hydra":  # [D, N]: the one parent of every node, N (a zero row) for none
+            self.parent_index = torch.stack([torch.where(dag[0][0], dag[0][1], num_nodes) for dag in links])
         self.dags, self.edge_slot = [], []
         if not grid and num_graphs == 1:  # one sequence: no boolean masks, so nothing is read on the device
             forward = torch.stack([node[:-1], node[1:]])
@@ -521,5 +526,7 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, we
             edge_weight = weight[d].reshape(num_nodes * directions, heads).index_select(0, geometry.edge_slot[d])
             y = resolvent_attention(query_d, key_d, value, geometry.dags[d], edge_weight, method=method,
                                     batch=geometry.batch, **solver_options)
+            if geometry.decomposition == "hydra":  # shifted by one: token t reads the state of t - 1
+                y = torch.cat([y, y.new_zeros(1, *y.shape[1:])]).index_select(0, geometry.parent_index[d])
         out = y if out is None else out.add_(y)  # y is a fresh tensor; add's backward needs neither
     return out
