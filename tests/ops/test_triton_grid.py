@@ -214,6 +214,36 @@ def test_custom_ops_pass_opcheck_and_arguments_are_checked():
 
 
 @pytest.mark.skipif(tg.INTERPRETED, reason="compiles the kernels themselves, not the interpreter's copies")
+@needs_kernels
+def test_grid_layer_on_the_triton_kernels_equals_the_dense_layer(monkeypatch):
+    # The layer's GPU path (one Triton row-scan per grid DAG, per-direction weights and key scales of
+    # decomposition_adjacency) against method="dense": values and every gradient, mixed image sizes.
+    import torch_geometric_chimera.nn.decomposition as decomposition
+    from torch_geometric_chimera import ChimeraConv
+    monkeypatch.setattr(decomposition, "grid_available", lambda t: False)  # as on a GPU: no CPU kernel
+    calls = []
+    original = decomposition.grid_attention_triton
+    monkeypatch.setattr(decomposition, "grid_attention_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    grid_size = torch.tensor([[3, 4], [1, 1], [2, 5]], device=DEVICE)
+    n = int(grid_size.prod(-1).sum())
+    triton_layer = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid").to(DEVICE)
+    dense_layer = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid", method="dense").to(DEVICE)
+    dense_layer.load_state_dict(triton_layer.state_dict())
+    x = torch.randn(n, 8, device=DEVICE)
+    results = []
+    for layer in (triton_layer, dense_layer):
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf, torch.empty(2, 0, dtype=torch.long, device=DEVICE), grid_size=grid_size)
+        results.append([out] + list(torch.autograd.grad(out, [leaf] + list(layer.parameters()), torch.ones_like(out))))
+    assert len(calls) == 4  # one per DAG, none for the dense layer
+    names = ["out", "x"] + [name for name, _ in triton_layer.named_parameters()]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.skipif(tg.INTERPRETED, reason="the interpreter replaces the JIT functions that triton.compile lowers; "
+                                          "this runs in the test process")
 def test_kernels_compile_for_an_h100():
     """Lower every kernel to an sm_90 cubin with Triton's own ptxas (no GPU needed): the scans over a
     3-D tile, the ``while`` loops on runtime bounds and the barriers compile for the hardware."""
