@@ -553,3 +553,31 @@ def test_grid_kernel_path_equals_the_per_dag_path(sharing, monkeypatch):
     for name, a, b in zip(names, *results):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
     assert results[0][0].abs().max() > 0.01
+
+
+@pytest.mark.parametrize("decomposition", ["grid", "line", "hydra"])
+def test_the_opaque_mixer_op_passes_opcheck_and_equals_the_eager_mixer(decomposition):
+    # chimera::decomposition_mixer, the layer's one node under torch.compile (its backward reruns the forward)
+    from torch_geometric_chimera.nn.decomposition import decomposition_mixer
+    torch.manual_seed(0)
+    conv = ChimeraConv(8, heads=2, state_dim=3, decomposition=decomposition).double()
+    geometry = (dict(grid_size=torch.tensor([[3, 4], [2, 2]])) if decomposition == "grid"
+                else dict(seq_len=torch.tensor([5, 3])))
+    n = 16 if decomposition == "grid" else 8
+    xbc = torch.randn(n, conv.conv_width, dtype=torch.float64, requires_grad=True)
+    dt = torch.randn(n, conv.dt_width, dtype=torch.float64, requires_grad=True)
+    params = (conv.conv_weight.detach().clone().requires_grad_(), conv.conv_bias.detach().clone().requires_grad_(),
+              conv.dt_bias.detach().clone().requires_grad_())
+    args = (xbc, dt) + params + (geometry.get("grid_size"), geometry.get("seq_len"), None, decomposition,
+                                 list(conv.groups), list(conv.dt_groups), conv.heads, conv.state_dim, "auto", None, None,
+                                 1000)
+    torch.library.opcheck(torch.ops.chimera.decomposition_mixer.default, args)
+    got = torch.ops.chimera.decomposition_mixer(*args)
+    want = decomposition_mixer(xbc, dt, *params, decomposition, geometry.get("grid_size"), geometry.get("seq_len"),
+                               None, conv.groups, conv.dt_groups, conv.heads, conv.state_dim)
+    grads = [torch.randn_like(t) for t in want]
+    leaves = [xbc, dt, *params]
+    for a, b in zip(torch.autograd.grad(got, leaves, grads), torch.autograd.grad(want, leaves, grads)):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -15,9 +15,8 @@ from ..ops.block import gated_rms_norm, gated_rms_norm_reference, local_conv_sil
 from ..ops.opaque import opaque_resolvent_attention
 from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
-from .decomposition import (CONV_KERNEL, DAG_SUM_SCALE, DECOMPOSITIONS, GRID_LIKE, NUM_DIRECTIONS, decomposed_resolvent_attention,
-                            decomposition_adjacency, decomposition_conv_silu, decomposition_geometry, dt_groups,
-                            sharing_groups)
+from .decomposition import (CONV_KERNEL, DECOMPOSITIONS, GRID_LIKE, NUM_DIRECTIONS, decomposition_mixer, dt_groups,
+                            opaque_decomposition_mixer, sharing_groups)
 
 
 #: ``resolvent_attention`` run by Python even inside a compiled region (torch.compile stops its graph there).
@@ -395,32 +394,18 @@ class ChimeraConv(MessagePassing):
         if topology is not None:
             raise ValueError("topology: a decomposition builds and caches its DAGs from grid_size / seq_len; "
                              "pass topology=None")
-        num_nodes, heads = x.size(0), self.heads
-        geometry = decomposition_geometry(self.decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len,
-                                          batch=batch, device=x.device)
         weight_z, weight_xbc, weight_dt = self.in_proj.weight.split([self.inner, self.conv_width, self.dt_width])
         z, xbc, dt = F.linear(x, weight_z), F.linear(x, weight_xbc), F.linear(x, weight_dt)
-        diagonal: Optional[Tensor] = None
-        if self.decomposition == "hydra":
-            dt, diagonal = dt.split([self.dt_width - heads, heads], dim=-1)
-        xbc = decomposition_conv_silu(xbc, self.conv_weight, self.conv_bias, geometry) if self.local_conv else F.silu(xbc)
-        values, B, C = xbc.split([self.inner, self.state_dim * self.num_sets, self.state_dim * self.num_sets], dim=-1)
-        values = values.view(num_nodes, heads, self.head_dim)
-        # [N, Delta sets, directions, H]: every DAG its own selectivity per edge direction.
-        delta = F.softplus(dt.view(num_nodes, -1, NUM_DIRECTIONS[self.decomposition], heads) + self.dt_bias)
-        weight, key_scale = decomposition_adjacency(delta, geometry, self.dt_groups,
-                                                    DAG_SUM_SCALE[self.decomposition])
-        # B, C: [N, num_sets * S] -> [N, num_sets, 1, S], every head of a set sharing them as in mix().
-        shape = (num_nodes, self.num_sets, 1, self.state_dim)
-        y = decomposed_resolvent_attention(C.reshape(shape), B.reshape(shape), values, weight, key_scale, geometry,
-                                           self.groups, method=self.method, num_terms=self.num_terms, tol=self.tol,
-                                           max_iter=self.max_iter)
-        if diagonal is not None:  # Hydra: y_t += d_t x_t, d_t a projection of the input (D adds to it below)
-            y = y + diagonal.unsqueeze(-1) * values
+        conv_weight = self.conv_weight if self.local_conv else None
+        conv_bias = self.conv_bias if self.local_conv else None
+        # Under torch.compile one opaque op (no graph break, nothing of the geometry baked into the graph).
+        mixer = opaque_decomposition_mixer if torch.compiler.is_compiling() else decomposition_mixer
+        y, values = mixer(xbc, dt, conv_weight, conv_bias, self.dt_bias, self.decomposition, grid_size, seq_len, batch,
+                          self.groups, self.dt_groups, self.heads, self.state_dim, self.method,
+                          num_terms=self.num_terms, tol=self.tol, max_iter=self.max_iter)
         # Functions, not self._gated_rms_norm / self.out_proj: in a scripted layer this method runs in
         # Python, where the scripted submodules and ignored methods cannot be called.
-        y = gated_rms_norm(y.reshape(num_nodes, self.inner), values.reshape(num_nodes, self.inner),
-                           self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)
+        y = gated_rms_norm(y, values, self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None,

@@ -530,3 +530,159 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, we
                 y = torch.cat([y, y.new_zeros(1, *y.shape[1:])]).index_select(0, geometry.parent_index[d])
         out = y if out is None else out.add_(y)  # y is a fresh tensor; add's backward needs neither
     return out
+
+
+def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], conv_bias: Optional[Tensor],
+                        dt_bias: Tensor, decomposition: str, grid_size: Optional[Tensor], seq_len: Optional[Tensor],
+                        batch: Optional[Tensor], groups: Tuple[int, ...], delta_groups: Tuple[int, ...], heads: int,
+                        state_dim: int, method: str = "auto", **solver_options) -> Tuple[Tensor, Tensor]:
+    r"""The part of a decomposition layer that depends on the geometry, between ``in_proj`` and the
+    gated norm: local convolution and SiLU, selectivity, the mixer over the DAGs (and Hydra's
+    diagonal).
+
+    Args:
+        xbc (Tensor): ``[N, inner + 2 num_sets S]``, the projected values, keys and queries.
+        dt (Tensor): ``[N, dt_width]``, the projected selectivity (and, for ``"hydra"``, the
+            diagonal's ``H`` columns last).
+        conv_weight (Tensor, optional): the local convolution's weight (:obj:`None`: no convolution).
+        conv_bias (Tensor, optional): its bias. dt_bias (Tensor): ``[H]``.
+
+    Returns:
+        ``(y, values)``, each ``[N, inner]``: the mixer's output and its input (for the ``D`` skip).
+    """
+    num_nodes = xbc.size(0)
+    geometry = decomposition_geometry(decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch,
+                                      device=xbc.device)
+    diagonal: Optional[Tensor] = None
+    if decomposition == "hydra":
+        dt, diagonal = dt.split([dt.size(1) - heads, heads], dim=-1)
+    xbc = F.silu(xbc) if conv_weight is None else decomposition_conv_silu(xbc, conv_weight, conv_bias, geometry)
+    num_sets = max(groups) + 1
+    inner = xbc.size(1) - 2 * state_dim * num_sets
+    values, key, query = xbc.split([inner, state_dim * num_sets, state_dim * num_sets], dim=-1)
+    values = values.view(num_nodes, heads, inner // heads)
+    # [N, Delta sets, directions, H]: every DAG its own selectivity per edge direction.
+    delta = F.softplus(dt.view(num_nodes, -1, NUM_DIRECTIONS[decomposition], heads) + dt_bias)
+    weight, key_scale = decomposition_adjacency(delta, geometry, delta_groups, DAG_SUM_SCALE[decomposition])
+    # B, C: [N, num_sets * S] -> [N, num_sets, 1, S], every head of a set sharing them.
+    shape = (num_nodes, num_sets, 1, state_dim)
+    y = decomposed_resolvent_attention(query.reshape(shape), key.reshape(shape), values, weight, key_scale, geometry,
+                                       groups, method=method, **solver_options)
+    if diagonal is not None:  # Hydra: y_t += d_t x_t, d_t a projection of the input (the layer's D adds to it)
+        y = y + diagonal.unsqueeze(-1) * values
+    return y.reshape(num_nodes, inner), values.reshape(num_nodes, inner)
+
+
+# --- one opaque op for torch.compile -------------------------------------------------------------
+# Everything above reads the geometry on the host and keeps Python-side caches keyed by the tensors'
+# identity; traced by Dynamo, that is a graph break per host read and tensors of one batch's geometry
+# captured into the graph of the next. Under torch.compile the layer calls decomposition_mixer as one
+# custom op instead, as ops/opaque.py does for the general mixer: its fake kernel states the two
+# output shapes, and its backward runs the forward again with autograd.
+
+_MIXER_INPUTS = (0, 1, 2, 3, 4)  # xbc, dt, conv_weight, conv_bias, dt_bias: the differentiable arguments
+
+
+def _mixer_call(inputs, grid_size, seq_len, batch, decomposition, groups, delta_groups, heads, state_dim, method,
+                num_terms, tol, max_iter):
+    return decomposition_mixer(*inputs, decomposition, grid_size, seq_len, batch, tuple(groups), tuple(delta_groups),
+                               heads, state_dim, method, num_terms=num_terms, tol=tol, max_iter=max_iter)
+
+
+@torch.library.custom_op("chimera::decomposition_mixer", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _decomposition_mixer_op(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], conv_bias: Optional[Tensor],
+                            dt_bias: Tensor, grid_size: Optional[Tensor], seq_len: Optional[Tensor],
+                            batch: Optional[Tensor], decomposition: str, groups: List[int], delta_groups: List[int],
+                            heads: int, state_dim: int, method: str, num_terms: Optional[int], tol: Optional[float],
+                            max_iter: int) -> List[Tensor]:
+    y, values = _mixer_call((xbc, dt, conv_weight, conv_bias, dt_bias), grid_size, seq_len, batch, decomposition,
+                            groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter)
+    return [y.contiguous(), values.contiguous()]
+
+
+@_decomposition_mixer_op.register_fake
+def _decomposition_mixer_fake(xbc, dt, conv_weight, conv_bias, dt_bias, grid_size, seq_len, batch, decomposition,
+                              groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter):
+    inner = xbc.size(1) - 2 * state_dim * (max(groups) + 1)
+    return [xbc.new_empty(xbc.size(0), inner), xbc.new_empty(xbc.size(0), inner)]
+
+
+@torch.library.custom_op("chimera::decomposition_mixer_backward", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def _decomposition_mixer_backward_op(grad_y: Tensor, grad_values: Tensor, xbc: Tensor, dt: Tensor,
+                                     conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], dt_bias: Tensor,
+                                     grid_size: Optional[Tensor], seq_len: Optional[Tensor], batch: Optional[Tensor],
+                                     decomposition: str, groups: List[int], delta_groups: List[int], heads: int,
+                                     state_dim: int, method: str, num_terms: Optional[int], tol: Optional[float],
+                                     max_iter: int, needs_grad: List[bool]) -> List[Tensor]:
+    """Gradients of (xbc, dt, conv_weight, conv_bias, dt_bias); an empty tensor where not needed."""
+    from ..ops.opaque import _autograd_recording
+    originals = [xbc, dt, conv_weight, conv_bias, dt_bias]
+    with _autograd_recording():
+        inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(originals, needs_grad)]
+        outputs = _mixer_call(inputs, grid_size, seq_len, batch, decomposition, groups, delta_groups, heads,
+                              state_dim, method, num_terms, tol, max_iter)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(outputs, wanted, (grad_y, grad_values), allow_unused=True) if wanted
+                     else [])
+    out = []
+    for t, need in zip(originals, needs_grad):
+        grad = next(grads) if need and t is not None else None
+        if not need or t is None:
+            out.append(xbc.new_empty(0))
+        else:
+            out.append(torch.zeros_like(t) if grad is None else grad.contiguous())
+    return out
+
+
+@_decomposition_mixer_backward_op.register_fake
+def _decomposition_mixer_backward_fake(grad_y, grad_values, xbc, dt, conv_weight, conv_bias, dt_bias, grid_size,
+                                       seq_len, batch, decomposition, groups, delta_groups, heads, state_dim, method,
+                                       num_terms, tol, max_iter, needs_grad):
+    originals = [xbc, dt, conv_weight, conv_bias, dt_bias]
+    return [xbc.new_empty(t.shape if need and t is not None else (0,)) for t, need in zip(originals, needs_grad)]
+
+
+def _mixer_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.options = inputs[8:]
+    ctx.set_materialize_grads(False)
+
+
+def _mixer_backward(ctx, grads):
+    grad_y, grad_values = grads
+    saved = ctx.saved_tensors
+    needs_grad = [bool(ctx.needs_input_grad[i]) for i in _MIXER_INPUTS]
+    out = [None] * len(ctx.needs_input_grad)
+    if not any(needs_grad):
+        return tuple(out)
+    if grad_y is None:
+        grad_y = saved[0].new_zeros(saved[0].size(0), _mixer_inner(saved[0], ctx.options))
+    if grad_values is None:
+        grad_values = torch.zeros_like(grad_y)
+    grads = torch.ops.chimera.decomposition_mixer_backward(grad_y, grad_values, *saved, *ctx.options, needs_grad)
+    for position, grad, need in zip(_MIXER_INPUTS, grads, needs_grad):
+        out[position] = grad if need else None
+    return tuple(out)
+
+
+def _mixer_inner(xbc: Tensor, options) -> int:
+    groups, state_dim = options[1], options[4]
+    return xbc.size(1) - 2 * state_dim * (max(groups) + 1)
+
+
+_decomposition_mixer_op.register_autograd(_mixer_backward, setup_context=_mixer_setup_context)
+
+
+def opaque_decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], conv_bias: Optional[Tensor],
+                               dt_bias: Tensor, decomposition: str, grid_size: Optional[Tensor],
+                               seq_len: Optional[Tensor], batch: Optional[Tensor], groups: Tuple[int, ...],
+                               delta_groups: Tuple[int, ...], heads: int, state_dim: int, method: str = "auto",
+                               num_terms: Optional[int] = None, tol: Optional[float] = None,
+                               max_iter: int = 1000) -> Tuple[Tensor, Tensor]:
+    """:func:`decomposition_mixer` as the one custom op ``chimera::decomposition_mixer`` (for
+    :func:`torch.compile`: no graph break, nothing of the geometry captured in the graph)."""
+    y, values = torch.ops.chimera.decomposition_mixer(xbc, dt, conv_weight, conv_bias, dt_bias, grid_size, seq_len,
+                                                      batch, decomposition, list(groups), list(delta_groups), heads,
+                                                      state_dim, method, num_terms, tol, max_iter)
+    return y, values
