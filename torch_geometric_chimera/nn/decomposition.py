@@ -575,10 +575,14 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
 
 # --- one opaque op for torch.compile -------------------------------------------------------------
 # Everything above reads the geometry on the host and keeps Python-side caches keyed by the tensors'
-# identity; traced by Dynamo, that is a graph break per host read and tensors of one batch's geometry
-# captured into the graph of the next. Under torch.compile the layer calls decomposition_mixer as one
-# custom op instead, as ops/opaque.py does for the general mixer: its fake kernel states the two
-# output shapes, and its backward runs the forward again with autograd.
+# identity; traced by Dynamo, that was 30-40 graph breaks per batch and a recompile per image height
+# (segment_rows became a guarded constant). Worse, Inductor in torch 2.13 mis-schedules the backward
+# of the per-DAG scatter-adds once a dynamic recompile gives each DAG's edge count its own symbol
+# (pytorch/pytorch#185509): the grid layer's gradients came out 0.7% off (x) and 36-62% (dt_bias) from
+# the second batch of new sizes on (tests/nn/test_compile.py keeps a PyTorch-only repro). Under
+# torch.compile the layer therefore calls decomposition_mixer as one custom op, as ops/opaque.py does
+# for the general mixer: the geometry, its caches and the scatter-adds stay in eager code, the fake
+# kernel states the two output shapes, and the backward runs the forward again with autograd.
 
 _MIXER_INPUTS = (0, 1, 2, 3, 4)  # xbc, dt, conv_weight, conv_bias, dt_bias: the differentiable arguments
 
