@@ -117,6 +117,19 @@ def without_options(argv: Sequence[str], names: Sequence[str]) -> List[str]:
     return out
 
 
+def record_result(summary: Dict, script: str, argv: Sequence[str], path: str, png: str, fingerprint: Dict):
+    """The JSON log of ``script`` as a recorded result, with its command and the code's fingerprint;
+    the plot beside it (``--record`` of images.py and text.py)."""
+    import shutil
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    command = f"python {script} " + " ".join(without_options(argv, ("--record",)))
+    with open(path, "w") as f:
+        json.dump({**summary, "command": command.strip(), "fingerprint": fingerprint}, f, indent=1)
+    if os.path.exists(png):
+        shutil.copyfile(png, os.path.splitext(path)[0] + ".png")
+    print(f"recorded {path} (and its plot); the README quotes its table")
+
+
 def record_paths(record: str, default_stem: str) -> str:
     """Where ``--record`` writes: the path given, or ``benchmarks/results/<default_stem>.json`` of this
     repository when the flag comes without one."""

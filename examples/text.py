@@ -40,7 +40,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -64,7 +63,7 @@ from torch_geometric_chimera.transforms import SequenceToLine
 
 from _common import (Block, HelpFormatter, count_parameters, fingerprint_in_subprocess,  # noqa: E402
                      fingerprint_losses, fingerprint_record, machine_description, mean_std, plot_seeds, print_fingerprint, pyplot,
-                     record_paths, warmup_cosine, without_options)
+                     record_paths, record_result, warmup_cosine, without_options)
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 
 try:
@@ -416,19 +415,9 @@ def main(argv=None) -> Dict:
     if plot(rows, png):
         print(f"saved {png}")
     if args.record is not None:
-        record(summary, args, record_paths(args.record, f"text_{tag}"), png, recorded_fingerprint)
+        record_result(summary, "examples/text.py", args.argv, record_paths(args.record, f"text_{tag}"), png,
+                      recorded_fingerprint)
     return summary
-
-
-def record(summary: Dict, args, path: str, png: str, fingerprint_: Dict):
-    """The JSON log as a recorded result, with its command and the code's fingerprint; the plot beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    command = "python examples/text.py " + " ".join(without_options(args.argv, ("--record",)))
-    with open(path, "w") as f:
-        json.dump({**summary, "command": command.strip(), "fingerprint": fingerprint_}, f, indent=1)
-    if os.path.exists(png):
-        shutil.copyfile(png, os.path.splitext(path)[0] + ".png")
-    print(f"recorded {path} (and its plot); the README quotes its table")
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ def fingerprint(name, argv):
 @pytest.mark.parametrize("name, small, changed, models, moved", [
     ("lrgb", LRGB_SMALL, ["--state-dim", "4"], ["peptides-mini/chimera", "peptides-mini/gps", "peptides-mini/gcn"],
      ["peptides-mini/chimera"]),
-    ("images", IMAGES_SMALL, ["--state-dim", "8"], ["grid/diagonal", "fwdrev", "fwd", "vit"],
-     ["grid/diagonal", "fwdrev", "fwd"]),  # the ViT has no state
-    ("text", TEXT_SMALL, ["--lr", "0.001"], ["undirected", "line", "fwd", "bert"],
-     ["undirected", "line", "fwd", "bert"]),
+    ("images", IMAGES_SMALL, ["--state-dim", "8"], ["grid/diagonal", "crossscan", "fwdrev", "fwd", "vit"],
+     ["grid/diagonal", "crossscan", "fwdrev", "fwd"]),  # the ViT has no state
+    ("text", TEXT_SMALL, ["--lr", "0.001"], ["undirected", "line", "hydra", "fwd", "bert"],
+     ["undirected", "line", "hydra", "fwd", "bert"]),
 ], ids=["lrgb", "images", "text"])
 def test_fingerprint_is_reproducible_and_moves_with_a_hyperparameter(name, small, changed, models, moved, capsys):
     first, again, other = fingerprint(name, small), fingerprint(name, small), fingerprint(name, small + changed)

@@ -26,7 +26,7 @@ def test_every_model_runs_one_epoch_and_logs(tmp_path):
     logged = json.loads((tmp_path / "images_t.json").read_text())
     assert logged["table"] == summary["table"]
     assert logged["split"] == {"train": 24, "val": 24, "test": 24}
-    assert [r["model"] for r in logged["results"]] == ["grid", "fwdrev", "fwd", "vit"]
+    assert [r["model"] for r in logged["results"]] == ["grid", "crossscan", "fwdrev", "fwd", "vit"]
     assert logged["results"][0]["sharing"] == "diagonal"
     for row in logged["results"]:
         # equal budget: every model fits it and fills at least 85% of it

@@ -24,7 +24,7 @@ def test_every_model_trains_a_few_steps_and_logs(tmp_path):
     logged = json.loads((tmp_path / "text_t.json").read_text())
     assert logged["table"] == summary["table"]
     assert logged["split"] == {"train": 16, "val": 16, "test": 16}
-    assert [r["model"] for r in logged["results"]] == ["undirected", "line", "fwd", "bert"]
+    assert [r["model"] for r in logged["results"]] == ["undirected", "line", "hydra", "fwd", "bert"]
     for row in logged["results"]:
         assert 0.85 * budget <= row["params"] <= budget, row
         (run,) = row["runs"]
