@@ -34,7 +34,8 @@ class ChimeraConv(MessagePassing):
             &= \mathbf{X}\mathbf{W}_{\mathrm{in}}, \qquad
         [\mathbf{x}, \mathbf{B}, \mathbf{C}] \leftarrow \mathrm{SiLU}\Big(
             \mathbf{w}_0 \odot [\mathbf{x}, \mathbf{B}, \mathbf{C}]_i + \mathbf{w}_1 \odot
-            \mathrm{mean}_{j \in \mathcal{N}(i)} [\mathbf{x}, \mathbf{B}, \mathbf{C}]_j + \mathbf{b}\Big),
+            \mathrm{mean}_{j \in \mathcal{N}(i)} [\mathbf{x}, \mathbf{B}, \mathbf{C}]_j + \mathbf{b}\Big)
+        \quad \text{(a decomposition: a depthwise convolution with one weight per offset)},
 
         \mathbf{y}_h &= \left((\mathbf{I} - \mathbf{A}_h)^{-1} \odot \mathbf{C}\bar{\mathbf{B}}_h^\top\right)
             \mathbf{x}_h + D_h \mathbf{x}_h, \qquad
@@ -127,10 +128,14 @@ class ChimeraConv(MessagePassing):
         decomposition (str, optional): run the mixer on a canonical DAG decomposition instead
             of ``edge_index`` (paper §4.1; :mod:`~torch_geometric_chimera.nn.decomposition`) and
             sum the results: ``"line"`` (the forward and the backward line of every sequence,
-            Fig. 2), ``"fwd"`` (the forward line alone: causal, Mamba-2's SSD) or ``"grid"``
-            (the four directed grid DAGs of every image, Fig. 3). Each DAG uses the DAG
-            normalization of Prop. 4.3 (``adjacency`` must be ``"dag"``, the default then), and
-            the local convolution runs on the union of the DAGs (causal for ``"fwd"``). The
+            Fig. 2), ``"fwd"`` (the forward line alone: causal, a Mamba-2 block), ``"grid"``
+            (the four directed grid DAGs of every image, Fig. 3, summed and scaled by
+            :math:`1/\sqrt{4}`), or the baselines ``"cross_scan"`` (VMamba's four raster scans)
+            and ``"hydra"`` (Hydra's shifted bidirectional mixer with a diagonal term). Built as
+            the authors' image and text models: the local convolution has one weight per offset
+            (``conv_kernel``), and every DAG has its own :math:`\Delta` per edge direction
+            (``share_dt``); grids use the DAG normalization of Prop. 4.3 per direction, lines are
+            Mamba-2 in every direction (``adjacency`` must be ``"dag"``, the default then). The
             geometry comes from :meth:`forward`'s ``grid_size`` or ``seq_len``, as
             :class:`~torch_geometric_chimera.transforms.ImageToGrid` and
             :class:`~torch_geometric_chimera.transforms.SequenceToLine` record it. (default:
@@ -139,8 +144,15 @@ class ChimeraConv(MessagePassing):
             \mathbf{C}` projections (paper App. B.2): ``"none"`` (each DAG its own),
             ``"complete"`` (one for all), ``"row"`` (grid DAGs of one vertical direction share)
             or ``"diagonal"`` (a grid DAG shares with its reverse: down-right with up-left,
-            down-left with up-right). (default: ``"diagonal"`` for ``"grid"``, ``"none"`` for
-            ``"line"``)
+            down-left with up-right). (default: ``"diagonal"`` for ``"grid"``, ``"none"``
+            otherwise)
+        conv_kernel (int, optional): width of a decomposition's depthwise local convolution,
+            zero padded at every graph's border: ``k x k`` over the image (odd ``k``) for
+            ``"grid"`` and ``"cross_scan"``, ``k`` centred taps (odd) for ``"line"`` and
+            ``"hydra"``, ``k`` causal taps for ``"fwd"``. (default: ``3``, ``7``, ``7``, ``4``)
+        share_dt (str, optional): ``"none"`` (every DAG its own :math:`\Delta`) or
+            ``"diagonal"`` (a DAG and its reverse share it, the authors'
+            ``share_dt_for_two_graphs``). (default: ``"none"``)
         **kwargs (optional): additional arguments of :class:`torch_geometric.nn.conv.MessagePassing`.
 
     Shapes:
