@@ -92,6 +92,9 @@ def parse_args(argv=None):
                              f"the grid model once per mode (Table 6)")
     parser.add_argument("--pos-emb", default="learned", choices=("learned", "none"),
                         help="position embeddings added to the patch embeddings of every model")
+    parser.add_argument("--dt-range", default="0.001,0.1",
+                        help="initial range of every SSM's selectivity Δ, 'min,max' (Mamba-2's by default; the "
+                             "authors' ImageNet model used 0.007,0.7)")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/val/test split")
     parser.add_argument("--patch-size", type=int, default=2, help="side of a square patch (1: one node per pixel)")
@@ -132,6 +135,7 @@ def parse_args(argv=None):
     if args.heads < 1 or args.layers < 1 or args.budget < 1:
         parser.error("--heads, --layers and --budget must be positive")
     args.seed_list = [int(s) for s in args.seeds.split(",")]
+    args.dt_min, args.dt_max = (float(v) for v in args.dt_range.split(","))
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
@@ -162,7 +166,8 @@ def load_splits(split_seed: int, patch_size: int, limit: Optional[int] = None) -
 class Mixer(nn.Module):
     """The token mixer of one block: a ``ChimeraConv`` on a decomposition, or self-attention."""
 
-    def __init__(self, kind: str, width: int, heads: int, state_dim: int, sharing: str, dropout: float):
+    def __init__(self, kind: str, width: int, heads: int, state_dim: int, sharing: str, dropout: float,
+                 dt_range=(0.001, 0.1)):
         super().__init__()
         self.kind = kind
         if kind == "vit":
@@ -171,7 +176,8 @@ class Mixer(nn.Module):
             decomposition = {"grid": "grid", "crossscan": "cross_scan", "fwdrev": "line", "fwd": "fwd"}[kind]
             # The raster lines have two DAGs (or one): App. B.2's sharing is a grid option.
             self.conv = ChimeraConv(width, heads=heads, state_dim=state_dim, decomposition=decomposition,
-                                    sharing=sharing if kind == "grid" else None)
+                                    sharing=sharing if kind == "grid" else None, dt_min=dt_range[0],
+                                    dt_max=dt_range[1])
 
     def forward(self, x: Tensor, data) -> Tensor:
         if self.kind == "vit":
@@ -190,7 +196,7 @@ class DigitClassifier(nn.Module):
     r"""Patch embedding (+ learned position embedding), ``layers`` blocks, mean pooling, classifier."""
 
     def __init__(self, kind: str, in_channels: int, grid_side: int, width: int, layers: int, heads: int,
-                 state_dim: int, sharing: str = "diagonal", dropout: float = 0.1, pos_emb: str = "learned",
+                 state_dim: int, sharing: str = "diagonal", dropout: float = 0.1, pos_emb: str = "learned", dt_range=(0.001, 0.1),
                  num_classes: int = 10):
         super().__init__()
         self.grid_side = grid_side
@@ -198,7 +204,7 @@ class DigitClassifier(nn.Module):
         self.pos = nn.Embedding(grid_side * grid_side, width) if pos_emb == "learned" else None
         if self.pos is not None:
             nn.init.normal_(self.pos.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(Mixer(kind, width, heads, state_dim, sharing, dropout), width, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(Mixer(kind, width, heads, state_dim, sharing, dropout, dt_range), width, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
@@ -219,7 +225,7 @@ class DigitClassifier(nn.Module):
 def build(kind: str, width: int, args, sharing: str) -> DigitClassifier:
     side = 8 // args.patch_size
     return DigitClassifier(kind, args.patch_size ** 2, side, width, args.layers, args.heads, args.state_dim,
-                           sharing, args.dropout, args.pos_emb)
+                           sharing, args.dropout, args.pos_emb, (args.dt_min, args.dt_max))
 
 
 def width_for_budget(kind: str, args, sharing: str) -> int:
