@@ -117,6 +117,17 @@ def without_options(argv: Sequence[str], names: Sequence[str]) -> List[str]:
     return out
 
 
+def fingerprint_first(args, script: str, fingerprint: Callable) -> tuple:
+    """``(fingerprint, None)`` for ``--fingerprint-only`` (printed, for :func:`fingerprint_in_subprocess`);
+    else ``(None, the fingerprint --record stores)``, computed first, in a fresh process, before
+    anything can change the code (``None`` without ``--record``)."""
+    if args.fingerprint_only:
+        result = fingerprint(args)
+        print_fingerprint(result)
+        return result, None
+    return None, (fingerprint_in_subprocess(script, args.argv) if args.record is not None else None)
+
+
 def record_result(summary: Dict, script: str, argv: Sequence[str], path: str, png: str, fingerprint: Dict):
     """The JSON log of ``script`` as a recorded result, with its command and the code's fingerprint;
     the plot beside it (``--record`` of images.py and text.py)."""

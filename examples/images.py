@@ -67,8 +67,8 @@ from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.nn.decomposition import SHARING
 from torch_geometric_chimera.transforms import ImageToGrid
 
-from _common import (Block, HelpFormatter, count_parameters, fingerprint_in_subprocess,  # noqa: E402
-                     fingerprint_losses, fingerprint_record, machine_description, mean_std, plot_seeds, print_fingerprint, pyplot,
+from _common import (Block, HelpFormatter, count_parameters, fingerprint_first,  # noqa: E402
+                     fingerprint_losses, fingerprint_record, machine_description, mean_std, plot_seeds, pyplot,
                      record_paths, record_result, warmup_cosine, without_options)
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 
@@ -356,13 +356,9 @@ def main(argv=None) -> Dict:
               f"{torch.get_num_threads()} threads of this process")
     if 8 % args.patch_size:
         raise SystemExit(f"--patch-size must divide 8, got {args.patch_size}")
-    if args.fingerprint_only:
-        result = fingerprint(args)
-        print_fingerprint(result)
-        return result
-    # A recording stores the fingerprint of the code it ran, computed first, before anything can change it.
-    recorded_fingerprint = (fingerprint_in_subprocess("examples/images.py", args.argv)
-                            if args.record is not None else None)
+    only, recorded_fingerprint = fingerprint_first(args, "examples/images.py", fingerprint)
+    if only is not None:
+        return only
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     splits = load_splits(args.split_seed, args.patch_size, args.limit)
     print("digits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())

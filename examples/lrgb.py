@@ -40,8 +40,8 @@ from torch_geometric.loader import DataLoader  # noqa: E402
 from torch_geometric_chimera.lrgb import (LRGB_TASKS, MODELS, TASKS, LRGBModel, average_precision,
                                          count_parameters, load_splits, macro_f1, mean_absolute_error,
                                          width_for_budget)  # noqa: E402
-from _common import (HelpFormatter, fingerprint_in_subprocess, fingerprint_losses, fingerprint_record,  # noqa: E402
-                     plot_seeds, print_fingerprint, pyplot, without_options)
+from _common import (HelpFormatter, fingerprint_first, fingerprint_losses, fingerprint_record,  # noqa: E402
+                     plot_seeds, pyplot, without_options)
 
 try:
     from tqdm.auto import tqdm
@@ -408,13 +408,9 @@ def fingerprint(args) -> Dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.fingerprint_only:
-        result = fingerprint(args)
-        print_fingerprint(result)
-        return result
-    # A recording stores the fingerprint of the code it ran, computed first, before anything can change it.
-    recorded_fingerprint = (fingerprint_in_subprocess("examples/lrgb.py", args.argv)
-                            if args.record is not None else None)
+    only, recorded_fingerprint = fingerprint_first(args, "examples/lrgb.py", fingerprint)
+    if only is not None:
+        return only
     if args.threads > 0 and args.threads != torch.get_num_threads():
         # Called from Python with torch already running: torch.set_num_threads would break its
         # LU (see the top of this file), so the caller's count stays, and the summary records it.

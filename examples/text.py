@@ -61,8 +61,8 @@ from torch_geometric.utils import to_dense_batch
 from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.transforms import SequenceToLine
 
-from _common import (Block, HelpFormatter, count_parameters, fingerprint_in_subprocess,  # noqa: E402
-                     fingerprint_losses, fingerprint_record, machine_description, mean_std, plot_seeds, print_fingerprint, pyplot,
+from _common import (Block, HelpFormatter, count_parameters, fingerprint_first,  # noqa: E402
+                     fingerprint_losses, fingerprint_record, machine_description, mean_std, plot_seeds, pyplot,
                      record_paths, record_result, warmup_cosine, without_options)
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 
@@ -374,13 +374,9 @@ def main(argv=None) -> Dict:
         # (see examples/_threads.py), so the caller's count stays.
         print(f"--threads {args.threads} applies when this file runs as a command; running with the "
               f"{torch.get_num_threads()} threads of this process")
-    if args.fingerprint_only:
-        result = fingerprint(args)
-        print_fingerprint(result)
-        return result
-    # A recording stores the fingerprint of the code it ran, computed first, before anything can change it.
-    recorded_fingerprint = (fingerprint_in_subprocess("examples/text.py", args.argv)
-                            if args.record is not None else None)
+    only, recorded_fingerprint = fingerprint_first(args, "examples/text.py", fingerprint)
+    if only is not None:
+        return only
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     splits = load_splits(args.length, args.limit)
     for name in ("val", "test"):

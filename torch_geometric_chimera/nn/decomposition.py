@@ -424,7 +424,8 @@ def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, grou
         raise ValueError(f"groups: expected one Delta set in [0, {delta.size(1)}) per DAG ({len(geometry.dags)}), "
                          f"got {groups}")
     if tuple(groups) != tuple(range(delta.size(1))):
-        delta = delta[:, list(groups)]
+        # index_select, not delta[:, list]: its backward is an index_add, not a sorting index_put
+        delta = delta.index_select(1, torch.tensor(groups, device=delta.device))
     delta = delta.transpose(0, 1)  # [D, N, R, H]
     parents = geometry.parents.to(delta.dtype).unsqueeze(-1)  # [D, N, R, 1]
     if geometry.decomposition == "grid":
@@ -496,7 +497,7 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, we
             # images than threads, one call per DAG keeps every (image, head) a task of its own.
             if query.size(2) == 1 and walks.graph_ptr.numel() - 1 >= torch.get_num_threads():
                 nodes = geometry.memo("stacked walks", lambda: torch.stack(walks.nodes))
-                index = torch.tensor(groups, device=query.device)
+                index = geometry.memo(("groups", tuple(groups)), lambda: torch.tensor(groups, device=query.device))
                 # [D, N, 3, H]: from above, from before in the row, the key's scale per head.
                 table = torch.cat([weight, key_scale.unsqueeze(2)], 2)
                 return grid_attention(walks.graph_ptr, walks.row_width, nodes, table, query.index_select(1, index),
