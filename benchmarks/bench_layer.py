@@ -8,11 +8,18 @@ batch of the first measurements; sizes 100 to 200 nodes), the same trees all of 
 
     python benchmarks/bench_layer.py --device cpu --out benchmarks/results/layer_cpu.json
     python benchmarks/bench_layer.py --device cpu --graphs-kind peptides --out benchmarks/results/layer_peptides_cpu.json
+
+``--transitions positive,signed`` also times every configuration with signed transitions (issue 18),
+interleaved with the positive layer of the same weights, and reports signed / positive:
+
+    python benchmarks/bench_layer.py --methods auto,dense,band --transitions positive,signed \
+        --out benchmarks/results/layer_signed_cpu.json
 """
 import argparse
 
 import torch
-from common import device_name, peptide_like_batch, real_peptide_batch, synchronize, time_it, write_json
+from common import (device_name, peptide_like_batch, real_peptide_batch, synchronize, time_interleaved, time_it,
+                    write_json)
 from torch_geometric.nn import GCNConv, GPSConv
 
 from torch_geometric_chimera.nn import ChimeraConv
@@ -33,6 +40,8 @@ def main():
                         help="tree: random trees with a few rings (bandwidth ~35); uniform: the same trees, all "
                              "of 150 nodes; peptides: real peptide molecules of LRGB's size built with RDKit "
                              "(chains, bandwidth ~5)")
+    parser.add_argument("--transitions", default="positive", choices=["positive", "positive,signed"],
+                        help="positive,signed: time the signed layer too, interleaved with the positive one")
     parser.add_argument("--out", default="benchmarks/results/layer.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -78,7 +87,19 @@ def main():
             step = run(chimera, x, edge_index, None, batch)
             key = f"chimera_{method}_expand{expand}"
             reps = args.reps if method in ("auto", "dense", "band", "dag") else args.slow_reps
-            results[key] = time_it(step, device, warmup=min(3, reps), reps=reps)
+            if args.transitions == "positive":
+                results[key] = time_it(step, device, warmup=min(3, reps), reps=reps)
+            else:  # the same weights with signed transitions, timed round-robin with the positive layer
+                signed = ChimeraConv(args.channels, heads=args.heads, state_dim=args.state_dim, expand=expand,
+                                     method=method, transitions="signed").to(device)
+                signed.load_state_dict(chimera.state_dict())
+                timed = time_interleaved({"positive": step, "signed": run(signed, x, edge_index, None, batch)},
+                                         device, warmup=min(3, reps), reps=reps)
+                results[key] = timed["positive"]
+                entry = dict(timed["signed"], ratio_vs_positive=timed["signed"]["median_s"] / timed["positive"]["median_s"])
+                results.setdefault("signed", {})[f"{method}_expand{expand}"] = entry
+                print(f"  signed transitions: {entry['median_s'] * 1e3:.1f} ms, {entry['ratio_vs_positive']:.3f}x the "
+                      f"positive layer")
             results[key]["peak_bytes"] = peak_memory(step)
             print(f"ChimeraConv(method={method}, expand={expand}): {results[key]['median_s'] * 1e3:.1f} ms")
     # The 2-core machine drifts over minutes: time the baseline again at the end and compare every

@@ -27,6 +27,20 @@ def header(r):
     return f"Device: {r['device']}; date: {r['date']}; torch {r['torch']}; command: `{r['command']}`"
 
 
+def signed_layer_section(r):
+    lines = ["## Signed transitions vs the positive layer (issue 18)", "", header(r), "",
+             f"{r['num_graphs']} graphs ({r.get('graphs_kind', 'tree')}), {r['num_nodes']} nodes; width {r['channels']}, "
+             f"{r['heads']} heads, state size {r['state_dim']}; forward + backward, the signed layer timed round-robin "
+             f"with the positive layer of the same weights.", "",
+             "| configuration | positive | signed | signed / positive |", "|---|---|---|---|"]
+    for name, entry in r["signed"].items():
+        method, expand = name.split("_")
+        lines.append(f"| method={method}, {expand} | {ms(r[f'chimera_{name}'])} | {ms(entry)} | "
+                     f"{entry['ratio_vs_positive']:.3f}x |")
+    lines += ["", "Target (issue 18): signed <= 1.05x the positive layer."]
+    return lines
+
+
 def layer_section(r):
     def memory(entry):
         return f"{entry['peak_bytes'] / 2**20:.0f} MiB" if entry.get("peak_bytes") else "n/a (CPU)"
@@ -362,6 +376,7 @@ def main(argv=None):
         out += gpu_section(r) + [""]
     out += H100_FINDINGS + [""]
     for name, section in (("layer_cpu.json", layer_section), ("layer_peptides_cpu.json", layer_section),
+                          ("layer_signed_cpu.json", signed_layer_section),
                           ("band_vs_dense_cpu.json", band_section), ("lrgb_step_cpu.json", lrgb_step_section), ("main_job_cpu.json", main_job_section),
                           ("line_cpu.json", line_section),
                           ("dag_cpu.json", dag_section), ("neumann_cpu.json", neumann_section),

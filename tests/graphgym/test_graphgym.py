@@ -91,6 +91,18 @@ def test_chimera_layer_in_graphgyms_stock_gnn(lrgb_root):
     assert torch.isfinite(pred).all()
 
 
+def test_chimera_transitions_key_reaches_every_layer(lrgb_root):
+    set_cfg(cfg)
+    assert cfg.chimera.transitions == "positive"
+    for config in ("peptides-func.yaml", "peptides-struct.yaml"):
+        set_cfg(cfg)
+        cfg.merge_from_file(os.path.join(CONFIGS, config))
+        cfg.merge_from_list(["dataset.dir", lrgb_root, "chimera.transitions", "signed", "accelerator", "cpu"])
+        cfg.share.dim_in, cfg.share.dim_out = 1, 10
+        convs = [m for m in create_model().modules() if isinstance(m, ChimeraConv)]
+        assert convs and all(conv.transitions == "signed" for conv in convs)
+
+
 def test_bad_layer_type(lrgb_root):
     set_cfg(cfg)
     cfg.merge_from_file(os.path.join(CONFIGS, "peptides-func.yaml"))

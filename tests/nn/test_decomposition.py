@@ -145,8 +145,12 @@ def oracle_parents(decomposition, sizes):
     return parents
 
 
-def oracle_mixer(decomposition, sizes, query, key, value, delta, groups, delta_groups):
-    """sum_d scale ((I - A_d)^-1 ⊙ C Bbar_d^T) V with A_d, Bbar_d written out entry by entry."""
+def oracle_mixer(decomposition, sizes, query, key, value, delta, groups, delta_groups, signed=False):
+    """sum_d scale ((I - A_d)^-1 ⊙ C Bbar_d^T) V with A_d, Bbar_d written out entry by entry
+    (transitions exp(-Delta), or 2 exp(-Delta) - 1 when signed)."""
+    def gate(dt):
+        return 2 * torch.exp(-dt) - 1 if signed else torch.exp(-dt)
+
     num_nodes, heads = value.shape[:2]
     out = torch.zeros_like(value)
     for d, dag_parents in enumerate(oracle_parents(decomposition, sizes)):
@@ -158,11 +162,11 @@ def oracle_mixer(decomposition, sizes, query, key, value, delta, groups, delta_g
                 if decomposition == "grid":
                     norm = 1 / math.sqrt(max(len(found), 1))
                     for j, slot in found:
-                        adjacency[i, j] = torch.exp(-dt[slot]) * norm
+                        adjacency[i, j] = gate(dt[slot]) * norm
                     scale[i] = sum((dt[slot] for _, slot in found), value.new_zeros(())) * norm
                 else:  # Mamba-2 per direction
                     for j, slot in found:
-                        adjacency[i, j] = torch.exp(-dt[slot])
+                        adjacency[i, j] = gate(dt[slot])
                     scale[i] = dt[0]
             resolvent = torch.linalg.inv(torch.eye(num_nodes, dtype=value.dtype) - adjacency)
             c = query[:, groups[d], min(h, query.size(2) - 1)]
@@ -187,7 +191,8 @@ CASES = [
 ]
 
 
-def random_problem(decomposition, sizes, sharing, share_dt, heads=2, state=3, head_dim=4, shared_heads=True):
+def random_problem(decomposition, sizes, sharing, share_dt, heads=2, state=3, head_dim=4, shared_heads=True,
+                   delta_max=1.0):
     torch.manual_seed(0)
     key_name = "grid_size" if decomposition in GRID_LIKE else "seq_len"
     geometry_tensor = torch.tensor(sizes)
@@ -197,25 +202,29 @@ def random_problem(decomposition, sizes, sharing, share_dt, heads=2, state=3, he
     shape = (num_nodes, sets, 1 if shared_heads else heads, state)
     tensors = dict(query=torch.randn(shape, dtype=torch.float64), key=torch.randn(shape, dtype=torch.float64),
                    value=torch.randn(num_nodes, heads, head_dim, dtype=torch.float64),
-                   delta=torch.rand(num_nodes, dts, directions, heads, dtype=torch.float64) + 0.05)
+                   delta=torch.rand(num_nodes, dts, directions, heads, dtype=torch.float64) * delta_max + 0.05)
     for t in tensors.values():
         t.requires_grad_()
     return {key_name: geometry_tensor}, num_nodes, groups, delta_groups, tensors
 
 
-def library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, t, method="auto"):
+def library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, t, method="auto", signed=False):
     geo = decomposition_geometry(decomposition, num_nodes, **geometry)
-    weight, key_scale = decomposition_adjacency(t["delta"], geo, delta_groups, DAG_SUM_SCALE[decomposition])
+    weight, key_scale = decomposition_adjacency(t["delta"], geo, delta_groups, DAG_SUM_SCALE[decomposition], signed)
     return decomposed_resolvent_attention(t["query"], t["key"], t["value"], weight, key_scale, geo, groups,
                                           method=method)
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["positive", "signed"])
 @pytest.mark.parametrize("decomposition, sizes, sharing, share_dt", CASES)
 @pytest.mark.parametrize("method", ["auto", "dense", "dag"])
-def test_decomposed_mixer_equals_the_dense_oracle(decomposition, sizes, sharing, share_dt, method):
-    geometry, num_nodes, groups, delta_groups, t = random_problem(decomposition, sizes, sharing, share_dt)
-    out = library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, t, method)
-    expected = oracle_mixer(decomposition, sizes, t["query"], t["key"], t["value"], t["delta"], groups, delta_groups)
+def test_decomposed_mixer_equals_the_dense_oracle(decomposition, sizes, sharing, share_dt, method, signed):
+    # Signed: Delta up to 3, so that transitions 2 exp(-Delta) - 1 reach -0.9 (both signs occur).
+    geometry, num_nodes, groups, delta_groups, t = random_problem(decomposition, sizes, sharing, share_dt,
+                                                                  delta_max=3.0 if signed else 1.0)
+    out = library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, t, method, signed)
+    expected = oracle_mixer(decomposition, sizes, t["query"], t["key"], t["value"], t["delta"], groups, delta_groups,
+                            signed)
     torch.testing.assert_close(out, expected)
     assert expected.abs().max() > 0.1
     grad = torch.randn_like(out)
@@ -226,14 +235,17 @@ def test_decomposed_mixer_equals_the_dense_oracle(decomposition, sizes, sharing,
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["positive", "signed"])
 @pytest.mark.parametrize("decomposition, sizes, sharing, share_dt", [CASES[i] for i in (0, 1, 3, 5, 6, 8)])
-def test_decomposed_mixer_gradcheck(decomposition, sizes, sharing, share_dt):
+def test_decomposed_mixer_gradcheck(decomposition, sizes, sharing, share_dt, signed):
     geometry, num_nodes, groups, delta_groups, t = random_problem(decomposition, sizes, sharing, share_dt,
-                                                                  heads=1, state=2, head_dim=2)
+                                                                  heads=1, state=2, head_dim=2,
+                                                                  delta_max=3.0 if signed else 1.0)
     names = ["query", "key", "value", "delta"]
 
     def f(*inputs):
-        return library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, dict(zip(names, inputs)))
+        return library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, dict(zip(names, inputs)),
+                             signed=signed)
     assert torch.autograd.gradcheck(f, [t[n] for n in names])
 
 
@@ -555,8 +567,9 @@ def test_grid_kernel_path_equals_the_per_dag_path(sharing, monkeypatch):
     assert results[0][0].abs().max() > 0.01
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("decomposition", ["grid", "line", "hydra"])
-def test_the_opaque_mixer_op_passes_opcheck_and_equals_the_eager_mixer(decomposition):
+def test_the_opaque_mixer_op_passes_opcheck_and_equals_the_eager_mixer(decomposition, signed):
     # chimera::decomposition_mixer, the layer's one node under torch.compile (its backward reruns the forward)
     from torch_geometric_chimera.nn.decomposition import decomposition_mixer
     torch.manual_seed(0)
@@ -570,11 +583,11 @@ def test_the_opaque_mixer_op_passes_opcheck_and_equals_the_eager_mixer(decomposi
               conv.dt_bias.detach().clone().requires_grad_())
     args = (xbc, dt) + params + (geometry.get("grid_size"), geometry.get("seq_len"), None, decomposition,
                                  list(conv.groups), list(conv.dt_groups), conv.heads, conv.state_dim, "auto", None, None,
-                                 1000)
+                                 1000, signed)
     torch.library.opcheck(torch.ops.chimera.decomposition_mixer.default, args)
     got = torch.ops.chimera.decomposition_mixer(*args)
     want = decomposition_mixer(xbc, dt, *params, decomposition, geometry.get("grid_size"), geometry.get("seq_len"),
-                               None, conv.groups, conv.dt_groups, conv.heads, conv.state_dim)
+                               None, conv.groups, conv.dt_groups, conv.heads, conv.state_dim, signed=signed)
     grads = [torch.randn_like(t) for t in want]
     leaves = [xbc, dt, *params]
     for a, b in zip(torch.autograd.grad(got, leaves, grads), torch.autograd.grad(want, leaves, grads)):

@@ -105,6 +105,7 @@ GT_DEFAULTS = dict(layer_type="GCN+Chimera", layers=3, n_heads=8, dim_hidden=64,
                    layer_norm=False, batch_norm=True)
 CHIMERA_DEFAULTS = dict(state_dim=64, expand=1, method="auto", num_terms=None, adjacency="general", gamma=0.9,
                         use_edge_attr=True,
+                        transitions="positive",  # "signed": transitions in (-1, 1] (ChimeraConv's docstring)
                         norm_style="post",  # "post" as GraphGPS, "pre" as the tuned LRGB configuration
                         gps_layer="auto")   # see the module docstring
 
@@ -189,7 +190,7 @@ class SuperpixelEdgeEncoder(_FeatureEncoder):
 def _chimera_kwargs(edge_dim):
     return dict(state_dim=cfg.chimera.state_dim, expand=cfg.chimera.expand, method=cfg.chimera.method,
                 num_terms=cfg.chimera.num_terms, adjacency=cfg.chimera.adjacency, gamma=cfg.chimera.gamma,
-                edge_dim=edge_dim if cfg.chimera.use_edge_attr else None)
+                transitions=cfg.chimera.transitions, edge_dim=edge_dim if cfg.chimera.use_edge_attr else None)
 
 
 def _edge_dim():

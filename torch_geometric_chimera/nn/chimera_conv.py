@@ -13,7 +13,7 @@ from torch_geometric.utils import is_torch_sparse_tensor, to_edge_index
 from ..ops import METHODS, resolvent_attention
 from ..ops.block import gated_rms_norm, gated_rms_norm_reference, local_conv_silu
 from ..ops.opaque import opaque_resolvent_attention
-from .adjacency import (ADJACENCIES, dag_adjacency, general_adjacency, mamba2_adjacency,
+from .adjacency import (ADJACENCIES, TRANSITIONS, dag_adjacency, general_adjacency, mamba2_adjacency,
                         undirected_line_adjacency)
 from .decomposition import (CONV_KERNEL, DECOMPOSITIONS, GRID_LIKE, NUM_DIRECTIONS, decomposition_mixer, dt_groups,
                             opaque_decomposition_mixer, sharing_groups)
@@ -153,6 +153,23 @@ class ChimeraConv(MessagePassing):
         share_dt (str, optional): ``"none"`` (every DAG its own :math:`\Delta`) or
             ``"diagonal"`` (a DAG and its reverse share it, the authors'
             ``share_dt_for_two_graphs``). (default: ``"none"``)
+        transitions (str, optional): ``"positive"`` (every transition :math:`e^{-x} \in (0, 1]`,
+            Mamba's) or ``"signed"`` (:math:`2e^{-x} - 1 \in (-1, 1]`, as Grazzi et al.,
+            "Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues", do for Mamba):
+            for ``"general"``
+
+            .. math::
+                A_{ij} = \frac{\gamma\, (2e^{-x_{ij}} - 1)}{\sum_k |2e^{-x_{ik}} - 1| + e^{-\Psi_i}},
+                \qquad x_{ij} = (\Delta_i + \Delta_j + \Delta'_{ij}) / 3,
+
+            and every other adjacency and decomposition keeps its normalization :math:`s` and
+            replaces :math:`e^{-x}` by :math:`2e^{-x} - 1` (:math:`s = 1/\sqrt{|p(i)|}` on DAGs,
+            :math:`\tfrac12` on the undirected line). A state can then change sign along a path,
+            which products of positive weights never do: with them a linear recurrence cannot track
+            parity. Every bound the solvers use holds for :math:`|\mathbf{A}|` (row sums of
+            :math:`|\mathbf{A}|` below :math:`\gamma` for ``"general"``; on DAGs, Prop. 4.3's variance
+            argument with :math:`|\bar A_{ij}| \le 1/\sqrt{|p(i)|}`), so every ``method`` is exact as
+            before. GraphGym key: ``chimera.transitions``. (default: ``"positive"``)
         **kwargs (optional): additional arguments of :class:`torch_geometric.nn.conv.MessagePassing`.
 
     Shapes:
@@ -168,7 +185,8 @@ class ChimeraConv(MessagePassing):
                  num_terms: Optional[int] = None, gamma: float = 0.9, local_conv: bool = True,
                  dt_min: float = 0.001, dt_max: float = 0.1, tol: Optional[float] = None, max_iter: int = 1000,
                  decomposition: Optional[str] = None, sharing: Optional[str] = None,
-                 conv_kernel: Optional[int] = None, share_dt: Optional[str] = None, **kwargs):
+                 conv_kernel: Optional[int] = None, share_dt: Optional[str] = None, transitions: str = "positive",
+                 **kwargs):
         kwargs.setdefault("aggr", "mean")
         super().__init__(**kwargs)
         # Sizes first: heads=0 would otherwise surface as a modulo by zero or an empty reshape.
@@ -215,6 +233,9 @@ class ChimeraConv(MessagePassing):
         self.num_sets = max(self.groups) + 1
         if adjacency not in ADJACENCIES:
             raise ValueError(f"adjacency: expected one of {ADJACENCIES}, got {adjacency!r}")
+        if transitions not in TRANSITIONS:
+            raise ValueError(f"transitions: expected one of {TRANSITIONS}, got {transitions!r}")
+        self.transitions = transitions
         if method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
         inner = expand * channels
@@ -346,15 +367,16 @@ class ChimeraConv(MessagePassing):
         (``[E]``) is an explainer's edge mask (``0``: as if the edge were absent)."""
         if edge_mask is not None:
             edge_mask = edge_mask.to(delta.dtype)
+        signed = self.transitions == "signed"
         if self.adjacency == "general":
             if psi is None:
                 psi = torch.zeros_like(delta)
-            return general_adjacency(delta, edge_index, psi, self.gamma, delta_edge, edge_mask)
+            return general_adjacency(delta, edge_index, psi, self.gamma, delta_edge, edge_mask, signed)
         if self.adjacency == "dag":
-            return dag_adjacency(delta, edge_index, delta_edge, edge_mask)
+            return dag_adjacency(delta, edge_index, delta_edge, edge_mask, signed)
         if self.adjacency == "undirected_line":
-            return undirected_line_adjacency(delta, edge_index, delta_edge, edge_mask)
-        return mamba2_adjacency(delta, edge_index, edge_mask)
+            return undirected_line_adjacency(delta, edge_index, delta_edge, edge_mask, signed)
+        return mamba2_adjacency(delta, edge_index, edge_mask, signed)
 
     def mix(self, x: Tensor, B: Tensor, C: Tensor, delta: Tensor, edge_index: Tensor, psi: OptTensor = None,
             delta_edge: OptTensor = None, batch: OptTensor = None, edge_mask: OptTensor = None,
@@ -414,7 +436,8 @@ class ChimeraConv(MessagePassing):
         mixer = opaque_decomposition_mixer if torch.compiler.is_compiling() else decomposition_mixer
         y, values = mixer(xbc, dt, conv_weight, conv_bias, self.dt_bias, self.decomposition, grid_size, seq_len, batch,
                           self.groups, self.dt_groups, self.heads, self.state_dim, self.method,
-                          num_terms=self.num_terms, tol=self.tol, max_iter=self.max_iter)
+                          num_terms=self.num_terms, tol=self.tol, max_iter=self.max_iter,
+                          signed=self.transitions == "signed")
         # Functions, not self._gated_rms_norm / self.out_proj: in a scripted layer this method runs in
         # Python, where the scripted submodules and ignored methods cannot be called.
         y = gated_rms_norm(y, values, self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)
@@ -491,5 +514,6 @@ class ChimeraConv(MessagePassing):
         return (f"{self.__class__.__name__}({self.channels}, heads={self.heads}, state_dim={self.state_dim}, "
                 f"expand={self.expand}, edge_dim={self.edge_dim}, adjacency={self.adjacency!r}, "
                 f"method={self.method!r}, num_terms={self.num_terms}"
+                + (f", transitions={self.transitions!r}" if self.transitions != "positive" else "")
                 + (f", decomposition={self.decomposition!r}, sharing={self.sharing!r}, share_dt={self.share_dt!r}, "
                    f"conv_kernel={self.conv_kernel})" if self.decomposition else ")"))

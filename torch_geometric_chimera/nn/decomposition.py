@@ -23,6 +23,9 @@ uses twice (DESIGN.md §4):
 * On lines each direction has its own :math:`\Delta`, and every direction is Mamba-2 itself:
   :math:`A_{t,t-1} = \exp(-\Delta_t)`, :math:`\bar{\mathbf{B}}_t = \Delta_t \mathbf{B}_t` (the
   first token included); the two directions are summed.
+* With signed transitions (the layer's ``transitions="signed"``) every :math:`\exp(-\Delta)` above
+  becomes :math:`2\exp(-\Delta) - 1` (:func:`~torch_geometric_chimera.nn.adjacency.transition`),
+  normalizations unchanged.
 
 (The local convolution, one weight per offset, is :func:`decomposition_conv_silu`.)
 
@@ -42,6 +45,7 @@ from ..ops.common import host_reads_allowed
 from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, num_checkpoints,
                         segment_rows_for)
 from ..ops.triton_grid import grid_attention_triton, grid_plan, grid_triton_available
+from .adjacency import transition
 
 #: Decompositions: ``"line"`` (forward and backward line, Fig. 2), ``"fwd"`` (the forward line
 #: alone: causal, Mamba-2), ``"grid"`` (four directed grid DAGs, Fig. 3) and, as the baseline that
@@ -405,7 +409,7 @@ def decomposition_conv_silu_reference(x: Tensor, weight: Tensor, bias: Tensor,
 
 
 def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, groups: Tuple[int, ...],
-                            scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+                            scale: float = 1.0, signed: bool = False) -> Tuple[Tensor, Tensor]:
     r"""Per-node edge weights and key scales of every DAG (the module docstring's formulas).
 
     Args:
@@ -414,6 +418,8 @@ def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, grou
         geometry (DecompositionGeometry): the DAGs' parents.
         groups (tuple of int): the :math:`\Delta` set of every DAG (:func:`dt_groups`).
         scale (float, optional): folded into the key scales (:data:`DAG_SUM_SCALE`). (default: ``1``)
+        signed (bool, optional): transitions :math:`2e^{-\Delta} - 1` instead of :math:`e^{-\Delta}`.
+            (default: :obj:`False`)
 
     Returns:
         ``(weight [D, N, R, H], key_scale [D, N, H])``: ``weight[d, i, r]`` is :math:`A^{(d)}_{ij}`
@@ -431,10 +437,10 @@ def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, grou
     if geometry.decomposition == "grid":
         # 1 / sqrt(|p(i)|), with a source's empty parent set counted as 1 (its weights are zero anyway).
         inv_sqrt = parents.sum(2, keepdim=True).clamp_min(1).rsqrt()
-        weight = torch.exp(-delta) * (parents * inv_sqrt)
+        weight = transition(delta, signed) * (parents * inv_sqrt)
         key_scale = (delta * parents).sum(2) * (inv_sqrt.squeeze(2) * scale)
     else:  # lines: Mamba-2 in every direction; the first token keeps Delta_t B_t
-        weight = torch.exp(-delta) * parents
+        weight = transition(delta, signed) * parents
         key_scale = delta.squeeze(2) * scale if scale != 1.0 else delta.squeeze(2)
     return weight, key_scale
 
@@ -536,7 +542,8 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, we
 def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], conv_bias: Optional[Tensor],
                         dt_bias: Tensor, decomposition: str, grid_size: Optional[Tensor], seq_len: Optional[Tensor],
                         batch: Optional[Tensor], groups: Tuple[int, ...], delta_groups: Tuple[int, ...], heads: int,
-                        state_dim: int, method: str = "auto", **solver_options) -> Tuple[Tensor, Tensor]:
+                        state_dim: int, method: str = "auto", signed: bool = False,
+                        **solver_options) -> Tuple[Tensor, Tensor]:
     r"""The part of a decomposition layer that depends on the geometry, between ``in_proj`` and the
     gated norm: local convolution and SiLU, selectivity, the mixer over the DAGs (and Hydra's
     diagonal).
@@ -547,6 +554,7 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
             diagonal's ``H`` columns last).
         conv_weight (Tensor, optional): the local convolution's weight (:obj:`None`: no convolution).
         conv_bias (Tensor, optional): its bias. dt_bias (Tensor): ``[H]``.
+        signed (bool, optional): signed transitions (:func:`decomposition_adjacency`).
 
     Returns:
         ``(y, values)``, each ``[N, inner]``: the mixer's output and its input (for the ``D`` skip).
@@ -564,7 +572,7 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
     values = values.view(num_nodes, heads, inner // heads)
     # [N, Delta sets, directions, H]: every DAG its own selectivity per edge direction.
     delta = F.softplus(dt.view(num_nodes, -1, NUM_DIRECTIONS[decomposition], heads) + dt_bias)
-    weight, key_scale = decomposition_adjacency(delta, geometry, delta_groups, DAG_SUM_SCALE[decomposition])
+    weight, key_scale = decomposition_adjacency(delta, geometry, delta_groups, DAG_SUM_SCALE[decomposition], signed)
     # B, C: [N, num_sets * S] -> [N, num_sets, 1, S], every head of a set sharing them.
     shape = (num_nodes, num_sets, 1, state_dim)
     y = decomposed_resolvent_attention(query.reshape(shape), key.reshape(shape), values, weight, key_scale, geometry,
@@ -589,9 +597,9 @@ _MIXER_INPUTS = (0, 1, 2, 3, 4)  # xbc, dt, conv_weight, conv_bias, dt_bias: the
 
 
 def _mixer_call(inputs, grid_size, seq_len, batch, decomposition, groups, delta_groups, heads, state_dim, method,
-                num_terms, tol, max_iter):
+                num_terms, tol, max_iter, signed):
     return decomposition_mixer(*inputs, decomposition, grid_size, seq_len, batch, tuple(groups), tuple(delta_groups),
-                               heads, state_dim, method, num_terms=num_terms, tol=tol, max_iter=max_iter)
+                               heads, state_dim, method, signed, num_terms=num_terms, tol=tol, max_iter=max_iter)
 
 
 @torch.library.custom_op("chimera::decomposition_mixer", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
@@ -599,15 +607,15 @@ def _decomposition_mixer_op(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tenso
                             dt_bias: Tensor, grid_size: Optional[Tensor], seq_len: Optional[Tensor],
                             batch: Optional[Tensor], decomposition: str, groups: List[int], delta_groups: List[int],
                             heads: int, state_dim: int, method: str, num_terms: Optional[int], tol: Optional[float],
-                            max_iter: int) -> List[Tensor]:
+                            max_iter: int, signed: bool) -> List[Tensor]:
     y, values = _mixer_call((xbc, dt, conv_weight, conv_bias, dt_bias), grid_size, seq_len, batch, decomposition,
-                            groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter)
+                            groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter, signed)
     return [y.contiguous(), values.contiguous()]
 
 
 @_decomposition_mixer_op.register_fake
 def _decomposition_mixer_fake(xbc, dt, conv_weight, conv_bias, dt_bias, grid_size, seq_len, batch, decomposition,
-                              groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter):
+                              groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter, signed):
     inner = xbc.size(1) - 2 * state_dim * (max(groups) + 1)
     return [xbc.new_empty(xbc.size(0), inner), xbc.new_empty(xbc.size(0), inner)]
 
@@ -619,14 +627,14 @@ def _decomposition_mixer_backward_op(grad_y: Tensor, grad_values: Tensor, xbc: T
                                      grid_size: Optional[Tensor], seq_len: Optional[Tensor], batch: Optional[Tensor],
                                      decomposition: str, groups: List[int], delta_groups: List[int], heads: int,
                                      state_dim: int, method: str, num_terms: Optional[int], tol: Optional[float],
-                                     max_iter: int, needs_grad: List[bool]) -> List[Tensor]:
+                                     max_iter: int, signed: bool, needs_grad: List[bool]) -> List[Tensor]:
     """Gradients of (xbc, dt, conv_weight, conv_bias, dt_bias); an empty tensor where not needed."""
     from ..ops.opaque import _autograd_recording
     originals = [xbc, dt, conv_weight, conv_bias, dt_bias]
     with _autograd_recording():
         inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(originals, needs_grad)]
         outputs = _mixer_call(inputs, grid_size, seq_len, batch, decomposition, groups, delta_groups, heads,
-                              state_dim, method, num_terms, tol, max_iter)
+                              state_dim, method, num_terms, tol, max_iter, signed)
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(outputs, wanted, (grad_y, grad_values), allow_unused=True) if wanted
                      else [])
@@ -643,7 +651,7 @@ def _decomposition_mixer_backward_op(grad_y: Tensor, grad_values: Tensor, xbc: T
 @_decomposition_mixer_backward_op.register_fake
 def _decomposition_mixer_backward_fake(grad_y, grad_values, xbc, dt, conv_weight, conv_bias, dt_bias, grid_size,
                                        seq_len, batch, decomposition, groups, delta_groups, heads, state_dim, method,
-                                       num_terms, tol, max_iter, needs_grad):
+                                       num_terms, tol, max_iter, signed, needs_grad):
     originals = [xbc, dt, conv_weight, conv_bias, dt_bias]
     return [xbc.new_empty(t.shape if need and t is not None else (0,)) for t, need in zip(originals, needs_grad)]
 
@@ -684,10 +692,10 @@ def opaque_decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Te
                                seq_len: Optional[Tensor], batch: Optional[Tensor], groups: Tuple[int, ...],
                                delta_groups: Tuple[int, ...], heads: int, state_dim: int, method: str = "auto",
                                num_terms: Optional[int] = None, tol: Optional[float] = None,
-                               max_iter: int = 1000) -> Tuple[Tensor, Tensor]:
+                               max_iter: int = 1000, signed: bool = False) -> Tuple[Tensor, Tensor]:
     """:func:`decomposition_mixer` as the one custom op ``chimera::decomposition_mixer`` (for
     :func:`torch.compile`: no graph break, nothing of the geometry captured in the graph)."""
     y, values = torch.ops.chimera.decomposition_mixer(xbc, dt, conv_weight, conv_bias, dt_bias, grid_size, seq_len,
                                                       batch, decomposition, list(groups), list(delta_groups), heads,
-                                                      state_dim, method, num_terms, tol, max_iter)
+                                                      state_dim, method, num_terms, tol, max_iter, signed)
     return y, values
