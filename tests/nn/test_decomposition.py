@@ -145,7 +145,7 @@ def oracle_parents(decomposition, sizes):
     return parents
 
 
-def oracle_mixer(decomposition, sizes, query, key, value, delta, groups, delta_groups, signed=False):
+def oracle_mixer(decomposition, sizes, query, key, value, delta, groups, delta_groups, signed=False, rate=None):
     """sum_d scale ((I - A_d)^-1 ⊙ C Bbar_d^T) V with A_d, Bbar_d written out entry by entry
     (transitions exp(-Delta), or 2 exp(-Delta) - 1 when signed)."""
     def gate(dt):
@@ -166,7 +166,7 @@ def oracle_mixer(decomposition, sizes, query, key, value, delta, groups, delta_g
                     scale[i] = sum((dt[slot] for _, slot in found), value.new_zeros(())) * norm
                 else:  # Mamba-2 per direction
                     for j, slot in found:
-                        adjacency[i, j] = gate(dt[slot])
+                        adjacency[i, j] = gate(dt[slot] * (1 if rate is None else rate[h]))
                     scale[i] = dt[0]
             resolvent = torch.linalg.inv(torch.eye(num_nodes, dtype=value.dtype) - adjacency)
             c = query[:, groups[d], min(h, query.size(2) - 1)]
@@ -203,6 +203,8 @@ def random_problem(decomposition, sizes, sharing, share_dt, heads=2, state=3, he
     tensors = dict(query=torch.randn(shape, dtype=torch.float64), key=torch.randn(shape, dtype=torch.float64),
                    value=torch.randn(num_nodes, heads, head_dim, dtype=torch.float64),
                    delta=torch.rand(num_nodes, dts, directions, heads, dtype=torch.float64) * delta_max + 0.05)
+    if decomposition != "grid":  # Mamba-2's decay rate per head on lines (ChimeraConv's exp(A_log))
+        tensors["rate"] = torch.rand(heads, dtype=torch.float64) + 0.5
     for t in tensors.values():
         t.requires_grad_()
     return {key_name: geometry_tensor}, num_nodes, groups, delta_groups, tensors
@@ -210,7 +212,8 @@ def random_problem(decomposition, sizes, sharing, share_dt, heads=2, state=3, he
 
 def library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, t, method="auto", signed=False):
     geo = decomposition_geometry(decomposition, num_nodes, **geometry)
-    weight, key_scale = decomposition_adjacency(t["delta"], geo, delta_groups, DAG_SUM_SCALE[decomposition], signed)
+    weight, key_scale = decomposition_adjacency(t["delta"], geo, delta_groups, DAG_SUM_SCALE[decomposition], signed,
+                                                t.get("rate"))
     return decomposed_resolvent_attention(t["query"], t["key"], t["value"], weight, key_scale, geo, groups,
                                           method=method)
 
@@ -224,11 +227,11 @@ def test_decomposed_mixer_equals_the_dense_oracle(decomposition, sizes, sharing,
                                                                   delta_max=3.0 if signed else 1.0)
     out = library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, t, method, signed)
     expected = oracle_mixer(decomposition, sizes, t["query"], t["key"], t["value"], t["delta"], groups, delta_groups,
-                            signed)
+                            signed, t.get("rate"))
     torch.testing.assert_close(out, expected)
     assert expected.abs().max() > 0.1
     grad = torch.randn_like(out)
-    names = ["query", "key", "value", "delta"]
+    names = [name for name in ("query", "key", "value", "delta", "rate") if name in t]
     got = torch.autograd.grad(out, [t[n] for n in names], grad)
     want = torch.autograd.grad(expected, [t[n] for n in names], grad)
     for name, a, b in zip(names, got, want):
@@ -241,7 +244,7 @@ def test_decomposed_mixer_gradcheck(decomposition, sizes, sharing, share_dt, sig
     geometry, num_nodes, groups, delta_groups, t = random_problem(decomposition, sizes, sharing, share_dt,
                                                                   heads=1, state=2, head_dim=2,
                                                                   delta_max=3.0 if signed else 1.0)
-    names = ["query", "key", "value", "delta"]
+    names = [name for name in ("query", "key", "value", "delta", "rate") if name in t]
 
     def f(*inputs):
         return library_mixer(decomposition, geometry, num_nodes, groups, delta_groups, dict(zip(names, inputs)),
@@ -324,7 +327,7 @@ def image_batch(sizes=((4, 4), (2, 6)), channels=8):
 
 def mamba2_block(conv, x):
     """A Mamba-2 block in plain PyTorch, token by token (one sequence ``x`` [T, channels]):
-    in_proj, causal depthwise conv1d, SiLU, h_t = exp(-Δ_t) h_{t-1} + Δ_t B_t x_tᵀ, y_t = C_tᵀ h_t + D x_t,
+    in_proj, causal depthwise conv1d, SiLU, h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_tᵀ, y_t = C_tᵀ h_t + D x_t,
     RMSNorm(y ⊙ SiLU(z)) w, out_proj; parameters read from ``conv`` (a ChimeraConv(decomposition='fwd'))."""
     length = x.size(0)
     inner, state, heads, head_dim = conv.inner, conv.state_dim, conv.heads, conv.head_dim
@@ -337,10 +340,11 @@ def mamba2_block(conv, x):
     values, B, C = xbc.split([inner, state, state], -1)
     values = values.view(length, heads, head_dim)
     delta = F.softplus(dt + conv.dt_bias)  # [T, H]
+    A = -torch.exp(conv.A_log)  # Mamba-2's A < 0 per head
     h = x.new_zeros(heads, state, head_dim)
     ys = []
     for t in range(length):
-        h = torch.exp(-delta[t]).view(heads, 1, 1) * h + delta[t].view(heads, 1, 1) * B[t].view(1, state, 1) * values[t].view(heads, 1, head_dim)
+        h = torch.exp(delta[t] * A).view(heads, 1, 1) * h + delta[t].view(heads, 1, 1) * B[t].view(1, state, 1) * values[t].view(heads, 1, head_dim)
         ys.append(torch.einsum("s,hsp->hp", C[t], h) + conv.D.view(heads, 1) * values[t])
     y = torch.stack(ys).reshape(length, inner) * F.silu(z)
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * conv.norm_weight
@@ -352,6 +356,7 @@ def test_fwd_decomposition_is_a_mamba2_block():
     conv = ChimeraConv(8, heads=2, state_dim=4, decomposition="fwd")
     with torch.no_grad():  # away from the identity-like start, so every part matters
         conv.dt_bias.normal_()
+        conv.A_log.normal_()
         conv.D.normal_()
         conv.norm_weight.normal_()
     seq_len = torch.tensor([9, 4])
@@ -581,15 +586,16 @@ def test_the_opaque_mixer_op_passes_opcheck_and_equals_the_eager_mixer(decomposi
     dt = torch.randn(n, conv.dt_width, dtype=torch.float64, requires_grad=True)
     params = (conv.conv_weight.detach().clone().requires_grad_(), conv.conv_bias.detach().clone().requires_grad_(),
               conv.dt_bias.detach().clone().requires_grad_())
-    args = (xbc, dt) + params + (geometry.get("grid_size"), geometry.get("seq_len"), None, decomposition,
+    A_log = None if conv.A_log is None else torch.randn_like(conv.A_log).requires_grad_()
+    args = (xbc, dt) + params + (A_log, geometry.get("grid_size"), geometry.get("seq_len"), None, decomposition,
                                  list(conv.groups), list(conv.dt_groups), conv.heads, conv.state_dim, "auto", None, None,
                                  1000, signed)
     torch.library.opcheck(torch.ops.chimera.decomposition_mixer.default, args)
     got = torch.ops.chimera.decomposition_mixer(*args)
     want = decomposition_mixer(xbc, dt, *params, decomposition, geometry.get("grid_size"), geometry.get("seq_len"),
-                               None, conv.groups, conv.dt_groups, conv.heads, conv.state_dim, signed=signed)
+                               None, conv.groups, conv.dt_groups, conv.heads, conv.state_dim, signed=signed, A_log=A_log)
     grads = [torch.randn_like(t) for t in want]
-    leaves = [xbc, dt, *params]
+    leaves = [xbc, dt, *params] + ([] if A_log is None else [A_log])
     for a, b in zip(torch.autograd.grad(got, leaves, grads), torch.autograd.grad(want, leaves, grads)):
         torch.testing.assert_close(a, b)
     for a, b in zip(got, want):

@@ -18,6 +18,9 @@ from .adjacency import (ADJACENCIES, TRANSITIONS, dag_adjacency, general_adjacen
 from .decomposition import (CONV_KERNEL, DECOMPOSITIONS, GRID_LIKE, NUM_DIRECTIONS, decomposition_mixer, dt_groups,
                             opaque_decomposition_mixer, sharing_groups)
 
+#: Decompositions without Mamba-2's learned decay rate A_log (the authors' image model has none).
+GRID_DAGS = ("grid",)
+
 
 #: ``resolvent_attention`` run by Python even inside a compiled region (torch.compile stops its graph there).
 _resolvent_attention_outside_graph = torch.compiler.disable(resolvent_attention)
@@ -135,7 +138,10 @@ class ChimeraConv(MessagePassing):
             the authors' image and text models: the local convolution has one weight per offset
             (``conv_kernel``), and every DAG has its own :math:`\Delta` per edge direction
             (``share_dt``); grids use the DAG normalization of Prop. 4.3 per direction, lines are
-            Mamba-2 in every direction (``adjacency`` must be ``"dag"``, the default then). The
+            Mamba-2 in every direction, with its learned decay rate per head (the parameter
+            ``A_log``, transitions :math:`e^{-e^{A\_log_h} \Delta}`, starting at ``A_log = 0`` as
+            the authors' text model; grids have none, as their image model) (``adjacency`` must be
+            ``"dag"``, the default then). The
             geometry comes from :meth:`forward`'s ``grid_size`` or ``seq_len``, as
             :class:`~torch_geometric_chimera.transforms.ImageToGrid` and
             :class:`~torch_geometric_chimera.transforms.SequenceToLine` record it. (default:
@@ -272,6 +278,12 @@ class ChimeraConv(MessagePassing):
         self.in_proj = Linear(channels, inner + conv_width + self.dt_width, bias=False)
         self.conv_bias = Parameter(torch.empty(conv_width))
         self.dt_bias = Parameter(torch.empty(heads))
+        if decomposition is not None and decomposition not in GRID_DAGS:
+            # Mamba-2's decay rate per head on every line (a_h = exp(A_log), transitions exp(-a_h Delta)), as
+            # the authors' text model; their image model's grid DAGs have none.
+            self.A_log = Parameter(torch.empty(heads))
+        else:
+            self.register_parameter("A_log", None)
         self.D = Parameter(torch.empty(heads))
         self.norm_weight = Parameter(torch.empty(inner))
         self.edge_proj = Linear(edge_dim, heads) if edge_dim is not None else None
@@ -302,6 +314,8 @@ class ChimeraConv(MessagePassing):
             dt = torch.exp(torch.rand(self.heads) * (math.log(self.dt_max) - math.log(self.dt_min))
                            + math.log(self.dt_min)).clamp_min(1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            if self.A_log is not None:
+                self.A_log.zero_()  # a_h = 1, as the authors' text model starts
             self.D.fill_(1.0)
             self.norm_weight.fill_(1.0)
 
@@ -437,7 +451,7 @@ class ChimeraConv(MessagePassing):
         y, values = mixer(xbc, dt, conv_weight, conv_bias, self.dt_bias, self.decomposition, grid_size, seq_len, batch,
                           self.groups, self.dt_groups, self.heads, self.state_dim, self.method,
                           num_terms=self.num_terms, tol=self.tol, max_iter=self.max_iter,
-                          signed=self.transitions == "signed")
+                          signed=self.transitions == "signed", A_log=self.A_log)
         # Functions, not self._gated_rms_norm / self.out_proj: in a scripted layer this method runs in
         # Python, where the scripted submodules and ignored methods cannot be called.
         y = gated_rms_norm(y, values, self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)

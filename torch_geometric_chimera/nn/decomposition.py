@@ -21,8 +21,10 @@ uses twice (DESIGN.md §4):
   so a DAG's source corner gets no input of its own in that DAG (the other DAGs carry it), as in
   the authors' image code. The four outputs are summed and scaled by :math:`1/\sqrt{4}`.
 * On lines each direction has its own :math:`\Delta`, and every direction is Mamba-2 itself:
-  :math:`A_{t,t-1} = \exp(-\Delta_t)`, :math:`\bar{\mathbf{B}}_t = \Delta_t \mathbf{B}_t` (the
-  first token included); the two directions are summed.
+  :math:`A_{t,t-1} = \exp(-a_h \Delta_t)`, :math:`\bar{\mathbf{B}}_t = \Delta_t \mathbf{B}_t` (the
+  first token included), with Mamba-2's learned decay rate :math:`a_h = \exp(\mathrm{A\_log}_h)`
+  per head (shared by the directions, starting at 1 as in the authors' text model); the two
+  directions are summed. Grids have no :math:`a_h`, as the authors' image model.
 * With signed transitions (the layer's ``transitions="signed"``) every :math:`\exp(-\Delta)` above
   becomes :math:`2\exp(-\Delta) - 1` (:func:`~torch_geometric_chimera.nn.adjacency.transition`),
   normalizations unchanged.
@@ -409,7 +411,8 @@ def decomposition_conv_silu_reference(x: Tensor, weight: Tensor, bias: Tensor,
 
 
 def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, groups: Tuple[int, ...],
-                            scale: float = 1.0, signed: bool = False) -> Tuple[Tensor, Tensor]:
+                            scale: float = 1.0, signed: bool = False,
+                            rate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     r"""Per-node edge weights and key scales of every DAG (the module docstring's formulas).
 
     Args:
@@ -420,6 +423,8 @@ def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, grou
         scale (float, optional): folded into the key scales (:data:`DAG_SUM_SCALE`). (default: ``1``)
         signed (bool, optional): transitions :math:`2e^{-\Delta} - 1` instead of :math:`e^{-\Delta}`.
             (default: :obj:`False`)
+        rate (Tensor, optional): ``[H]``, Mamba-2's decay rate :math:`a_h > 0`: transitions
+            :math:`e^{-a_h \Delta}`, key scales unchanged. (default: :obj:`None`: 1)
 
     Returns:
         ``(weight [D, N, R, H], key_scale [D, N, H])``: ``weight[d, i, r]`` is :math:`A^{(d)}_{ij}`
@@ -433,14 +438,15 @@ def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, grou
         # index_select, not delta[:, list]: its backward is an index_add, not a sorting index_put
         delta = delta.index_select(1, torch.tensor(groups, device=delta.device))
     delta = delta.transpose(0, 1)  # [D, N, R, H]
+    decay = delta if rate is None else delta * rate  # the transitions' exponent; B keeps Delta itself
     parents = geometry.parents.to(delta.dtype).unsqueeze(-1)  # [D, N, R, 1]
     if geometry.decomposition == "grid":
         # 1 / sqrt(|p(i)|), with a source's empty parent set counted as 1 (its weights are zero anyway).
         inv_sqrt = parents.sum(2, keepdim=True).clamp_min(1).rsqrt()
-        weight = transition(delta, signed) * (parents * inv_sqrt)
+        weight = transition(decay, signed) * (parents * inv_sqrt)
         key_scale = (delta * parents).sum(2) * (inv_sqrt.squeeze(2) * scale)
     else:  # lines: Mamba-2 in every direction; the first token keeps Delta_t B_t
-        weight = transition(delta, signed) * parents
+        weight = transition(decay, signed) * parents
         key_scale = delta.squeeze(2) * scale if scale != 1.0 else delta.squeeze(2)
     return weight, key_scale
 
@@ -543,7 +549,7 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
                         dt_bias: Tensor, decomposition: str, grid_size: Optional[Tensor], seq_len: Optional[Tensor],
                         batch: Optional[Tensor], groups: Tuple[int, ...], delta_groups: Tuple[int, ...], heads: int,
                         state_dim: int, method: str = "auto", signed: bool = False,
-                        **solver_options) -> Tuple[Tensor, Tensor]:
+                        A_log: Optional[Tensor] = None, **solver_options) -> Tuple[Tensor, Tensor]:
     r"""The part of a decomposition layer that depends on the geometry, between ``in_proj`` and the
     gated norm: local convolution and SiLU, selectivity, the mixer over the DAGs (and Hydra's
     diagonal).
@@ -555,6 +561,7 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
         conv_weight (Tensor, optional): the local convolution's weight (:obj:`None`: no convolution).
         conv_bias (Tensor, optional): its bias. dt_bias (Tensor): ``[H]``.
         signed (bool, optional): signed transitions (:func:`decomposition_adjacency`).
+        A_log (Tensor, optional): ``[H]``, the log of the lines' decay rate :math:`a_h`.
 
     Returns:
         ``(y, values)``, each ``[N, inner]``: the mixer's output and its input (for the ``D`` skip).
@@ -572,7 +579,9 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
     values = values.view(num_nodes, heads, inner // heads)
     # [N, Delta sets, directions, H]: every DAG its own selectivity per edge direction.
     delta = F.softplus(dt.view(num_nodes, -1, NUM_DIRECTIONS[decomposition], heads) + dt_bias)
-    weight, key_scale = decomposition_adjacency(delta, geometry, delta_groups, DAG_SUM_SCALE[decomposition], signed)
+    rate = None if A_log is None else torch.exp(A_log)
+    weight, key_scale = decomposition_adjacency(delta, geometry, delta_groups, DAG_SUM_SCALE[decomposition], signed,
+                                                rate)
     # B, C: [N, num_sets * S] -> [N, num_sets, 1, S], every head of a set sharing them.
     shape = (num_nodes, num_sets, 1, state_dim)
     y = decomposed_resolvent_attention(query.reshape(shape), key.reshape(shape), values, weight, key_scale, geometry,
@@ -593,28 +602,30 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
 # for the general mixer: the geometry, its caches and the scatter-adds stay in eager code, the fake
 # kernel states the two output shapes, and the backward runs the forward again with autograd.
 
-_MIXER_INPUTS = (0, 1, 2, 3, 4)  # xbc, dt, conv_weight, conv_bias, dt_bias: the differentiable arguments
+_MIXER_INPUTS = (0, 1, 2, 3, 4, 5)  # xbc, dt, conv_weight, conv_bias, dt_bias, A_log: the differentiable arguments
 
 
 def _mixer_call(inputs, grid_size, seq_len, batch, decomposition, groups, delta_groups, heads, state_dim, method,
                 num_terms, tol, max_iter, signed):
-    return decomposition_mixer(*inputs, decomposition, grid_size, seq_len, batch, tuple(groups), tuple(delta_groups),
-                               heads, state_dim, method, signed, num_terms=num_terms, tol=tol, max_iter=max_iter)
+    return decomposition_mixer(*inputs[:5], decomposition, grid_size, seq_len, batch, tuple(groups), tuple(delta_groups),
+                               heads, state_dim, method, signed, inputs[5], num_terms=num_terms, tol=tol,
+                               max_iter=max_iter)
 
 
 @torch.library.custom_op("chimera::decomposition_mixer", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def _decomposition_mixer_op(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], conv_bias: Optional[Tensor],
-                            dt_bias: Tensor, grid_size: Optional[Tensor], seq_len: Optional[Tensor],
+                            dt_bias: Tensor, A_log: Optional[Tensor], grid_size: Optional[Tensor],
+                            seq_len: Optional[Tensor],
                             batch: Optional[Tensor], decomposition: str, groups: List[int], delta_groups: List[int],
                             heads: int, state_dim: int, method: str, num_terms: Optional[int], tol: Optional[float],
                             max_iter: int, signed: bool) -> List[Tensor]:
-    y, values = _mixer_call((xbc, dt, conv_weight, conv_bias, dt_bias), grid_size, seq_len, batch, decomposition,
+    y, values = _mixer_call((xbc, dt, conv_weight, conv_bias, dt_bias, A_log), grid_size, seq_len, batch, decomposition,
                             groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter, signed)
     return [y.contiguous(), values.contiguous()]
 
 
 @_decomposition_mixer_op.register_fake
-def _decomposition_mixer_fake(xbc, dt, conv_weight, conv_bias, dt_bias, grid_size, seq_len, batch, decomposition,
+def _decomposition_mixer_fake(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, grid_size, seq_len, batch, decomposition,
                               groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter, signed):
     inner = xbc.size(1) - 2 * state_dim * (max(groups) + 1)
     return [xbc.new_empty(xbc.size(0), inner), xbc.new_empty(xbc.size(0), inner)]
@@ -624,13 +635,14 @@ def _decomposition_mixer_fake(xbc, dt, conv_weight, conv_bias, dt_bias, grid_siz
                          tags=(torch.Tag.cudagraph_unsafe,))
 def _decomposition_mixer_backward_op(grad_y: Tensor, grad_values: Tensor, xbc: Tensor, dt: Tensor,
                                      conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], dt_bias: Tensor,
+                                     A_log: Optional[Tensor],
                                      grid_size: Optional[Tensor], seq_len: Optional[Tensor], batch: Optional[Tensor],
                                      decomposition: str, groups: List[int], delta_groups: List[int], heads: int,
                                      state_dim: int, method: str, num_terms: Optional[int], tol: Optional[float],
                                      max_iter: int, signed: bool, needs_grad: List[bool]) -> List[Tensor]:
-    """Gradients of (xbc, dt, conv_weight, conv_bias, dt_bias); an empty tensor where not needed."""
+    """Gradients of (xbc, dt, conv_weight, conv_bias, dt_bias, A_log); an empty tensor where not needed."""
     from ..ops.opaque import _autograd_recording
-    originals = [xbc, dt, conv_weight, conv_bias, dt_bias]
+    originals = [xbc, dt, conv_weight, conv_bias, dt_bias, A_log]
     with _autograd_recording():
         inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(originals, needs_grad)]
         outputs = _mixer_call(inputs, grid_size, seq_len, batch, decomposition, groups, delta_groups, heads,
@@ -649,16 +661,16 @@ def _decomposition_mixer_backward_op(grad_y: Tensor, grad_values: Tensor, xbc: T
 
 
 @_decomposition_mixer_backward_op.register_fake
-def _decomposition_mixer_backward_fake(grad_y, grad_values, xbc, dt, conv_weight, conv_bias, dt_bias, grid_size,
+def _decomposition_mixer_backward_fake(grad_y, grad_values, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, grid_size,
                                        seq_len, batch, decomposition, groups, delta_groups, heads, state_dim, method,
                                        num_terms, tol, max_iter, signed, needs_grad):
-    originals = [xbc, dt, conv_weight, conv_bias, dt_bias]
+    originals = [xbc, dt, conv_weight, conv_bias, dt_bias, A_log]
     return [xbc.new_empty(t.shape if need and t is not None else (0,)) for t, need in zip(originals, needs_grad)]
 
 
 def _mixer_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.options = inputs[8:]
+    ctx.save_for_backward(*inputs[:9])  # the six differentiable inputs, grid_size, seq_len, batch
+    ctx.options = inputs[9:]
     ctx.set_materialize_grads(False)
 
 
@@ -692,10 +704,11 @@ def opaque_decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Te
                                seq_len: Optional[Tensor], batch: Optional[Tensor], groups: Tuple[int, ...],
                                delta_groups: Tuple[int, ...], heads: int, state_dim: int, method: str = "auto",
                                num_terms: Optional[int] = None, tol: Optional[float] = None,
-                               max_iter: int = 1000, signed: bool = False) -> Tuple[Tensor, Tensor]:
+                               max_iter: int = 1000, signed: bool = False,
+                               A_log: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """:func:`decomposition_mixer` as the one custom op ``chimera::decomposition_mixer`` (for
     :func:`torch.compile`: no graph break, nothing of the geometry captured in the graph)."""
-    y, values = torch.ops.chimera.decomposition_mixer(xbc, dt, conv_weight, conv_bias, dt_bias, grid_size, seq_len,
+    y, values = torch.ops.chimera.decomposition_mixer(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, grid_size, seq_len,
                                                       batch, decomposition, list(groups), list(delta_groups), heads,
                                                       state_dim, method, num_terms, tol, max_iter, signed)
     return y, values
