@@ -1,16 +1,25 @@
 """Inside the layer's forward and backward nothing is read on the host once the topology is
-known (on a GPU every such read would be a host-device synchronization). On CPU the library reads
-values on purpose (input checks, the dense path's block-inverse test); ``host_reads_allowed`` is
-what turns them off on accelerators, so the test turns it off here and counts what is left."""
+known (on a GPU every such read would be a host-device synchronization), and a new topology costs
+at most two reads. On CPU the library reads values on purpose (input checks, the dense path's
+block-inverse test); ``host_reads_allowed`` is what turns them off on accelerators, so the test
+turns it off here and counts what is left."""
 import collections
+import importlib.util
+import os
 
 import pytest
 import torch
+from dispatch_count import CountSyncs
 from graphs import batch_graphs, inputs, random_dag, random_graph
 
 from torch_geometric_chimera import ChimeraConv
-from torch_geometric_chimera.ops import common, resolvent_attention
+from torch_geometric_chimera.ops import GraphTopology, choose_method, common, resolvent_attention
 from torch_geometric_chimera.utils import line_graph_dags
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_common", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "common.py"))
+bench_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_common)
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy")
@@ -68,6 +77,47 @@ def test_layer_forward_and_backward_read_nothing_on_the_host(accelerator_mode, c
     out = conv(x, edge_index, batch=batch)
     out.sum().backward()
     assert dict(count_host_reads) == {}
+
+
+def new_batch(kind):
+    """Fresh tensors, so that the topology cache has not seen them: bench_layer.py's tree batch
+    (64 molecule-like graphs of 100 to 200 nodes, both directions of every bond: cycles), or 24
+    random DAGs of 10 to 60 nodes."""
+    if kind == "trees":
+        return bench_common.peptide_like_batch(64)
+    generator = torch.Generator().manual_seed(0)
+    sizes = torch.randint(10, 61, (24,), generator=generator).tolist()
+    return batch_graphs([(n, random_dag(n, 3 * n)) for n in sizes])
+
+
+@pytest.mark.parametrize("kind, adjacency, most", [
+    ("trees", "general", 1),  # gamma known: the graph sizes and degrees, in one read
+    ("dags", "general", 1),   # gamma known: not asked whether the graphs are DAGs
+    ("dags", "dag", 2),       # no gamma: whether they are DAGs, and their depth, in a second read
+])
+def test_a_new_batch_costs_at_most_two_host_reads(accelerator_mode, kind, adjacency, most):
+    # Issue 17, item 5: the first call on a new batch, where the topology is computed (it ran
+    # Kahn's algorithm with a nonzero and a unique per level and asked is_dag before gamma).
+    edge_index, batch, n = new_batch(kind)
+    torch.manual_seed(0)
+    conv = ChimeraConv(16, heads=2, state_dim=4, adjacency=adjacency)
+    x = torch.randn(n, 16)
+    with CountSyncs() as counter:
+        conv(x, edge_index, batch=batch).square().mean().backward()
+    assert sum(counter.syncs.values()) <= most, dict(counter.syncs)
+    topology = GraphTopology.get(edge_index, n, batch)
+    assert choose_method(topology, None, 4, 16, gamma=0.9 if adjacency == "general" else None) == "squaring"
+    # gamma first: with gamma known the levels are never computed.
+    assert ("levels" in vars(topology)) == (adjacency == "dag")
+
+
+def test_the_sync_counter_sees_kahns_reads():
+    # On CPU the DAG test runs Kahn's algorithm level by level, reading every frontier: proof that
+    # the counter sees what the test above must not find.
+    edge_index, batch, n = new_batch("dags")
+    with CountSyncs() as counter:
+        assert GraphTopology(edge_index, n, batch).is_dag
+    assert counter.syncs["aten.nonzero.default"] >= 1 and counter.syncs["aten._unique2.default"] >= 5, counter.syncs
 
 
 def test_the_counter_sees_host_reads(count_host_reads):

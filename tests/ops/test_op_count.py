@@ -2,17 +2,23 @@
 tree batch (issue 9, item 4): at most 300 with ``method="dense"`` and on the path ``auto`` takes on an
 accelerator (``"squaring"``), and no more on a batch with twice as many distinct graph sizes. Counted
 on CPU with a ``TorchDispatchMode``, as the issue counted 7,077 for the bucketed dense path (232 for
-``GPSConv``). Both paths also give the inverse oracle's values and gradients through the layer."""
+``GPSConv``). Both paths also give the inverse oracle's values and gradients through the layer.
+
+Issue 17, item 7: the same on the path a CUDA step really takes, kernel launches counted, on the
+first call with a new batch (the topology computed in it): at most 200."""
+import collections
 import importlib.util
 import os
 
 import pytest
 import torch
-from dispatch_count import CountOps
+import triton
+from dispatch_count import CountLaunches, CountOps, CountSyncs
 
 from torch_geometric_chimera import ChimeraConv
 from torch_geometric_chimera.nn import chimera_conv
-from torch_geometric_chimera.ops import GraphTopology, choose_method, common, resolvent, squaring
+from torch_geometric_chimera.ops import (GraphTopology, block, choose_method, common, resolvent, squaring,
+                                         triton_attention)
 from torch_geometric_chimera.ops.reference import inverse_resolvent_attention
 
 _spec = importlib.util.spec_from_file_location(
@@ -105,3 +111,68 @@ def test_the_layer_equals_the_inverse_oracle(monkeypatch, method, accelerator):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(out_grads[name], grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+#: Kernel launches of one ChimeraConv step on CUDA, topology included (issue 17, item 7).
+MAX_CUDA_LAUNCHES = 200
+
+
+class LaunchCounter:
+    """Stands for a Triton kernel: ``kernel[grid](...)`` counts one launch and computes nothing."""
+
+    def __init__(self, launches, name):
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches["triton." + self.name] += 1
+        return launch
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    """The branches a CUDA step takes, on CPU tensors:
+
+    * no value read on the host (``common.host_reads_allowed`` is False, as on any accelerator
+      outside ``torch_geometric.debug()``): no CPU value checks, the accelerator's padding policy,
+      ``auto`` taking ``"squaring"``, the topology read once;
+    * the fused block kernels off (``block.block_kernels_available`` is False: they exist for CPU
+      tensors only), so the local convolution and the gated RMSNorm run their PyTorch references;
+    * ``(L ⊙ QKᵀ)V`` and its backward through :mod:`~.triton_attention`
+      (``resolvent.fused_squaring_attention`` is True, as on CUDA with Triton), every Triton kernel
+      of that module replaced by a :class:`LaunchCounter` (its outputs keep whatever they were
+      allocated with: the counts do not depend on values once nothing is read on the host).
+
+    Yields the counter of Triton launches."""
+    launches = collections.Counter()
+    monkeypatch.setattr(common, "host_reads_allowed", lambda t: False)
+    monkeypatch.setattr(block, "block_kernels_available", lambda *tensors: False)
+    monkeypatch.setattr(resolvent, "fused_squaring_attention", lambda device: True)
+    kernels = [name for name, value in vars(triton_attention).items()
+               if isinstance(value, triton.runtime.KernelInterface)]
+    assert kernels  # the forward and the two backward kernels
+    for name in kernels:
+        monkeypatch.setattr(triton_attention, name, LaunchCounter(launches, name))
+    return launches
+
+
+def test_a_cuda_step_on_a_new_batch_launches_at_most_200_kernels(tree_batches, cuda_path):
+    counts = []
+    for edge_index, batch, num_nodes in tree_batches:
+        # Fresh tensors: a new batch, its topology computed inside the counted step.
+        edge_index, batch = edge_index.clone(), batch.clone()
+        torch.manual_seed(0)
+        conv = ChimeraConv(CHANNELS, heads=HEADS, state_dim=STATE_DIM)  # general adjacency: gamma = 0.9
+        x = torch.randn(num_nodes, CHANNELS)
+        cuda_path.clear()
+        with CountLaunches() as counter, CountSyncs() as syncs:
+            conv(x, edge_index, batch=batch).square().mean().backward()
+        assert sum(syncs.syncs.values()) <= 1, dict(syncs.syncs)  # the topology's one read (item 5)
+        assert sum(cuda_path.values()) >= 3  # the fused attention ran: one forward, two backward kernels
+        ops = counter.launches
+        assert ops["aten.baddbmm.default"] == 7  # the squaring chain ran (8 squarings for gamma = 0.9)
+        assert "aten.bmm.default" in ops and "aten.mm.default" in ops
+        counts.append(sum(ops.values()) + sum(cuda_path.values()))
+    print(f"kernel launches of a CUDA step on a new batch (46, 92 distinct sizes): {counts}")
+    assert counts[0] <= MAX_CUDA_LAUNCHES, counts
+    assert counts[1] == counts[0], counts  # constant in the number of distinct sizes (46, then 92)

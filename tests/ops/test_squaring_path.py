@@ -2,9 +2,12 @@
 resolvent backward. Values and gradients against the inverse, gradcheck, the squaring count, the
 number of operations, and the error of tf32 / bf16 products."""
 
+import weakref
+
 import pytest
 import torch
 from dispatch_count import CountOps
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_geometric_chimera.nn.adjacency import dag_adjacency, general_adjacency
 from torch_geometric_chimera.ops import common, squaring
@@ -157,6 +160,88 @@ def test_squaring_chain_equals_the_reference():
     adj = 0.3 * torch.randn(3, 2, 7, 7, dtype=torch.float64)
     for num in (1, 2, 4):
         torch.testing.assert_close(squaring_chain(adj, num), squaring_resolvent(adj, num))
+
+
+class LiveBatches(TorchDispatchMode):
+    """The most tensors of ``shape`` (distinct storages, views not counted) alive at once, checked
+    after every operation inside the context: the peak memory of a loop, in units of one batch."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.refs, self.peak = tuple(shape), [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape and not func.is_view:
+            self.refs.append(weakref.ref(out))
+        alive = {ref().untyped_storage().data_ptr() for ref in self.refs if ref() is not None}
+        self.peak = max(self.peak, len(alive))
+        return out
+
+
+def test_the_chain_keeps_three_m_by_m_batches_alive_not_four():
+    # L, A^(2^j) and the product being formed; A itself is the first power only and must not stay
+    # alive through the loop (the caller hands over a temporary, as padded_attention_forward does).
+    shape = (6, 20, 20)
+    with LiveBatches(shape) as live:
+        resolvent = squaring_chain(0.05 * torch.rand(shape), 5)
+    assert live.peak == 3, live.peak
+    assert resolvent.shape == shape
+
+
+def matmul_flags():
+    """Every flag of the float32 matmul precision as the user sees it; a getter that raises on a mix
+    of the legacy and the new API (ATen's consistency checks) reads as "raises"."""
+    def read(getter):
+        try:
+            return getter()
+        except RuntimeError:
+            return "raises"
+    return (read(torch.get_float32_matmul_precision), read(torch._C._get_cublas_allow_tf32),
+            torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision)
+
+
+@pytest.fixture
+def restore_matmul_flags():
+    legacy, generic = torch.get_float32_matmul_precision(), torch.backends.fp32_precision
+    cuda, mkldnn = torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision = generic
+    torch.set_float32_matmul_precision(legacy)
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = cuda, mkldnn
+
+
+#: The global settings a user may have made before calling the squaring path (Lightning sets
+#: "high"; the last three mix the two APIs, which ATen itself refuses on the next cuBLAS call).
+GLOBAL_MATMUL_SETTINGS = {
+    "default": lambda: None,
+    "precision highest": lambda: torch.set_float32_matmul_precision("highest"),
+    "precision high": lambda: torch.set_float32_matmul_precision("high"),
+    "precision medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "allow_tf32 True": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "allow_tf32 False": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", False),
+    "cuda fp32_precision ieee": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+    "mkldnn fp32_precision bf16": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+    "cuda fp32_precision tf32": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+    "generic fp32_precision tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+    "high, then cuda ieee": lambda: (torch.set_float32_matmul_precision("high"),
+                                     setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")),
+}
+
+
+@pytest.mark.parametrize("setting", GLOBAL_MATMUL_SETTINGS)
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+def test_cuda_products_set_both_tf32_flags_and_restore_every_flag(restore_matmul_flags, setting, precision):
+    GLOBAL_MATMUL_SETTINGS[setting]()
+    before = matmul_flags()
+    with squaring._cuda_fp32_precision(precision):
+        # What ATen asks on every cuBLAS handle fetch; it raises unless the legacy and new flags agree.
+        assert torch._C._get_cublas_allow_tf32() == (precision == "tf32")
+    assert matmul_flags() == before
+    with pytest.raises(KeyError), squaring._cuda_fp32_precision(precision):  # restored on an error too
+        raise KeyError
+    assert matmul_flags() == before
 
 
 def count_forward_backward(sizes, **kwargs):

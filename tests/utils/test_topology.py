@@ -1,5 +1,6 @@
 import pytest
 import torch
+from dispatch_count import CountSyncs
 from graphs import batch_graphs, random_dag, random_graph
 
 from torch_geometric_chimera.utils import (CycleError, diameter_bound, grid_graph_dags, is_dag, is_symmetric,
@@ -45,6 +46,32 @@ def test_cycles_are_detected(edges):
         topological_levels(edge_index, 4)
     level = topological_levels(edge_index, 4, raise_on_cycle=False)
     assert level[3] == 0 and level[1] == -1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_levels_in_a_fixed_number_of_steps_are_kahns_levels_without_host_reads(seed):
+    # Issue 17, item 5: with a depth bound (the largest graph size minus one), the same levels in
+    # bound + 1 steps over masks, and not one value read on the host (a synchronization on a GPU).
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 40, (12,), generator=generator).tolist()
+    graphs = [(n, random_dag(n, 3 * n) if g % 3 else random_graph(n, 2 * n, self_loops=g % 2 == 0))
+              for g, n in enumerate(sizes)]  # DAGs, and graphs with cycles (some with self-loops)
+    graphs.append((1, torch.zeros(2, 0, dtype=torch.long)))  # an isolated node
+    graphs.append((6, torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])))  # a path as deep as its graph allows
+    edge_index, _, n = batch_graphs(graphs)
+    expected = topological_levels(edge_index, n, raise_on_cycle=False)
+    assert int((expected < 0).sum()) > 0 and int(expected.max()) >= 5
+    with CountSyncs() as counter:
+        levels = topological_levels(edge_index, n, raise_on_cycle=False, depth_bound=max(sizes + [6]) - 1)
+    assert dict(counter.syncs) == {}
+    assert torch.equal(levels, expected)
+    dag_edges, _, dag_n = batch_graphs([(m, random_dag(m, 3 * m)) for m in sizes])
+    torch.testing.assert_close(topological_levels(dag_edges, dag_n, depth_bound=max(sizes) - 1),
+                               topological_levels(dag_edges, dag_n), rtol=0, atol=0)
+    with pytest.raises(CycleError):
+        topological_levels(edge_index, n, depth_bound=max(sizes + [6]) - 1)
+    with pytest.raises(ValueError, match="depth_bound: expected a non-negative int"):
+        topological_levels(edge_index, n, depth_bound=-1)
 
 
 def test_empty_graph():

@@ -7,14 +7,14 @@ methods, one module each: :mod:`.dense`, :mod:`.squaring`, :mod:`.band`, :mod:`.
 import math
 import weakref
 from functools import cached_property
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy
 import torch
 import torch_geometric
 from torch import Tensor
 
-from ..utils.topology import diameter_bound, is_directed_paths, raise_if_cyclic, topological_levels
+from ..utils.topology import diameter_bound, path_roots, raise_if_cyclic, topological_levels
 from . import common
 from ._extension import HAS_EXTENSION
 from .band import band_resolvent_attention, band_schedule
@@ -83,6 +83,15 @@ CPU_PADDING_WORK_LIMIT = 1.25
 MAX_NUM_TERMS = 10_000
 
 
+class _Counts(NamedTuple):
+    """What choosing a method and padding the graphs read on the host (:attr:`GraphTopology._counts`)."""
+    batch: Optional[Tensor]  # graph ids, renumbered 0 .. G - 1 when some id was >= N
+    sizes: Tensor  # [G] node count of every graph, on the device
+    host_sizes: List[int]  # the same on the host
+    max_out_degree: int
+    max_in_degree: int
+
+
 class GraphTopology:
     r"""Everything about a batch of graphs that depends on ``edge_index`` and ``batch`` only
     (topological levels, DAG-ness, sizes, diameter bounds, CSR operator). Each property is
@@ -110,12 +119,38 @@ class GraphTopology:
         """Graph id of every node as given, or renumbered ``0 .. G - 1`` (same grouping, same order)
         when some id is ``>= N``: such ids cannot all be in use, and every per-graph table would
         otherwise be as long as the largest id."""
-        if self._batch_ids is None:
-            return None
-        batch = self._batch_ids.long()
-        if batch.numel() and int(batch.max()) >= self.num_nodes:
+        return self._counts.batch
+
+    @cached_property
+    def _counts(self) -> _Counts:
+        """Graph sizes and the largest out- and in-degree, reduced on the device and read on the
+        host at once: on an accelerator the one synchronization of a new topology on the
+        ``"squaring"`` path with ``gamma`` known (asking whether the graphs are DAGs adds one, see
+        :attr:`is_dag`). Graph ids of ``N`` or more are renumbered (then read a second time)."""
+        num_nodes, edge_index = self.num_nodes, self.edge_index
+        batch = None if self._batch_ids is None else self._batch_ids.long()
+        if num_nodes == 0:
+            return _Counts(batch, edge_index.new_full((0 if batch is not None else 1,), 0),
+                           [] if batch is not None else [0], 0, 0)
+        while True:  # at most twice
+            # Counts by index_add, not bincount: on CUDA bincount reads the range of its input on the host.
+            degree = edge_index.new_zeros(2, num_nodes).index_put_(
+                (torch.arange(2, device=edge_index.device).view(2, 1), edge_index),
+                torch.ones_like(edge_index[0]), accumulate=True)  # [out-degree, in-degree]
+            parts = [degree.amax(1)]
+            if batch is not None:  # ids outside [0, N) are clamped here and refused or renumbered below
+                sizes = batch.new_zeros(num_nodes).index_add_(0, batch.clamp(0, num_nodes - 1), torch.ones_like(batch))
+                parts += [torch.stack(torch.aminmax(batch)), sizes]
+            values = torch.cat(parts).tolist()  # the one read
+            out_degree, in_degree = values[:2]
+            if batch is None:
+                return _Counts(None, edge_index.new_full((1,), num_nodes), [num_nodes], out_degree, in_degree)
+            low, high = values[2:4]
+            if low < 0:
+                raise ValueError(f"batch: graph ids must be non-negative, found {low}")
+            if high < num_nodes:
+                return _Counts(batch, sizes[:high + 1], values[4:5 + high], out_degree, in_degree)
             batch = torch.unique(batch, return_inverse=True)[1]
-        return batch
 
     _cache: List[Tuple] = []
     CACHE_SIZE = 8
@@ -157,29 +192,42 @@ class GraphTopology:
 
     @cached_property
     def num_graphs(self) -> int:
-        if self.batch is None:
-            return 1
-        return int(self.batch.max()) + 1 if self.batch.numel() else 0
+        return len(self._counts.host_sizes)
 
     @cached_property
     def levels(self) -> Tensor:
-        """Topological level of every node, ``-1`` on or after a cycle."""
-        return topological_levels(self.edge_index, self.num_nodes, raise_on_cycle=False)
+        """Topological level of every node, ``-1`` on or after a cycle. Where a host read costs a
+        synchronization and every graph has at most :data:`SQUARING_MAX_NODES` nodes (the graphs
+        ``auto`` asks about off CPU), in a fixed number of steps with no host read
+        (:func:`~torch_geometric_chimera.utils.topological_levels` with ``depth_bound``)."""
+        depth_bound = None
+        if not common.host_reads_allowed(self.edge_index) and self.max_graph_size <= SQUARING_MAX_NODES:
+            depth_bound = max(self.max_graph_size - 1, 0)  # a longest path stays inside its graph
+        return topological_levels(self.edge_index, self.num_nodes, raise_on_cycle=False, depth_bound=depth_bound)
+
+    @cached_property
+    def _level_range(self) -> Tuple[int, int]:
+        """The lowest and the highest level, read together (one synchronization on an accelerator)."""
+        if self.num_nodes == 0:
+            return 0, 0
+        low, high = torch.stack(torch.aminmax(self.levels)).tolist()
+        return low, high
 
     @cached_property
     def is_dag(self) -> bool:
-        return bool((self.levels >= 0).all())
+        return self._level_range[0] >= 0
 
     @cached_property
     def is_line(self) -> bool:
         """``True`` for a union of directed paths: acyclic, in- and out-degree at most 1."""
-        return is_directed_paths(self.edge_index, self.num_nodes)
+        counts = self._counts
+        if counts.max_out_degree > 1 or counts.max_in_degree > 1:
+            return False
+        return self.edge_index.size(1) == 0 or path_roots(self.edge_index, self.num_nodes)[2]
 
     @cached_property
     def max_graph_size(self) -> int:
-        if self.batch is None or self.num_nodes == 0:
-            return self.num_nodes
-        return int(torch.bincount(self.batch).max())
+        return max(self._counts.host_sizes, default=0)
 
     @cached_property
     def level_schedule(self):
@@ -199,9 +247,7 @@ class GraphTopology:
 
     @cached_property
     def graph_sizes(self) -> Tensor:
-        if self.batch is None:
-            return torch.tensor([self.num_nodes], device=self.edge_index.device)
-        return torch.bincount(self.batch, minlength=self.num_graphs)
+        return self._counts.sizes
 
     @cached_property
     def band_schedule(self):
@@ -243,7 +289,7 @@ class GraphTopology:
         :func:`~.squaring.squarings_for_depth` of it."""
         if not self.is_dag:
             return None
-        return int(self.levels.max()) if self.num_nodes else 0
+        return self._level_range[1]
 
     @cached_property
     def padding_bounds(self) -> List[int]:
@@ -252,7 +298,7 @@ class GraphTopology:
         where a launch costs little and padded flops cost time, graphs are split as soon as padding
         adds :data:`CPU_PADDING_WORK_LIMIT` of the cubic work (still at most four batches)."""
         on_cpu = common.host_reads_allowed(self.edge_index)  # CPU (or an accelerator in debug mode)
-        return padding_bounds(self.graph_sizes.tolist(), **({"work_limit": CPU_PADDING_WORK_LIMIT} if on_cpu else {}))
+        return padding_bounds(self._counts.host_sizes, **({"work_limit": CPU_PADDING_WORK_LIMIT} if on_cpu else {}))
 
     @cached_property
     def padded_layouts(self) -> Tuple[List[PaddedLayout], Optional[Tensor]]:
@@ -362,7 +408,8 @@ def _choose_exact_or_iterative(topology: GraphTopology, state_dim: Optional[int]
     if topology.is_line:
         return "line"
     on_cpu = topology.edge_index.device.type == "cpu" and common.host_reads_allowed(topology.edge_index)
-    if not on_cpu and topology.max_graph_size <= SQUARING_MAX_NODES and (topology.is_dag or gamma is not None):
+    # gamma first: it costs nothing, asking whether the graphs are DAGs costs a host read off CPU.
+    if not on_cpu and topology.max_graph_size <= SQUARING_MAX_NODES and (gamma is not None or topology.is_dag):
         return "squaring"
     if topology.max_graph_size <= DENSE_MAX_NODES:
         # The model is calibrated on CPU, and evaluating it reads sizes on the host.
@@ -578,9 +625,12 @@ def _squaring(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, to
     """The ``squaring`` path on the topology's padded batches. Its number of squarings: exact for the
     DAG depth, or below ``tol`` for the bound ``gamma`` (the fewer of the two when both are known);
     with neither, for the measured row sums of ``|A|``, a host read (one synchronization on a GPU).
-    A given ``gamma`` is checked where reading the row sums is free."""
-    depth = topology.depth  # cached: None on graphs with a cycle
-    if gamma is not None and common.host_reads_allowed(edge_weight):
+    A given ``gamma`` is checked where reading the row sums is free. Where host reads cost a
+    synchronization, a given ``gamma`` alone decides (asking whether the graphs are DAGs would read
+    the host; on a DAG the squarings for ``gamma`` are exact as well, only more)."""
+    host_reads = common.host_reads_allowed(edge_weight)
+    depth = topology.depth if host_reads or gamma is None else None  # cached: None on graphs with a cycle
+    if gamma is not None and host_reads:
         measured = row_sum_bound(topology.edge_index, edge_weight, topology.num_nodes)
         if math.isnan(measured):
             raise ValueError("edge_weight: contains NaN, so the rows of |A| have no bound (method='squaring')")
@@ -600,11 +650,19 @@ def _squaring(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, to
         if gamma is not None:  # truncation below tol (default: the roundoff)
             known.append(resolve_num_squarings(None, None, gamma, tol, "float32", query.dtype))
         num_squarings = min(known)
-    fused = query.device.type == "cuda" and fused_available(query.device)
+    fused = fused_squaring_attention(query.device)
     layouts, inverse = topology.padded_layouts
     return over_layouts(lambda q, k, v, w, layout, index: squaring_attention(q, k, v, w, layout, num_squarings,
                                                                              fused=fused, index=index),
                         layouts, inverse, query, key, value, edge_weight, topology.padded_indices(query.size(1)))
+
+
+def fused_squaring_attention(device: torch.device) -> bool:
+    r"""Whether ``"squaring"`` computes :math:`(\mathbf{L} \odot \mathbf{Q}\mathbf{K}^\top)\mathbf{V}`
+    and its backward in the Triton kernels of :mod:`.triton_attention`: on CUDA with Triton, never in
+    Triton's (slow) interpreter on CPU. A function of its own so that tests on CPU can take the CUDA
+    branch (``tests/ops/test_op_count.py``)."""
+    return device.type == "cuda" and fused_available(device)
 
 
 def _dense(query: Tensor, key: Tensor, value: Tensor, edge_weight: Tensor, topology: GraphTopology) -> Tensor:

@@ -43,21 +43,22 @@ edges only. Padding rows and columns of ``Q``, ``K``, ``V`` are zero, so every p
 valid nodes by construction.
 
 **Operations.** Forward and backward together make a fixed number of operations: with ``k = 8``
-(``gamma = 0.9``, float32) 81 aten operations, views included, for 64 graphs of 46 distinct sizes
+(``gamma = 0.9``, float32) 77 aten operations, views included, for 64 graphs of 46 distinct sizes
 and for 128 graphs of 92 (66 when the :func:`padded_layout` is computed once and passed in); with
 ``gamma`` (or ``depth`` or ``num_squarings``), ``max_nodes`` and ``num_graphs`` given, none reads a
 value on the host (``tests/ops/test_squaring_path.py``).
 
 **Precision.** ``precision="tf32"`` or ``"bf16"`` rounds the inputs of every matrix product to that
 format (10 or 7 explicit mantissa bits) and accumulates in float32, as tensor cores do. On CUDA the
-hardware does it (``torch.backends.cuda.matmul.fp32_precision = "tf32"``; bf16 products with
-``out_dtype=torch.float32``); elsewhere it is emulated: bf16 is ``x.to(torch.bfloat16).float()``, tf32
-rounds the float32 mantissa to nearest on 10 bits (:func:`round_to_precision`; cuBLAS's tf32 may
-truncate instead, which doubles the unit roundoff). Measured on CPU with the emulation
-(``benchmarks/bench_squaring_precision.py``, results in ``benchmarks/results/squaring_precision_cpu.json``:
-float32 inputs, 64 graphs of 8 to 64 nodes, about 3 edges per node, H = 4, S = P = 16, q, k, v
-and the output gradient standard normal; error = max |x - x_ref| / max |x_ref|, worst of 5 seeds,
-against the float64 inverse; ``dense float32``: the exact path with a float32 inverse):
+hardware does it (tf32 with both of PyTorch's TF32 flags set for the call, whatever the global
+setting; bf16 products with ``out_dtype=torch.float32``); elsewhere it is emulated: bf16 is
+``x.to(torch.bfloat16).float()``, tf32 rounds the float32 mantissa to nearest on 10 bits
+(:func:`round_to_precision`; cuBLAS's tf32 may truncate instead, which doubles the unit roundoff).
+Measured on CPU with the emulation (``benchmarks/bench_squaring_precision.py``, results in
+``benchmarks/results/squaring_precision_cpu.json``: float32 inputs, 64 graphs of 8 to 64 nodes, about
+3 edges per node, H = 4, S = P = 16, q, k, v and the output gradient standard normal; error =
+max |x - x_ref| / max |x_ref|, worst of 5 seeds, against the float64 inverse; ``dense float32``: the
+exact path with a float32 inverse):
 
 =====================================  ==============  =======  ===============  =======  =======  =======
 graphs                                 precision (k)   y        dA (at edges)    dQ       dK       dV
@@ -112,7 +113,7 @@ MAX_SQUARINGS = 30
 
 #: The bucketing cost model (:func:`bucket_cost`), an estimate for one H100, not yet calibrated on
 #: one: each of the :data:`OPS_PER_BUCKET` kernels of a bucket's forward + backward (about 60 of its
-#: 81 operations, the others being views) costs :data:`LAUNCH_S` seconds of launch and dispatch (a
+#: 77 operations, the others being views) costs :data:`LAUNCH_S` seconds of launch and dispatch (a
 #: launch-bound layer measured about 5 us per kernel, ``findings/gpu-h100-2026-11-25.md``), and the
 #: padded products run at :data:`FLOP_RATE` flop/s (a fraction of tensor-core peak: small matrices).
 LAUNCH_S = 8e-6
@@ -138,14 +139,13 @@ class PaddedLayout(NamedTuple):
     edges: Optional[Tensor] = None
 
 
-def _local_index(batch: Tensor, num_graphs: int) -> Tensor:
+def _local_index(batch: Tensor) -> Tensor:
     """Position of every node inside its graph, in node order (``batch`` need not be sorted)."""
-    num_nodes = batch.numel()
-    sizes = torch.bincount(batch, minlength=num_graphs)
-    first = torch.cumsum(sizes, 0) - sizes
-    order = torch.argsort(batch, stable=True)
+    # Sorted, a node's graph starts at the first equal id (no bincount: it reads the ids' range on
+    # the host on CUDA, a synchronization).
+    ids, order = torch.sort(batch, stable=True)
     local = torch.empty_like(batch)
-    local[order] = torch.arange(num_nodes, device=batch.device) - first[batch[order]]
+    local[order] = torch.arange(batch.numel(), device=batch.device) - torch.searchsorted(ids, ids)
     return local
 
 
@@ -172,7 +172,7 @@ def padded_layout(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor] = 
         graph = batch.long()
         if num_graphs is None:
             num_graphs = int(graph.max()) + 1 if num_nodes else 0
-        local = _local_index(graph, num_graphs)
+        local = _local_index(graph)
         true_max = None
     if max_nodes is None:
         max_nodes = true_max if true_max is not None else (int(local.max()) + 1 if num_nodes else 0)
@@ -272,17 +272,55 @@ def round_to_precision(x: Tensor, precision: str) -> Tensor:
     return rounded.to(x.dtype)
 
 
+#: The new per-backend float32 matmul flags that ``torch.set_float32_matmul_precision`` writes
+#: along with the legacy precision: saved and restored around a change of the CUDA precision.
+_MATMUL_BACKENDS = (("cuda", "matmul"), ("mkldnn", "matmul"))
+
+
+def _matmul_flags() -> Tuple[str, Tuple[str, ...]]:
+    """The legacy float32 matmul precision and the new flags of :data:`_MATMUL_BACKENDS`, read
+    whatever mix of the two APIs the user left. ATen's getter of the legacy precision raises when
+    the new flags disagree with it; with both set to ``"ieee"`` it cannot, so they are set so for
+    the read and then put back."""
+    new = tuple(torch._C._get_fp32_precision_getter(backend, op) for backend, op in _MATMUL_BACKENDS)
+    for backend, op in _MATMUL_BACKENDS:
+        torch._C._set_fp32_precision_setter(backend, op, "ieee")
+    legacy = torch._C._get_float32_matmul_precision()
+    _set_matmul_flags((legacy, new))
+    return legacy, new
+
+
+def _set_matmul_flags(flags: Tuple[str, Tuple[str, ...]]) -> None:
+    legacy, new = flags
+    torch._C._set_float32_matmul_precision(legacy)  # also writes the new flags: they go after it
+    for (backend, op), value in zip(_MATMUL_BACKENDS, new):
+        torch._C._set_fp32_precision_setter(backend, op, value)
+
+
 @contextmanager
 def _cuda_fp32_precision(precision: str) -> Iterator[None]:
     """float32 products on CUDA in tf32 (``precision="tf32"``) or in full float32 (otherwise),
-    whatever the global setting, restored afterwards."""
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    whatever the global setting, restored afterwards.
+
+    ATen checks on every cuBLAS handle fetch that the legacy flag (``allow_tf32``, i.e.
+    ``torch.get_float32_matmul_precision() != "highest"``) and the new one
+    (``torch.backends.cuda.matmul.fp32_precision == "tf32"``) agree, and raises otherwise: both are
+    set together (``_set_cublas_allow_tf32`` writes the two), and nothing is written when they
+    already say what is wanted (the global flags are shared by every thread)."""
+    tf32 = precision == "tf32"
+    try:
+        unchanged = torch._C._get_cublas_allow_tf32() == tf32
+    except RuntimeError:  # the user left the two APIs disagreeing: set them consistently here
+        unchanged = False
+    if unchanged:
+        yield
+        return
+    previous = _matmul_flags()
+    torch._C._set_cublas_allow_tf32(tf32)
     try:
         yield
     finally:
-        matmul.fp32_precision = previous
+        _set_matmul_flags(previous)
 
 
 def _matmul(a: Tensor, b: Tensor, precision: str, add: Optional[Tensor] = None) -> Tensor:
@@ -317,6 +355,7 @@ def squaring_chain(adj: Tensor, num_squarings: int, precision: str = "float32") 
     resolvent = adj.clone()
     resolvent.diagonal(dim1=-2, dim2=-1).add_(1)  # I + A
     power = adj
+    del adj  # A is needed as the first power only: three m x m batches live in the loop, not four
     for _ in range(num_squarings - 1):
         power = _matmul(power, power, precision)  # A^(2^j)
         resolvent = _matmul(resolvent, power, precision, add=resolvent)  # L (I + A^(2^j))
@@ -514,7 +553,7 @@ def bucketed_layouts(edge_index: Tensor, num_nodes: int, batch: Optional[Tensor]
     graph = torch.zeros(num_nodes, dtype=torch.long, device=device) if batch is None else batch.long()
     num_graphs = int(graph.max()) + 1 if num_nodes else 0
     sizes = torch.bincount(graph, minlength=num_graphs)
-    local = _local_index(graph, num_graphs)
+    local = _local_index(graph)
     src, dst = edge_index[0].long(), edge_index[1].long()
     layouts, lower = [], 0
     for upper in bounds:
