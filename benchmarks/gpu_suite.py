@@ -192,6 +192,19 @@ def text_extract(r):
             "chimera": seconds_text(timings["chimera_line"]["median_s"]), "ratio": timings["chimera_line"]["ratio"]}
 
 
+def triton_precision_extract(r):
+    """tf32x3 against ieee in the fused attention kernels (issue 17): time on a GPU, error always
+    (emulated on the CPU, measured on the GPU)."""
+    note = f"emulated error ratio {r['worst_ratio']:.2f}x float32's (rule <= 2x): default {r['default']}"
+    kernels = r.get("kernels")
+    if not kernels:
+        return {"baseline": "ieee (no GPU)", "chimera": "tf32x3 (no GPU)", "ratio": None, "note": note}
+    errors = {name: max(kernels[name]["max_relative_error"].values()) for name in ("tf32x3", "ieee")}
+    return {"baseline": f"ieee {seconds_text(kernels['ieee']['median_s'])}, error {errors['ieee']:.1e}",
+            "chimera": f"tf32x3 {seconds_text(kernels['tf32x3']['median_s'])}, error {errors['tf32x3']:.1e}",
+            "ratio": kernels["time_ratio"], "note": note}
+
+
 def jobs_for(device_type: str) -> List[Job]:
     """The benchmarks of issue 9's table at its sizes, and their smoke-run sizes."""
     # Issue 10's image target is 0.5x on a GPU, 1.0x on the 2-core CPU.
@@ -234,6 +247,10 @@ def jobs_for(device_type: str) -> List[Job]:
             [Row("64 images of 32x32 patches, grid decomposition vs ViT attention (issue 10)", image_target,
                  f"<= {image_target}x", images_extract),
              Row("text, 4096 tokens, line decomposition vs SDPA (issue 10)", 1.0, "<= 1.0x", text_extract)]),
+        Job("triton_precision", "benchmarks/bench_triton_precision.py", [],
+            ["--graphs", "8", "--seeds", "1", "--reps", "2"], 900,
+            [Row("fused attention, float32 products: tf32x3 vs ieee time, G*H = 256, m = 128 (issue 17)", 1.0,
+                 "<= 1.0x", triton_precision_extract)]),
     ]
 
 

@@ -161,3 +161,17 @@ def test_arguments_are_checked_by_name(capsys):
     with pytest.raises(SystemExit):
         gpu_suite.parse_args(["--timeout", "0"])
     assert "--timeout" in capsys.readouterr().err
+
+
+def test_the_tf32x3_row_reads_the_kernels_on_a_gpu_and_the_emulation_elsewhere():
+    """Issue 17's row: tf32x3 against ieee in the fused attention, timed only where a GPU ran it."""
+    job = next(job for job in gpu_suite.jobs_for("cuda") if job.name == "triton_precision")
+    assert job.script == "benchmarks/bench_triton_precision.py"
+    extract = job.rows[0].extract
+    cpu = {"worst_ratio": 1.69, "default": "tf32x3", "kernels": None}
+    figures = extract(cpu)
+    assert figures["ratio"] is None and "no GPU" in figures["chimera"] and "1.69x" in figures["note"]
+    kernel = {"median_s": 0.002, "max_relative_error": {"y": 1e-7, "L": 2e-7, "q": 1e-7, "k": 1e-7, "v": 1e-7}}
+    gpu = dict(cpu, kernels={"tf32x3": kernel, "ieee": dict(kernel, median_s=0.004), "time_ratio": 0.5})
+    figures = extract(gpu)
+    assert figures["ratio"] == 0.5 and "error 2.0e-07" in figures["chimera"]

@@ -6,6 +6,9 @@ Triton is first imported (Triton decorates its own library functions then). So, 
 process already interprets them (or has CUDA), :func:`test_kernels_in_the_interpreter` runs this
 file again in a subprocess with the variable set, where the other tests run on tiny CPU inputs.
 """
+import ast
+import inspect
+
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from triton_interpreter import needs_kernels as needs_kernels_when  # noqa: E402
 
 from torch_geometric_chimera.ops import squaring  # noqa: E402
 from torch_geometric_chimera.ops import triton_attention as ta  # noqa: E402
+from torch_geometric_chimera.ops import triton_grid as tg  # noqa: E402
 from torch_geometric_chimera.ops.reference import inverse_resolvent_attention  # noqa: E402
 
 DEVICE = kernel_device(ta.INTERPRETED)
@@ -37,8 +41,9 @@ def padded_inputs(shape, dtype, seed=0):
     return [t.to(DEVICE) for t in tensors]
 
 
-# m below one tile, a partial tile, and two tiles of 64 (the loop); S and P below 16 and not powers of two.
-SHAPES = [((2, 2), 5, 3, 4), ((1, 1), 37, 17, 20), ((3,), 70, 16, 8)]
+# m below one tile, a partial tile, and two tiles of 64 (the loop); S and P below 16 and not powers of two;
+# S over one tile of 32 (the products' loop, two blocks of dQ, dK) and P over one of 64 (two blocks of y, dV).
+SHAPES = [((2, 2), 5, 3, 4), ((1, 1), 37, 17, 20), ((3,), 70, 16, 8), ((1,), 40, 40, 70)]
 
 
 @needs_kernels
@@ -111,3 +116,60 @@ def test_empty_inputs_and_argument_errors():
         ta.attention_forward(resolvent, q, k, v[:, :3])
     with pytest.raises(TypeError, match="float32 tensors"):
         ta.attention_forward(resolvent.double(), q.double(), k.double(), v.double(), "bf16")
+
+
+@needs_kernels
+def test_gradient_buffers_are_written_not_zero_filled(monkeypatch):
+    """The backward allocates its gradients uninitialized (no zero fill of ``dL``, ``G·H·m²``): every
+    entry is written by the kernels, so buffers filled with NaN come out equal to the reference."""
+    inputs = padded_inputs(((2,), 70, 40, 70), torch.float64, seed=3)
+    grad_y = torch.randn_like(inputs[3])
+    zero_fills = []
+    real_zeros_like, real_empty_like = torch.zeros_like, torch.empty_like
+    monkeypatch.setattr(torch, "zeros_like",
+                        lambda t, *a, **k: zero_fills.append(t.shape) or real_zeros_like(t, *a, **k))
+    monkeypatch.setattr(torch, "empty_like", lambda t, *a, **k: real_empty_like(t, *a, **k).fill_(float("nan")))
+    got = ta.attention_backward(*inputs, grad_y)
+    monkeypatch.undo()
+    assert zero_fills == []
+    for a, b in zip(got, squaring.masked_attention_backward(*inputs, grad_y)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_every_kernel_launch_sits_in_a_device_guard():
+    """A Triton launch runs on the current CUDA device, not on its tensors' (``cuda:1`` without
+    ``torch.cuda.set_device`` breaks): every ``kernel[grid](...)`` of both Triton modules is inside a
+    ``with device_guard(...)`` block."""
+    launches = 0
+    for module in (ta, tg):
+        tree = ast.parse(inspect.getsource(module))
+        guarded = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(
+                    isinstance(item.context_expr, ast.Call) and getattr(item.context_expr.func, "id", None) ==
+                    "device_guard" for item in node.items):
+                guarded.update(id(inner) for inner in ast.walk(node))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and \
+                    getattr(node.func.value, "id", "").endswith("_kernel"):
+                launches += 1
+                assert id(node) in guarded, f"{module.__name__}, line {node.lineno}: a launch outside device_guard"
+    assert launches == 7  # 3 attention kernels, 4 grid kernels
+
+
+def test_the_device_guard_selects_the_tensors_device():
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    guard = ta.device_guard(OnSecondGpu())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with ta.device_guard(torch.zeros(1)):  # elsewhere (the interpreter's CPU tensors): nothing to select
+        pass
+
+
+def test_grid_axes_are_checked():
+    meta = ta._launch_config(64, 16, 16, torch.float32, "float32")
+    rows = meta["BLOCK_M"]
+    assert ta._grid(8, rows * 65535, 1, meta) == (8, 65535, 1)
+    with pytest.raises(ValueError, match="over CUDA's 65535 per grid axis"):
+        ta._grid(8, rows * 65535 + 1, 1, meta)

@@ -72,9 +72,10 @@ Triton's interpreter when ``TRITON_INTERPRET=1`` was set before Triton was first
 loops on runtime bounds read from ``graph_ptr``: Triton 3.6's interpreter evaluates
 ``range(runtime_bound)`` with ``int()`` of a one-element array, which numpy 2.4 refuses
 (triton-lang/triton#9171), whereas a ``while`` condition goes through ``bool()``, which numpy still
-allows. (:mod:`.triton_attention` instead makes its loop bound a ``constexpr``; here that would
-compile one variant per image height.) On a GPU a ``while`` loop compiles to ``scf.while``; the
-row loop is sequential anyway. A mask that joins a block to a scalar condition (``r > 0``: the row
+allows. (:mod:`.triton_attention` loops to runtime bounds with ``range``, which needs Triton 3.9's
+interpreter.) Every launch runs under :func:`.triton_attention.device_guard`, on its tensors' device,
+and its grid is checked against CUDA's limits (:func:`_launch_grid`). On a GPU a ``while`` loop
+compiles to ``scf.while``; the row loop is sequential anyway. A mask that joins a block to a scalar condition (``r > 0``: the row
 has a row above) goes through ``_and_scalar``: the interpreter broadcasts a scalar comparison as an
 array of its operands' integer type, ``&`` keeps that type, and from Triton 3.9 the interpreter's
 ``tl.load`` / ``tl.store`` refuse such a mask ("mask has unsupported dtype"; 3.6 to 3.8 took it as
@@ -95,7 +96,7 @@ from torch import Tensor
 
 # Triton itself (None without it), HAS_TRITON and INTERPRETED (TRITON_INTERPRET=1 was set when
 # Triton was first imported): one import guard for both Triton modules.
-from .triton_attention import HAS_TRITON, INTERPRETED, tl, triton
+from .triton_attention import HAS_TRITON, INTERPRETED, MAX_GRID_YZ, device_guard, tl, triton
 
 #: Bytes of one ``[BLOCK_W, BLOCK_S, BLOCK_P]`` register tile a program aims at: 4096 float32 values
 #: (2048 float64), 16 per thread with :data:`NUM_WARPS` = 8; a handful of such tiles are live in a row
@@ -219,8 +220,8 @@ if HAS_TRITON:
     @triton.jit
     def _attention_forward_kernel(GRAPH_PTR, ROW_WIDTH, NODES, WEIGHT, Q, K, V, Y, CKPT, CKPT_PTR,
                                   num_nodes, heads, S, P, segment_rows,
-                                  BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-                                  P_BLOCKS: tl.constexpr):
+                                  P_BLOCKS, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
+                                  BLOCK_P: tl.constexpr):
         """One (image, head, block of state entries): ``y`` (a partial sum over ``s`` for its block of
         ``S``, in ``Y[s_block]``) and the checkpoint rows."""
         gh = tl.program_id(0).to(tl.int64)
@@ -262,9 +263,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _attention_backward_kernel(GRAPH_PTR, ROW_WIDTH, NODES, WEIGHT, Q, K, V, DY, CKPT, CKPT_PTR, SCRATCH,
-                                   DQ, DK, DV, DW, num_nodes, heads, S, P, segment_rows,
-                                   BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-                                   P_BLOCKS: tl.constexpr, S_BLOCKS: tl.constexpr):
+                                   DQ, DK, DV, DW, num_nodes, heads, S, P, segment_rows, P_BLOCKS, S_BLOCKS,
+                                   BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
         """One (image, head, block of state entries): segment by segment, last first, recompute the
         states into the program's scratch rows, then the adjoint recurrence over the segment's rows,
         last first, writing the gradients' partial sums (``dq``, ``dk`` per block of ``P``; ``dv`` per
@@ -452,6 +452,58 @@ def _reduce(partials: Tensor) -> Tensor:
     return partials[0] if partials.size(0) == 1 else partials.sum(0)
 
 
+def _launch_grid(programs: int, blocks: int) -> Tuple[int, int]:
+    """``(image x head, block of the state or features)``, checked against CUDA's grid limits."""
+    if programs >= 2 ** 31:
+        raise ValueError(f"graph_ptr, query: {programs} (image, head) pairs, over CUDA's 2^31 - 1 programs on grid "
+                         f"axis 0")
+    if blocks > MAX_GRID_YZ:
+        raise ValueError(f"block_s, block_p: the state splits into {blocks} blocks, over CUDA's {MAX_GRID_YZ} on grid "
+                         f"axis 1; pass larger blocks to grid_plan")
+    return programs, blocks
+
+
+def _attention_meta(max_width: int, block_s: int, block_p: int) -> dict:
+    """The compile-time arguments of the attention kernels. (The block counts ``P_BLOCKS`` and
+    ``S_BLOCKS`` are runtime arguments: as constants they compiled one variant per split.)"""
+    return dict(BLOCK_W=_next_power_of_2(max(1, max_width)), BLOCK_S=block_s, BLOCK_P=block_p,
+                num_warps=NUM_WARPS)
+
+
+def _solve_meta(max_width: int, block_f: int) -> dict:
+    """The compile-time arguments of the solve kernels."""
+    return dict(BLOCK_W=_next_power_of_2(max(1, max_width)), BLOCK_F=block_f, num_warps=NUM_WARPS)
+
+
+#: The sizes :func:`launch_configs` enumerates by default: image widths of 8 to 256 positions (the
+#: image models' grids), ``S`` of 16 and 64, ``P`` (or ``F``) of 16 to 256, powers of two (the tiles
+#: depend on the sizes through their next power of two only), float32 and float64. A bound, not all
+#: the launches can choose: that set grows with the widest image and is hundreds of kernels.
+CONFIG_WIDTHS = (8, 16, 32, 64, 128, 256)
+CONFIG_STATE_DIMS = (16, 64)
+CONFIG_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def launch_configs(widths=CONFIG_WIDTHS, state_dims=CONFIG_STATE_DIMS, head_dims=CONFIG_HEAD_DIMS,
+                   element_sizes=(4, 8)) -> List[Tuple[str, int, dict]]:
+    """Every ``(kernel name, element size, launch arguments)`` the launches choose with the default tiles
+    (:func:`tile_blocks`) for these sizes, without repeats: what the ahead-of-time compile test
+    compiles. The sizes are bounded (:data:`CONFIG_WIDTHS`, ...): the tiles the launches can choose
+    grow with the widest image, without bound."""
+    configs = {}
+    for size in element_sizes:
+        for width in widths:
+            for head_dim in head_dims:
+                block_f = tile_blocks(width, 1, head_dim, size)[1]
+                for name in ("_solve_forward_kernel", "_solve_backward_kernel"):
+                    configs[(name, size, tuple(_solve_meta(width, block_f).items()))] = None
+                for state_dim in state_dims:
+                    meta = _attention_meta(width, *tile_blocks(width, state_dim, head_dim, size))
+                    for name in ("_attention_forward_kernel", "_attention_backward_kernel"):
+                        configs[(name, size, tuple(meta.items()))] = None
+    return [(name, size, dict(meta)) for name, size, meta in configs]
+
+
 def _index_inputs(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return graph_ptr.long().contiguous(), row_width.long().contiguous(), nodes.long().contiguous()
 
@@ -475,11 +527,11 @@ def _grid_attention_op(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weig
     if num_nodes == 0 or heads == 0 or head_dim == 0 or state_dim == 0 or num_graphs == 0:
         return value.new_zeros(value.shape), checkpoints
     partial_y = value.new_empty(s_blocks, num_nodes, heads, head_dim)
-    _attention_forward_kernel[(num_graphs * heads, s_blocks * p_blocks)](
-        graph_ptr, row_width, nodes, weight, query, key, value, partial_y, checkpoints,
-        _checkpoint_ptr(graph_ptr, row_width, segment_rows), num_nodes, heads, state_dim, head_dim, segment_rows,
-        BLOCK_W=_next_power_of_2(max(1, max_width)), BLOCK_S=block_s, BLOCK_P=block_p, P_BLOCKS=p_blocks,
-        num_warps=NUM_WARPS)
+    with device_guard(query):
+        _attention_forward_kernel[_launch_grid(num_graphs * heads, s_blocks * p_blocks)](
+            graph_ptr, row_width, nodes, weight, query, key, value, partial_y, checkpoints,
+            _checkpoint_ptr(graph_ptr, row_width, segment_rows), num_nodes, heads, state_dim, head_dim,
+            segment_rows, p_blocks, **_attention_meta(max_width, block_s, block_p))
     return _reduce(partial_y), checkpoints
 
 
@@ -512,12 +564,12 @@ def _grid_attention_backward_op(graph_ptr: Tensor, row_width: Tensor, nodes: Ten
     partial_v = value.new_empty(s_blocks, num_nodes, heads, head_dim)
     # Weights of missing parents get zero: the kernel writes zero for them (their state is masked to zero).
     partial_w = weight.new_empty(s_blocks * p_blocks, num_nodes, 2, heads)
-    _attention_backward_kernel[(num_graphs * heads, s_blocks * p_blocks)](
-        graph_ptr, row_width, nodes, weight, query, key, value, grad_y, checkpoints,
-        _checkpoint_ptr(graph_ptr, row_width, segment_rows), scratch, partial_q, partial_k, partial_v, partial_w,
-        num_nodes, heads, state_dim, head_dim, segment_rows,
-        BLOCK_W=block_w, BLOCK_S=block_s, BLOCK_P=block_p, P_BLOCKS=p_blocks, S_BLOCKS=s_blocks,
-        num_warps=NUM_WARPS)
+    with device_guard(query):
+        _attention_backward_kernel[_launch_grid(num_graphs * heads, s_blocks * p_blocks)](
+            graph_ptr, row_width, nodes, weight, query, key, value, grad_y, checkpoints,
+            _checkpoint_ptr(graph_ptr, row_width, segment_rows), scratch, partial_q, partial_k, partial_v,
+            partial_w, num_nodes, heads, state_dim, head_dim, segment_rows, p_blocks, s_blocks,
+            **_attention_meta(max_width, block_s, block_p))
     return _reduce(partial_w), _reduce(partial_q), _reduce(partial_k), _reduce(partial_v)
 
 
@@ -617,9 +669,9 @@ def _grid_solve_op(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
     if x.numel() == 0 or num_graphs == 0:
         return torch.zeros_like(x)
     out = torch.empty_like(x)
-    _solve_forward_kernel[(num_graphs * heads, triton.cdiv(features, block_f))](
-        graph_ptr, row_width, nodes, weight, x, out, heads, features,
-        BLOCK_W=_next_power_of_2(max(1, max_width)), BLOCK_F=block_f, num_warps=NUM_WARPS)
+    with device_guard(x):
+        _solve_forward_kernel[_launch_grid(num_graphs * heads, triton.cdiv(features, block_f))](
+            graph_ptr, row_width, nodes, weight, x, out, heads, features, **_solve_meta(max_width, block_f))
     return out
 
 
@@ -642,9 +694,10 @@ def _grid_solve_backward_op(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor,
     f_blocks = triton.cdiv(features, block_f)
     grad_x = torch.empty_like(out)
     partial_w = weight.new_empty(f_blocks, num_nodes, 2, heads)
-    _solve_backward_kernel[(num_graphs * heads, f_blocks)](
-        graph_ptr, row_width, nodes, weight, out, grad_out, grad_x, partial_w, num_nodes, heads, features,
-        BLOCK_W=_next_power_of_2(max(1, max_width)), BLOCK_F=block_f, num_warps=NUM_WARPS)
+    with device_guard(out):
+        _solve_backward_kernel[_launch_grid(num_graphs * heads, f_blocks)](
+            graph_ptr, row_width, nodes, weight, out, grad_out, grad_x, partial_w, num_nodes, heads, features,
+            **_solve_meta(max_width, block_f))
     return _reduce(partial_w), grad_x
 
 
