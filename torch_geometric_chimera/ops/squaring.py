@@ -54,6 +54,9 @@ hardware does it (tf32 with both of PyTorch's TF32 flags set for the call, whate
 setting; bf16 products with ``out_dtype=torch.float32``); elsewhere it is emulated: bf16 is
 ``x.to(torch.bfloat16).float()``, tf32 rounds the float32 mantissa to nearest on 10 bits
 (:func:`round_to_precision`; cuBLAS's tf32 may truncate instead, which doubles the unit roundoff).
+The fused attention kernels of ``fused=True`` (:mod:`.triton_attention`) run float32 inputs at
+``precision="float32"`` in three-pass TF32 (``tf32x3``) on the tensor cores, within 1.7x of full
+float32's error in the emulation (``benchmarks/bench_triton_precision.py``; not yet measured on a GPU).
 Measured on CPU with the emulation (``benchmarks/bench_squaring_precision.py``, results in
 ``benchmarks/results/squaring_precision_cpu.json``: float32 inputs, 64 graphs of 8 to 64 nodes, about
 3 edges per node, H = 4, S = P = 16, q, k, v and the output gradient standard normal; error =
