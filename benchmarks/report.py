@@ -27,6 +27,43 @@ def header(r):
     return f"Device: {r['device']}; date: {r['date']}; torch {r['torch']}; command: `{r['command']}`"
 
 
+def triton_precision_section(r):
+    errors = r["max_relative_error"]
+    lines = ["## Fused attention: three-pass TF32 against float32, emulated on CPU (issue 17)", "",
+             header(r), "",
+             f"The fused Triton attention of the squaring path, its products emulated exactly on CPU; "
+             f"{r['args']['graphs']} graphs of {r['args']['min_nodes']}-{r['args']['max_nodes']} nodes, "
+             f"H = {r['args']['heads']}, S = {r['args']['state']}; worst relative error of {r['args']['seeds']} seeds "
+             f"against the float64 path.", "",
+             "| graphs | quantity | float32 (ieee) | tf32x3 | tf32 | tf32x3 / float32 |", "|---|---|---|---|---|---|"]
+    for graphs, by_precision in errors.items():
+        for quantity in by_precision["float32"]:
+            lines.append(f"| {graphs} | {quantity} | {by_precision['float32'][quantity]:.2e} | "
+                         f"{by_precision['tf32x3'][quantity]:.2e} | {by_precision['tf32'][quantity]:.2e} | "
+                         f"{by_precision['tf32x3 / float32'][quantity]:.2f} |")
+    lines += ["", f"Worst ratio {r['worst_ratio']:.2f} (rule of issue 17: within 2x of float32's error), so float32 "
+                  f"inputs default to `{r['default']}` on CUDA. Speed on a GPU: not measured yet (`gpu_suite.py`'s "
+                  f"`triton_precision` row)."]
+    return lines
+
+
+NEVER_ON_A_GPU = [
+    "## Not yet measured on a GPU", "",
+    "Written and checked without a GPU; each awaits `python benchmarks/gpu_suite.py` on one:",
+    "",
+    "- the squaring path (`method=\"squaring\"`, the `auto` choice off CPU) and its fused Triton attention, "
+    "including the tf32x3 default for float32 (error emulated above, speed unknown);",
+    "- the Triton grid kernels of the image decompositions (run in Triton's interpreter only);",
+    "- the kernels' resources: shared memory, spills and tensor cores come from ahead-of-time compiles for "
+    "sm_90 and sm_80 (`tests/ops/test_triton_aot.py`), not from a run;",
+    "- the host reads (one per new topology) and kernel launches (185 per `ChimeraConv` forward and backward "
+    "on a new 64-graph batch) of the CUDA path were counted on CPU with the CUDA branches forced "
+    "(`tests/ops/test_no_host_sync.py`, `tests/ops/test_op_count.py`);",
+    "- the TF32 flag handling of the squaring chain (tested on CPU through PyTorch's flag getters);",
+    "- the signed transitions' cost on a GPU.",
+]
+
+
 def signed_layer_section(r):
     lines = ["## Signed transitions vs the positive layer (issue 18)", "", header(r), "",
              f"{r['num_graphs']} graphs ({r.get('graphs_kind', 'tree')}), {r['num_nodes']} nodes; width {r['channels']}, "
@@ -375,8 +412,11 @@ def main(argv=None):
     for r in gpu:
         out += gpu_section(r) + [""]
     out += H100_FINDINGS + [""]
+    if not gpu:
+        out += NEVER_ON_A_GPU + [""]
     for name, section in (("layer_cpu.json", layer_section), ("layer_peptides_cpu.json", layer_section),
                           ("layer_signed_cpu.json", signed_layer_section),
+                          ("triton_precision_cpu.json", triton_precision_section),
                           ("band_vs_dense_cpu.json", band_section), ("lrgb_step_cpu.json", lrgb_step_section), ("main_job_cpu.json", main_job_section),
                           ("line_cpu.json", line_section),
                           ("dag_cpu.json", dag_section), ("neumann_cpu.json", neumann_section),
