@@ -11,6 +11,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm is optional: a plain iterator, or a bar that does nothing
+    def tqdm(iterable=None, **kwargs):
+        class _Bar:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+        return _Bar() if iterable is None else iterable
+
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

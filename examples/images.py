@@ -70,13 +70,8 @@ from torch_geometric_chimera.transforms import ImageToGrid
 from _common import (Block, HelpFormatter, count_parameters, fingerprint_first,  # noqa: E402
                      fingerprint_losses, fingerprint_record, machine_description, mean_std, plot_seeds, pyplot,
                      record_paths, record_result, warmup_cosine, without_options)
+from _common import tqdm  # noqa: E402  (optional: a plain iterator without it)
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # tqdm is optional: fall back to a plain iterator
-    def tqdm(iterable, **kwargs):
-        return iterable
 
 MODELS = ("grid", "crossscan", "fwdrev", "fwd", "vit")
 TITLES = {"grid": "Chimera (2D grid DAGs)", "crossscan": "Cross-scan (4 raster scans, VMamba)",

@@ -41,13 +41,7 @@ from torch_geometric_chimera.lrgb import (LRGB_TASKS, MODELS, TASKS, LRGBModel, 
                                          count_parameters, load_splits, macro_f1, mean_absolute_error,
                                          width_for_budget)  # noqa: E402
 from _common import (HelpFormatter, fingerprint_first, fingerprint_losses, fingerprint_record,  # noqa: E402
-                     plot_seeds, pyplot, without_options)
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # tqdm is optional: fall back to a plain iterator
-    def tqdm(iterable, **kwargs):
-        return iterable
+                     plot_seeds, pyplot, tqdm, without_options)
 
 MODEL_TITLES = {"chimera": "Chimera-GPS (ours)", "gps": "GraphGPS+Transformer", "gcn": "GCN"}
 HYPERPARAMETERS = ("lr", "dropout", "layers", "hidden", "heads", "state_dim", "expand", "head_layers",

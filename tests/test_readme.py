@@ -116,12 +116,13 @@ def test_main_job_table_matches_the_recorded_run():
 
 
 # Every recorded example table: the main job's, and those of examples/images.py and examples/text.py.
-RECORDED_TABLES = sorted(os.path.basename(p) for pattern in ("main_job_*.json", "images_cpu*.json", "text_cpu*.json")
+RECORDED_TABLES = sorted(os.path.basename(p) for pattern in ("main_job_*.json", "images_cpu*.json", "text_cpu*.json",
+                                                             "state_tracking_cpu*.json")
                          for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", pattern)))
 
 
 def test_every_example_table_is_checked():
-    assert {"main_job_cpu.json", "images_cpu.json", "text_cpu.json"} <= set(RECORDED_TABLES)
+    assert {"main_job_cpu.json", "images_cpu.json", "text_cpu.json", "state_tracking_cpu.json"} <= set(RECORDED_TABLES)
 
 
 @pytest.mark.parametrize("name", RECORDED_TABLES)

@@ -16,6 +16,7 @@ LRGB_SMALL = ["--layers", "2", "--hidden", "16", "--heads", "2", "--state-dim", 
               "--batch-size", "8"]
 IMAGES_SMALL = ["--budget", "6000", "--batch-size", "8"]
 TEXT_SMALL = ["--budget", "20000", "--length", "16", "--batch-size", "4"]
+STATE_SMALL = ["--smoke"]
 
 
 def load_example(name):
@@ -36,7 +37,11 @@ def fingerprint(name, argv):
      ["grid/diagonal", "crossscan", "fwdrev", "fwd"]),  # the ViT has no state
     ("text", TEXT_SMALL, ["--lr", "0.001"], ["undirected", "line", "hydra", "fwd", "bert"],
      ["undirected", "line", "hydra", "fwd", "bert"]),
-], ids=["lrgb", "images", "text"])
+    ("state_tracking", STATE_SMALL, ["--state-dim", "8"],
+     ["seq/positive", "seq/signed", "seq/transformer", "tree/positive", "tree/signed", "tree/signed-child", "tree/gcn",
+      "tree/gin", "tree/gps"],
+     ["seq/positive", "seq/signed", "tree/positive", "tree/signed", "tree/signed-child"]),  # the baselines have no state
+], ids=["lrgb", "images", "text", "state_tracking"])
 def test_fingerprint_is_reproducible_and_moves_with_a_hyperparameter(name, small, changed, models, moved, capsys):
     first, again, other = fingerprint(name, small), fingerprint(name, small), fingerprint(name, small + changed)
     assert list(first["losses"]) == models  # every model of the table
@@ -69,7 +74,7 @@ def test_without_options():
     assert _common.without_options(argv, ("--record", "--threads")) == ["--quiet", "--seeds", "0", "--x"]
 
 
-@pytest.mark.parametrize("name", ["images", "text"])
+@pytest.mark.parametrize("name", ["images", "text", "state_tracking"])
 def test_output_goes_to_runs_unless_recorded(name):
     example = load_example(name)
     args = example.parse_args([])
@@ -79,7 +84,7 @@ def test_output_goes_to_runs_unless_recorded(name):
                                                                    f"{name}_cpu.json")
 
 
-@pytest.mark.parametrize("name", ["images", "text"])
+@pytest.mark.parametrize("name", ["images", "text", "state_tracking"])
 def test_help_prints_the_description_once_and_no_none_default(name, capsys):
     with pytest.raises(SystemExit):
         load_example(name).parse_args(["--help"])
