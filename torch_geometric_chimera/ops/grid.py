@@ -31,9 +31,34 @@ from ._extension import HAS_EXTENSION
 #: The kernel processes state rows ``s`` in blocks, a row of a block (``W x block x P`` values)
 #: taking about this much (``kRowBlockBytes`` in ``csrc/cpu/grid_scan_cpu.cpp``).
 ROW_BLOCK_BYTES = 32 * 1024
+
+
+def _l2_cache_bytes(default: int = 1024 * 1024) -> int:
+    """One core's L2 cache as Linux reports it (``/sys/devices/system/cpu/cpu0/cache``), else ``default``,
+    within [512 KiB, 4 MiB]."""
+    import glob
+    for folder in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{folder}/level") as level, open(f"{folder}/size") as size:
+                if level.read().strip() != "2":
+                    continue
+                text = size.read().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1024, "M": 1024 ** 2}
+        try:
+            found = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        except (ValueError, IndexError):
+            continue
+        return min(max(found, 512 * 1024), 4 * 1024 * 1024)
+    return default
+
+
 #: A recomputed segment of the backward (``segment_rows + 3`` rows of a block) stays in a core's
-#: L2 cache.
-SEGMENT_BYTES = 1024 * 1024
+#: L2 cache. The larger the segment, the fewer checkpoint rows the forward writes: with a 2 MiB L2
+#: (the development Xeon) a 32 x 32 image is one segment and writes none, 6% faster forward and
+#: backward than with 1 MiB (64 images, width 64, ``expand=2``; 2026-12-06).
+SEGMENT_BYTES = _l2_cache_bytes()
 
 
 class GridWalks(NamedTuple):
