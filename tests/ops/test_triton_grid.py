@@ -213,7 +213,8 @@ def test_custom_ops_pass_opcheck_and_arguments_are_checked():
 
 @pytest.mark.skipif(tg.INTERPRETED, reason="compiles the kernels themselves, not the interpreter's copies")
 @needs_kernels
-def test_grid_layer_on_the_triton_kernels_equals_the_dense_layer(monkeypatch):
+@pytest.mark.parametrize("transitions", ["positive", "signed"])
+def test_grid_layer_on_the_triton_kernels_equals_the_dense_layer(transitions, monkeypatch):
     # The layer's GPU path (one Triton row-scan per grid DAG, per-direction weights and key scales of
     # decomposition_adjacency) against method="dense": values and every gradient, mixed image sizes.
     import torch_geometric_chimera.nn.decomposition as decomposition
@@ -225,8 +226,12 @@ def test_grid_layer_on_the_triton_kernels_equals_the_dense_layer(monkeypatch):
     torch.manual_seed(0)
     grid_size = torch.tensor([[3, 4], [1, 1], [2, 5]], device=DEVICE)
     n = int(grid_size.prod(-1).sum())
-    triton_layer = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid").to(DEVICE)
-    dense_layer = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid", method="dense").to(DEVICE)
+    triton_layer = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid", transitions=transitions).to(DEVICE)
+    dense_layer = ChimeraConv(8, heads=2, state_dim=4, decomposition="grid", method="dense",
+                              transitions=transitions).to(DEVICE)
+    if transitions == "signed":  # Delta around 1-3: transitions 2 exp(-Delta) - 1 of both signs
+        with torch.no_grad():
+            triton_layer.dt_bias.uniform_(0.5, 3.0)
     dense_layer.load_state_dict(triton_layer.state_dict())
     x = torch.randn(n, 8, device=DEVICE)
     results = []
