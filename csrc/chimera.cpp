@@ -77,12 +77,13 @@ TORCH_LIBRARY(chimera, m) {
   // (weight[node, 0]) and p - 1 in its row (weight[node, 1]). Returns (y, checkpoints): the states of
   // every segment_rows-th row (num_checkpoints of them in all, which the caller counts so that
   // the output's shape is known without the data), from which the backward recomputes; it returns
-  // (dweight, dQ, dK, dV).
+  // (dweight, dQ, dK, dV). Stacked DAGs may share query and key sets (groups[d]: the set DAG d reads), and
+  // value's rows may be strided.
   m.def("grid_attention(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, Tensor key, "
-        "Tensor value, int segment_rows, SymInt num_checkpoints) -> Tensor[]");
+        "Tensor value, int segment_rows, SymInt num_checkpoints, int[]? groups=None) -> Tensor[]");
   m.def("grid_attention_backward(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, "
-        "Tensor key, Tensor value, Tensor checkpoints, Tensor grad_y, int segment_rows, SymInt num_checkpoints) "
-        "-> Tensor[]");
+        "Tensor key, Tensor value, Tensor checkpoints, Tensor grad_y, int segment_rows, SymInt num_checkpoints, "
+        "int[]? groups=None) -> Tensor[]");
   // The elementwise parts of the block around the mixer, fused (CPU; cpu/block_ops_cpu.cpp), on [N, C] rows:
   // local_conv_silu: silu(x * self_scale + neighbors * neighbor_scale + bias), per-channel scales;
   // gated_rms_norm: g = (y + skip * skip_scale) * silu(gate), returns (g * rsqrt(mean(g^2) + eps) * weight, rsqrt).

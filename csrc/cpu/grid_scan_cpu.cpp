@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <set>
 #include <vector>
 
 #include "../checks.h"
@@ -37,6 +38,7 @@ struct GridLayout {
   std::vector<int64_t> checkpoint_ptr;  // per graph, first checkpoint position (G + 1 entries)
   int64_t dags;                         // D walks (stacked inputs), or 1
   bool stacked;
+  std::vector<int64_t> groups;          // stacked: the query/key set of every DAG (query[:, groups[d]])
 };
 
 // Checkpoints of a graph with `rows` rows: the last row of every segment but the final one,
@@ -47,7 +49,9 @@ inline int64_t checkpoint_rows(int64_t rows, int64_t segment_rows) {
 
 // The two forms of the inputs: one DAG (nodes [N], weight [N, 2, H], query and key [N, H, S]) or D
 // DAGs stacked, the heads sharing query and key (nodes [D, N], weight [D, N, 3, H] whose third slot
-// scales the key per head, query and key [N, D, 1, S]); value [N, H, P] either way.
+// scales the key per head, query and key [N, sets, 1, S], DAG d reading set groups[d]: by default
+// sets = D and groups[d] = d); value [N, H, P] either way, its rows may be strided (a column block of
+// a wider tensor: read in place, not copied).
 void check_grid_features(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const char* op) {
   if (query.dim() == 3) {
     check_attention_inputs(query, key, value, op);
@@ -62,17 +66,29 @@ void check_grid_features(const at::Tensor& query, const at::Tensor& key, const a
                 ", got ", t->scalar_type());
   }
   const int64_t N = value.size(0);
-  TORCH_CHECK(key.size(0) == N && key.size(2) == 1, op, ": key must have shape [N, D, 1, S] = [", N,
-              ", D, 1, S] (stacked DAGs: the heads share it), got ", key.sizes());
+  TORCH_CHECK(key.size(0) == N && key.size(2) == 1, op, ": key must have shape [N, sets, 1, S] = [", N,
+              ", sets, 1, S] (stacked DAGs: the heads share it), got ", key.sizes());
   TORCH_CHECK(query.sizes() == key.sizes(), op, ": query must have the shape of key ", key.sizes(), ", got ",
               query.sizes());
 }
 
 GridLayout check_grid_inputs(const at::Tensor& graph_ptr, const at::Tensor& row_width, const at::Tensor& nodes,
                              const at::Tensor& weight, const at::Tensor& query, const at::Tensor& value,
-                             int64_t segment_rows, int64_t num_checkpoints, const char* op) {
+                             int64_t segment_rows, int64_t num_checkpoints, at::OptionalIntArrayRef groups_in,
+                             const char* op) {
   const bool stacked = query.dim() == 4;
-  const int64_t num_nodes = value.size(0), heads = value.size(1), dags = stacked ? query.size(1) : 1;
+  TORCH_CHECK(stacked || !groups_in.has_value(), op, ": groups applies to stacked DAGs only (query [N, sets, 1, S])");
+  const int64_t sets = stacked ? query.size(1) : 1;
+  std::vector<int64_t> groups;
+  if (groups_in.has_value()) {
+    groups.assign(groups_in->begin(), groups_in->end());
+    for (size_t d = 0; d < groups.size(); ++d)
+      TORCH_CHECK(groups[d] >= 0 && groups[d] < sets, op, ": groups[", d, "] must be a set of query and key in [0, ",
+                  sets, "), got ", groups[d]);
+  } else {
+    for (int64_t d = 0; d < sets; ++d) groups.push_back(d);
+  }
+  const int64_t num_nodes = value.size(0), heads = value.size(1), dags = static_cast<int64_t>(groups.size());
   TORCH_CHECK(graph_ptr.dim() == 1 && graph_ptr.scalar_type() == at::kLong && graph_ptr.numel() >= 1, op,
               ": graph_ptr must be a 1-D int64 tensor with G + 1 >= 1 entries, got shape ", graph_ptr.sizes(),
               " and dtype ", graph_ptr.scalar_type());
@@ -102,7 +118,7 @@ GridLayout check_grid_inputs(const at::Tensor& graph_ptr, const at::Tensor& row_
                                 {&weight, "weight"}})
     check_device(*t, query, op, name);
   TORCH_CHECK(segment_rows >= 1, op, ": segment_rows must be at least 1, got ", segment_rows);
-  GridLayout layout{graph_ptr.contiguous(), row_width.contiguous(), nodes.contiguous(), {}, dags, stacked};
+  GridLayout layout{graph_ptr.contiguous(), row_width.contiguous(), nodes.contiguous(), {}, dags, stacked, groups};
   const int64_t* ptr = layout.graph_ptr.data_ptr<int64_t>();
   const int64_t* width = layout.row_width.data_ptr<int64_t>();
   check_ptr_values(ptr, num_graphs + 1, num_nodes, op, "graph_ptr", "the number of nodes N");
@@ -171,8 +187,9 @@ struct GridTask {
   const int64_t *graph_ptr, *row_width, *nodes, *checkpoint_ptr;
   const scalar_t *weight, *query, *key, *value;
   int64_t heads, S, P, segment_rows;
-  int64_t qk_stride;
+  int64_t qk_stride, value_row;  // value_row: elements from one node's values to the next's (H * P if contiguous)
   bool shared_heads, accumulate;
+  bool writes_qk;  // the first DAG reading its query/key set: writes dQ, dK (later ones of the set add)
   int64_t slots() const { return shared_heads ? 3 : 2; }
   scalar_t weight_of(int64_t i, int64_t slot, int64_t h) const { return weight[(i * slots() + slot) * heads + h]; }
   scalar_t key_scale(int64_t i, int64_t h) const { return shared_heads ? weight_of(i, 2, h) : scalar_t(1); }
@@ -217,7 +234,7 @@ CHIMERA_INLINE void grid_forward_task(const GridTask<scalar_t>& t, int64_t g, in
         const scalar_t k_scale = t.key_scale(i, h);
         const scalar_t *up = r > 0 ? above + c * BP : zeros, *left = c > 0 ? current + (c - 1) * BP : zeros;
         const scalar_t *q = t.query + t.qk_row(i, h) + s0, *k = t.key + t.qk_row(i, h) + s0;
-        const scalar_t* __restrict__ v = t.value + (i * H + h) * P;
+        const scalar_t* __restrict__ v = t.value + i * t.value_row + h * P;
         scalar_t* state = current + c * BP;
         scalar_t* __restrict__ out = y + (i * H + h) * P;
         if (s0 == 0 && !t.accumulate)
@@ -291,7 +308,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           const scalar_t w_left = c > 0 ? weight(i, 1) : scalar_t(0);
           const scalar_t* k = t.key + t.qk_row(i, h) + s0;
           const scalar_t k_scale = t.key_scale(i, h);
-          const scalar_t* __restrict__ v = t.value + (i * H + h) * P;
+          const scalar_t* __restrict__ v = t.value + i * t.value_row + h * P;
           const scalar_t *up = r > 0 ? above + c * BP : zeros, *left = c > 0 ? current + (c - 1) * BP : zeros;
           for (int64_t s = 0; s < sn; ++s) {
             scalar_t* __restrict__ hs = current + c * BP + s * P;
@@ -311,7 +328,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           const scalar_t w_right = c + 1 < W ? weight(t.nodes[p + 1], 1) : scalar_t(0);
           const scalar_t *q = t.query + t.qk_row(i, h) + s0, *k = t.key + t.qk_row(i, h) + s0;
           const scalar_t k_scale = t.key_scale(i, h);
-          const scalar_t* __restrict__ v = t.value + (i * H + h) * P;
+          const scalar_t* __restrict__ v = t.value + i * t.value_row + h * P;
           const scalar_t* __restrict__ dy = d.grad_y + (i * H + h) * P;
           const scalar_t *below = r + 1 < R ? adjoint_below + c * BP : zeros;
           const scalar_t* right = c + 1 < W ? adjoint + (c + 1) * BP : zeros;
@@ -319,7 +336,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           const scalar_t* left = c > 0 ? current + (c - 1) * BP : zeros;
           // Shared heads: dQ, dK sum over the heads (the first head writes), dK through the key's scale.
           scalar_t *dq = d.grad_query + t.qk_row(i, h) + s0, *dk = d.grad_key + t.qk_row(i, h) + s0;
-          const bool first_head = !t.shared_heads || h == 0;
+          const bool first_head = !t.shared_heads || (h == 0 && t.writes_qk);
           scalar_t d_scale = 0;  // sum_s key_s dK_eff_s: the gradient of the key's scale
           scalar_t* __restrict__ dv = d.grad_value + (i * H + h) * P;
           if (s0 == 0 && !t.accumulate)  // the first block (of the first DAG) writes dV, later ones add
@@ -501,20 +518,32 @@ inline int64_t task_grain(int64_t num_nodes, int64_t num_graphs, int64_t dags, i
   return std::max<int64_t>(1, (int64_t{1} << 18) / per_task);
 }
 
-// The per-DAG tasks of a call: DAG d walks nodes[d] with weight[d] and reads query[:, d], key[:, d].
+// The per-DAG tasks of a call: DAG d walks nodes[d] with weight[d] and reads query[:, groups[d]],
+// key[:, groups[d]].
 template <typename scalar_t>
 std::vector<GridTask<scalar_t>> make_tasks(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value, int64_t segment_rows) {
   const int64_t N = value.size(0), H = value.size(1), P = value.size(2), S = key.size(-1), D = layout.dags;
-  const int64_t slots = layout.stacked ? 3 : 2, qk_stride = layout.stacked ? D * S : H * S;
+  const int64_t slots = layout.stacked ? 3 : 2, qk_stride = layout.stacked ? query.size(1) * S : H * S;
   std::vector<GridTask<scalar_t>> tasks;
-  for (int64_t d = 0; d < D; ++d)
+  for (int64_t d = 0; d < D; ++d) {
+    const int64_t set = layout.stacked ? layout.groups[d] : 0;
+    const bool first_of_set = std::find(layout.groups.begin(), layout.groups.begin() + d, set) ==
+                              layout.groups.begin() + d;
     tasks.push_back({layout.graph_ptr.data_ptr<int64_t>(), layout.row_width.data_ptr<int64_t>(),
                      layout.nodes.data_ptr<int64_t>() + d * N, layout.checkpoint_ptr.data(),
-                     weight.data_ptr<scalar_t>() + d * N * slots * H, query.data_ptr<scalar_t>() + d * S,
-                     key.data_ptr<scalar_t>() + d * S, value.data_ptr<scalar_t>(), H, S, P, segment_rows, qk_stride,
-                     layout.stacked, d > 0});
+                     weight.data_ptr<scalar_t>() + d * N * slots * H, query.data_ptr<scalar_t>() + set * S,
+                     key.data_ptr<scalar_t>() + set * S, value.data_ptr<scalar_t>(), H, S, P, segment_rows, qk_stride,
+                     value.stride(0), layout.stacked, d > 0, !layout.stacked || first_of_set});
+  }
   return tasks;
+}
+
+// value as the kernels read it: rows of H * P values, contiguous within a row, any row stride.
+at::Tensor rows_of_values(const at::Tensor& value) {
+  const int64_t H = value.size(1), P = value.size(2);
+  const bool row_major = value.stride(2) == 1 && (value.stride(1) == P || H == 1) && value.stride(0) >= H * P;
+  return row_major ? value : value.contiguous();
 }
 
 // Tasks of a call: one per (graph, head), or per graph when the heads share query and key.
@@ -526,16 +555,16 @@ std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at
                                            const at::Tensor& nodes, const at::Tensor& weight_in,
                                            const at::Tensor& query_in, const at::Tensor& key_in,
                                            const at::Tensor& value_in, int64_t segment_rows,
-                                           int64_t num_checkpoints) {
+                                           int64_t num_checkpoints, at::OptionalIntArrayRef groups) {
   const char* op = "chimera::grid_attention";
   check_grid_features(query_in, key_in, value_in, op);
-  const auto layout =
-      check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows, num_checkpoints, op);
-  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
+  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows,
+                                        num_checkpoints, groups, op);
+  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = rows_of_values(value_in);
   const auto weight = weight_in.contiguous();
   const int64_t heads = value.size(1), S = key.size(-1), P = value.size(2), num_graphs = graph_ptr.numel() - 1;
   const int64_t D = layout.dags, count = layout.checkpoint_ptr.back();
-  auto y = at::empty(value.sizes(), value.options());
+  auto y = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
   // The checkpoints of DAG d are rows [d * count, (d + 1) * count).
   auto checkpoints = at::empty({D * count, heads, S * P}, value.options());
   if (y.numel() == 0 || S == 0 || D == 0) return {y.zero_(), checkpoints};  // S = 0: zero scores
@@ -559,11 +588,11 @@ std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr,
                                                     const at::Tensor& query_in, const at::Tensor& key_in,
                                                     const at::Tensor& value_in, const at::Tensor& checkpoints_in,
                                                     const at::Tensor& grad_y_in, int64_t segment_rows,
-                                                    int64_t num_checkpoints) {
+                                                    int64_t num_checkpoints, at::OptionalIntArrayRef groups) {
   const char* op = "chimera::grid_attention_backward";
   check_grid_features(query_in, key_in, value_in, op);
-  const auto layout =
-      check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows, num_checkpoints, op);
+  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows,
+                                        num_checkpoints, groups, op);
   const int64_t heads = value_in.size(1), S = key_in.size(-1), P = value_in.size(2);
   const int64_t num_graphs = graph_ptr.numel() - 1, D = layout.dags, count = layout.checkpoint_ptr.back();
   check_features(grad_y_in, value_in, op, "grad_y");
@@ -573,11 +602,16 @@ std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr,
   TORCH_CHECK(checkpoints_in.sizes() == at::IntArrayRef({D * count, heads, S * P}), op, ": checkpoints must have shape [",
               D * count, ", ", heads, ", ", S * P, "] (the forward's, for these graphs and segment_rows), got ",
               checkpoints_in.sizes());
-  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
+  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = rows_of_values(value_in);
   const auto weight = weight_in.contiguous(), checkpoints = checkpoints_in.contiguous();
   const auto grad_y = grad_y_in.contiguous();
-  // Every entry is written: graph_ptr covers all N nodes, each visited once per DAG and block of state rows.
-  auto grad_query = at::empty_like(query), grad_key = at::empty_like(key), grad_value = at::empty_like(value);
+  // Every entry is written: graph_ptr covers all N nodes, each visited once per DAG and block of state
+  // rows; a set of query and key that no DAG reads gets zeros.
+  const bool every_set_read = !layout.stacked || static_cast<int64_t>(std::set<int64_t>(
+                                                     layout.groups.begin(), layout.groups.end()).size()) == query.size(1);
+  auto grad_query = every_set_read ? at::empty_like(query) : at::zeros_like(query);
+  auto grad_key = every_set_read ? at::empty_like(key) : at::zeros_like(key);
+  auto grad_value = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
   auto grad_weight = at::empty_like(weight);
   if (value.numel() == 0 || S == 0 || D == 0)  // nothing to visit: gradients are zero
     return {grad_weight.zero_(), grad_query.zero_(), grad_key.zero_(), grad_value.zero_()};
@@ -586,7 +620,8 @@ std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr,
     std::vector<GridGrads<scalar_t>> grads;
     for (int64_t d = 0; d < D; ++d)
       grads.push_back({grad_y.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>() + d * count * heads * S * P,
-                       grad_query.data_ptr<scalar_t>() + d * S, grad_key.data_ptr<scalar_t>() + d * S,
+                       grad_query.data_ptr<scalar_t>() + (layout.stacked ? layout.groups[d] : 0) * S,
+                       grad_key.data_ptr<scalar_t>() + (layout.stacked ? layout.groups[d] : 0) * S,
                        grad_value.data_ptr<scalar_t>(),
                        grad_weight.data_ptr<scalar_t>() + d * value.size(0) * (layout.stacked ? 3 : 2) * heads});
     at::parallel_for(0, num_tasks(layout, num_graphs, heads),

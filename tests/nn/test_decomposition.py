@@ -11,7 +11,8 @@ from torch_geometric_chimera.nn.decomposition import (DAG_SUM_SCALE, GRID_LIKE, 
                                                       batched_line_dags, decomposed_resolvent_attention,
                                                       decomposition_adjacency, decomposition_conv_silu,
                                                       decomposition_conv_silu_reference, decomposition_dags,
-                                                      decomposition_geometry, dt_groups, sharing_groups)
+                                                      decomposition_geometry, dt_groups, opaque_decomposition_mixer,
+                                                      sharing_groups)
 from torch_geometric_chimera.utils import grid_graph_dags, is_dag, line_graph_dags
 
 
@@ -600,3 +601,43 @@ def test_the_opaque_mixer_op_passes_opcheck_and_equals_the_eager_mixer(decomposi
         torch.testing.assert_close(a, b)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("decomposition", ["line", "grid"])
+def test_the_opaque_mixer_fake_has_the_real_output_dtype_under_mixed_precision(decomposition):
+    # Under autocast the features are bf16 and the parameters float32; the op computes in the promoted dtype,
+    # and its fake (what torch.compile plans with) must say the same: a bf16 fake made Inductor give NaN.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    torch.manual_seed(0)
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition=decomposition)
+    geometry = dict(grid_size=torch.tensor([[3, 4]])) if decomposition == "grid" else dict(seq_len=torch.tensor([5, 7]))
+    xbc, dt = torch.randn(12, conv.conv_width).bfloat16(), torch.randn(12, conv.dt_width).bfloat16()
+    params = [conv.conv_weight.detach(), conv.conv_bias.detach(), conv.dt_bias.detach(),
+              None if conv.A_log is None else conv.A_log.detach()]
+    args = [xbc, dt, *params, geometry.get("grid_size"), geometry.get("seq_len"), None, decomposition,
+            list(conv.groups), list(conv.dt_groups), 2, 4, "auto", None, None, 1000, False]
+    with FakeTensorMode() as mode:
+        fake = torch.ops.chimera.decomposition_mixer(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                       for a in args])
+    assert [t.dtype for t in fake] == [torch.float32, torch.float32]
+    # The wrapper the compiled layer calls feeds the op one dtype: real and fake agree, gradients come back cast.
+    leaves = [xbc.clone().requires_grad_(), dt.clone().requires_grad_()]
+    y, values = opaque_decomposition_mixer(*leaves, *params[:3], decomposition, geometry.get("grid_size"),
+                                           geometry.get("seq_len"), None, conv.groups, conv.dt_groups, 2, 4,
+                                           A_log=params[3])
+    assert y.dtype == values.dtype == torch.float32 and bool(torch.isfinite(y).all())
+    grads = torch.autograd.grad(y.sum(), leaves)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("decomposition", ["line", "fwd", "hydra", "cross_scan"])
+def test_a_line_checkpoint_saved_before_the_decay_rate_loads_and_computes_as_before(decomposition):
+    torch.manual_seed(0)
+    conv = ChimeraConv(8, heads=2, state_dim=4, decomposition=decomposition)
+    old = {name: value for name, value in conv.state_dict().items() if name != "A_log"}  # a checkpoint without it
+    with torch.no_grad():
+        conv.A_log.fill_(0.7)
+    conv.load_state_dict(old)  # strict
+    assert torch.equal(conv.A_log, torch.zeros_like(conv.A_log))  # rate 1: exp(-Delta), the old transitions
+    wrapped = torch.nn.Sequential(conv)
+    wrapped.load_state_dict({f"0.{name}": value for name, value in old.items()})  # under a prefix too

@@ -103,6 +103,55 @@ def assert_all_close(got, want, names=NAMES, **tolerances):
 
 # --- values and gradients -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("groups, sets", [((0, 1, 1, 0), 2), ((0, 0, 0, 0), 1), ((2, 0, 2, 0), 3)])
+@pytest.mark.parametrize("head_dim", [3, 16])
+def test_dags_sharing_query_and_key_sets_read_them_in_place(groups, sets, head_dim):
+    # The layer's B, C sharing (diagonal: DAGs 0 and 3, 1 and 2): the kernel reads query[:, groups[d]]
+    # in place, and the values as a strided column block; equal to the gathered, contiguous call and to
+    # the reference, values and gradients. A set no DAG reads ((2, 0, 2, 0): set 1) gets zero gradient.
+    torch.manual_seed(0)
+    problem = StackedProblem(MIXED_SIZES, num_dags=4, heads=2, head_dim=head_dim)
+    n = problem.num_nodes
+    query = torch.randn(n, sets, 1, 3, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(n, sets, 1, 3, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(n, 2 * head_dim + 5, dtype=torch.float64, requires_grad=True)  # values, then 5 more
+    value = features[:, :2 * head_dim].view(n, 2, head_dim)
+    assert not value.is_contiguous()
+    grad = torch.randn(n, 2, head_dim, dtype=torch.float64)
+    leaves = (problem.weight, query, key, features)
+    in_place = grid_attention(*problem.index, problem.weight, query, key, value, 2, groups=groups)
+    index = torch.tensor(groups)
+    gathered = grid_attention(*problem.index, problem.weight, query.index_select(1, index), key.index_select(1, index),
+                              value.contiguous(), 2)
+    reference = grid_attention_reference(*problem.index, problem.weight, query, key, value, groups=groups)
+    want = values_and_grads(reference, leaves, grad)
+    for got in (values_and_grads(in_place, leaves, grad), values_and_grads(gathered, leaves, grad)):
+        assert_all_close(got, want, names=("y", "grad weight", "grad query", "grad key", "grad features"))
+    unread = sorted(set(range(sets)) - set(groups))
+    if unread:
+        grad_query = torch.autograd.grad(grid_attention(*problem.index, problem.weight, query, key, value,
+                                                        groups=groups).sum(), query)[0]
+        assert torch.equal(grad_query[:, unread], torch.zeros_like(grad_query[:, unread]))
+
+
+def test_groups_pass_opcheck_and_are_checked():
+    problem = StackedProblem(((2, 3), (1, 2)), num_dags=4)
+    n = problem.num_nodes
+    query, key = torch.randn(n, 2, 1, 3, dtype=torch.float64), torch.randn(n, 2, 1, 3, dtype=torch.float64)
+    value = torch.randn(n, 2, 4, dtype=torch.float64)
+    weight = problem.weight.detach()
+    count = num_checkpoints(problem.walks.graph_ptr, problem.walks.row_width, 1)
+    args = (*problem.index, weight, query, key, value, 1, count, [0, 1, 1, 0])
+    torch.library.opcheck(torch.ops.chimera.grid_attention.default, args)
+    y, checkpoints = torch.ops.chimera.grid_attention(*args)
+    torch.library.opcheck(torch.ops.chimera.grid_attention_backward.default,
+                          (*problem.index, weight, query, key, value, checkpoints, torch.randn_like(y), 1, count,
+                           [0, 1, 1, 0]))
+    with pytest.raises(RuntimeError, match=r"groups\[2\] must be a set of query and key in \[0, 2\), got 2"):
+        torch.ops.chimera.grid_attention(*problem.index, weight, query, key, value, 1, count, [0, 1, 2, 0])
+    with pytest.raises(RuntimeError, match=r"nodes must be a \[D, N\] = \[3, "):
+        torch.ops.chimera.grid_attention(*problem.index, weight, query, key, value, 1, count, [0, 1, 1])
+
 
 @pytest.mark.parametrize("head_dim", [3, 16])  # the generic loops and a fixed head dimension (vectors)
 @pytest.mark.parametrize("heads", [1, 3])
@@ -378,9 +427,9 @@ STACKED_CASES = {
     "key_of_other_dags": ("key", dict(key="ones(4, 1, 1, 2)", nodes="L([[0, 1, 2, 3]])", weight="ones(1, 4, 3, 2)"),
                           r"query must have the shape of key \[4, 1, 1, 2\], got \[4, 2, 1, 2\]"),
     "key_with_heads": ("key", dict(query="ones(4, 2, 2, 2)", key="ones(4, 2, 2, 2)"),
-                       r"key must have shape \[N, D, 1, S\] = \[4, D, 1, S\]"),
+                       r"key must have shape \[N, sets, 1, S\] = \[4, sets, 1, S\]"),
     "key_of_other_nodes": ("key", dict(query="ones(3, 2, 1, 2)", key="ones(3, 2, 1, 2)"),
-                           r"key must have shape \[N, D, 1, S\] = \[4, D, 1, S\]"),
+                           r"key must have shape \[N, sets, 1, S\] = \[4, sets, 1, S\]"),
     "key_float64": ("key", dict(key="ones(4, 2, 1, 2).double()"), r"key must have dtype Float"),
     "query_4d_key_3d": ("key", dict(key="ones(4, 2, 2)"),
                         r"query and key must have shape \[N, H, S\] \(one DAG\) or \[N, D, H, S\]"),
@@ -459,7 +508,7 @@ def test_stacked_cases_change_one_argument_of_a_valid_call():
 def test_wrapper_refuses_a_query_of_another_form_with_stacked_walks(query_shape):
     problem = StackedProblem(((2, 2),), 2, heads=2, state_dim=2, head_dim=2)
     query = torch.randn(*query_shape, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"query: with stacked walks \(nodes \[D, N\]\) expected shape \[N, D, 1, S\]"):
+    with pytest.raises(ValueError, match=r"query: with stacked walks \(nodes \[D, N\]\) expected shape \[N, sets, 1, S\]"):
         grid_attention(*problem.index, problem.weight, query, query, problem.value)
 
 

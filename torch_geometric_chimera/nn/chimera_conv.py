@@ -282,6 +282,7 @@ class ChimeraConv(MessagePassing):
             # Mamba-2's decay rate per head on every line (a_h = exp(A_log), transitions exp(-a_h Delta)), as
             # the authors' text model; their image model's grid DAGs have none.
             self.A_log = Parameter(torch.empty(heads))
+            self._register_load_state_dict_pre_hook(self._fill_missing_decay_rate)
         else:
             self.register_parameter("A_log", None)
         self.D = Parameter(torch.empty(heads))
@@ -318,6 +319,15 @@ class ChimeraConv(MessagePassing):
                 self.A_log.zero_()  # a_h = 1, as the authors' text model starts
             self.D.fill_(1.0)
             self.norm_weight.fill_(1.0)
+
+    @staticmethod
+    def _fill_missing_decay_rate(state_dict, prefix, *args):
+        # A line layer saved before it learned Mamba-2's decay rate computed exp(-Delta): A_log = 0 (rate 1)
+        # reproduces it exactly, so such a checkpoint loads, strict or not.
+        key = prefix + "A_log"
+        weight = state_dict.get(prefix + "dt_bias")
+        if key not in state_dict and weight is not None:
+            state_dict[key] = torch.zeros_like(weight)
 
     @staticmethod
     def _to_edge_index(edge_index: Adj, num_nodes: int) -> Tensor:

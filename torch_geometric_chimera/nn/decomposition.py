@@ -501,7 +501,6 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, we
     if geometry.decomposition == "grid" and method == "auto" and (grid_available(value) or
                                                                    grid_triton_available(value)):
         walks = geometry.memo("walks", lambda: grid_walks(geometry.sizes, geometry.dags))
-        value = value.contiguous()  # once, not in every DAG's kernel call
         if grid_available(value):
             segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
             checkpoints = num_checkpoints(walks.graph_ptr, walks.row_width, segment_rows)  # shared by the DAGs
@@ -509,15 +508,17 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, we
             # images than threads, one call per DAG keeps every (image, head) a task of its own.
             if query.size(2) == 1 and walks.graph_ptr.numel() - 1 >= torch.get_num_threads():
                 nodes = geometry.memo("stacked walks", lambda: torch.stack(walks.nodes))
-                index = geometry.memo(("groups", tuple(groups)), lambda: torch.tensor(groups, device=query.device))
-                # [D, N, 3, H]: from above, from before in the row, the key's scale per head.
+                # [D, N, 3, H]: from above, from before in the row, the key's scale per head. The kernel reads
+                # every DAG's set of B, C in place (groups) and the values as a column block of the layer's
+                # features (strided rows): no gathered or contiguous copies.
                 table = torch.cat([weight, key_scale.unsqueeze(2)], 2)
-                return grid_attention(walks.graph_ptr, walks.row_width, nodes, table, query.index_select(1, index),
-                                      key.index_select(1, index), value, segment_rows, checkpoints)
+                return grid_attention(walks.graph_ptr, walks.row_width, nodes, table, query, key, value,
+                                      segment_rows, checkpoints, groups)
         else:  # the Triton row-scan kernels (GPU); the plan reads the sizes once per geometry and shape
             plan = geometry.memo(("grid_plan", query.size(-1), value.size(-1), query.element_size()),
                                  lambda: grid_plan(walks.graph_ptr, walks.row_width, query.size(-1), value.size(-1),
                                                    element_size=query.element_size()))
+        value = value.contiguous()  # once, not in every DAG's kernel call
     out: Optional[Tensor] = None
     queries: Dict[int, Tensor] = {}
     for d, group in enumerate(groups):
@@ -628,7 +629,10 @@ def _decomposition_mixer_op(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tenso
 def _decomposition_mixer_fake(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, grid_size, seq_len, batch, decomposition,
                               groups, delta_groups, heads, state_dim, method, num_terms, tol, max_iter, signed):
     inner = xbc.size(1) - 2 * state_dim * (max(groups) + 1)
-    return [xbc.new_empty(xbc.size(0), inner), xbc.new_empty(xbc.size(0), inner)]
+    # The op computes in the promoted dtype of its tensors (a float32 parameter with bf16 features under
+    # autocast gives float32), so its fake must say the same.
+    dtype = _common_dtype(xbc, dt, conv_weight, conv_bias, dt_bias, A_log)
+    return [xbc.new_empty(xbc.size(0), inner, dtype=dtype), xbc.new_empty(xbc.size(0), inner, dtype=dtype)]
 
 
 @torch.library.custom_op("chimera::decomposition_mixer_backward", mutates_args=(),
@@ -665,7 +669,8 @@ def _decomposition_mixer_backward_fake(grad_y, grad_values, xbc, dt, conv_weight
                                        seq_len, batch, decomposition, groups, delta_groups, heads, state_dim, method,
                                        num_terms, tol, max_iter, signed, needs_grad):
     originals = [xbc, dt, conv_weight, conv_bias, dt_bias, A_log]
-    return [xbc.new_empty(t.shape if need and t is not None else (0,)) for t, need in zip(originals, needs_grad)]
+    return [(t if need and t is not None else xbc).new_empty(t.shape if need and t is not None else (0,))
+            for t, need in zip(originals, needs_grad)]
 
 
 def _mixer_setup_context(ctx, inputs, output):
@@ -691,6 +696,14 @@ def _mixer_backward(ctx, grads):
     return tuple(out)
 
 
+def _common_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    dtypes = [t.dtype for t in tensors if t is not None]
+    out = dtypes[0]
+    for dtype in dtypes[1:]:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
 def _mixer_inner(xbc: Tensor, options) -> int:
     groups, state_dim = options[1], options[4]
     return xbc.size(1) - 2 * state_dim * (max(groups) + 1)
@@ -707,7 +720,12 @@ def opaque_decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Te
                                max_iter: int = 1000, signed: bool = False,
                                A_log: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """:func:`decomposition_mixer` as the one custom op ``chimera::decomposition_mixer`` (for
-    :func:`torch.compile`: no graph break, nothing of the geometry captured in the graph)."""
+    :func:`torch.compile`: no graph break, nothing of the geometry captured in the graph). Its tensors
+    enter in one dtype, the promoted one (under autocast the features are bf16 and the parameters
+    float32), so that the op computes in one precision and autograd casts each gradient back."""
+    dtype = _common_dtype(xbc, dt, conv_weight, conv_bias, dt_bias, A_log)
+    xbc, dt, conv_weight, conv_bias, dt_bias, A_log = (None if t is None else t.to(dtype)
+                                                       for t in (xbc, dt, conv_weight, conv_bias, dt_bias, A_log))
     y, values = torch.ops.chimera.decomposition_mixer(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, grid_size, seq_len,
                                                       batch, decomposition, list(groups), list(delta_groups), heads,
                                                       state_dim, method, num_terms, tol, max_iter, signed)

@@ -21,7 +21,7 @@ included); memory ``N H S P / segment_rows``.
 
 :func:`grid_attention_reference` is the same recurrence in plain PyTorch, position by position.
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -146,33 +146,35 @@ def num_checkpoints(graph_ptr: Tensor, row_width: Tensor, segment_rows: int) -> 
 if HAS_EXTENSION:
 
     @torch.library.register_fake("chimera::grid_attention")
-    def _grid_attention_fake(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows, num_checkpoints):
+    def _grid_attention_fake(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows, num_checkpoints,
+                             groups=None):
         heads, state_dim, head_dim = value.shape[1], key.shape[-1], value.shape[2]
-        dags = key.shape[1] if key.dim() == 4 else 1
+        dags = (len(groups) if groups is not None else key.shape[1]) if key.dim() == 4 else 1
         return [value.new_empty(value.shape), value.new_empty(dags * num_checkpoints, heads, state_dim * head_dim)]
 
     @torch.library.register_fake("chimera::grid_attention_backward")
     def _grid_attention_backward_fake(graph_ptr, row_width, nodes, weight, query, key, value, checkpoints, grad_y,
-                                      segment_rows, num_checkpoints):
+                                      segment_rows, num_checkpoints, groups=None):
         return [weight.new_empty(weight.shape), query.new_empty(query.shape), key.new_empty(key.shape),
-                value.new_empty(value.shape)]
+                value.new_empty(value.shape)]  # new_empty is contiguous, as the kernel's dV
 
     def _grid_attention_setup_context(ctx, inputs, output):
-        graph_ptr, row_width, nodes, weight, query, key, value, segment_rows, num_checkpoints = inputs
+        graph_ptr, row_width, nodes, weight, query, key, value, segment_rows, num_checkpoints = inputs[:9]
         ctx.save_for_backward(graph_ptr, row_width, nodes, weight, query, key, value, output[1])
         ctx.segment_rows, ctx.num_checkpoints = segment_rows, num_checkpoints
+        ctx.groups = inputs[9] if len(inputs) > 9 else None  # optional in the schema
         ctx.set_materialize_grads(False)  # the checkpoints are internal: their gradient stays None
 
     def _grid_attention_backward(ctx, grads):
         grad_y = grads[0]
         graph_ptr, row_width, nodes, weight, query, key, value, checkpoints = ctx.saved_tensors
         if grad_y is None:
-            return (None,) * 3 + (torch.zeros_like(weight), torch.zeros_like(query), torch.zeros_like(key),
-                                  torch.zeros_like(value), None, None)
+            return ((None,) * 3 + (torch.zeros_like(weight), torch.zeros_like(query), torch.zeros_like(key),
+                                   torch.zeros_like(value)) + (None,) * (len(ctx.needs_input_grad) - 7))
         grad_weight, grad_query, grad_key, grad_value = torch.ops.chimera.grid_attention_backward(
             graph_ptr, row_width, nodes, weight, query, key, value, checkpoints, grad_y, ctx.segment_rows,
-            ctx.num_checkpoints)
-        return None, None, None, grad_weight, grad_query, grad_key, grad_value, None, None
+            ctx.num_checkpoints, ctx.groups)
+        return (None, None, None, grad_weight, grad_query, grad_key, grad_value) + (None,) * (len(ctx.needs_input_grad) - 7)
 
     def _no_double_backward(ctx, *grads):
         raise NotImplementedError("chimera::grid_attention_backward: double backward is not supported")
@@ -184,7 +186,8 @@ if HAS_EXTENSION:
 
 
 def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor, key: Tensor,
-                   value: Tensor, segment_rows: Optional[int] = None, checkpoints: Optional[int] = None) -> Tensor:
+                   value: Tensor, segment_rows: Optional[int] = None, checkpoints: Optional[int] = None,
+                   groups: Optional[Sequence[int]] = None) -> Tensor:
     r"""Resolvent attention on one directed grid DAG per image (``chimera::grid_attention``, CPU),
     or the sum over ``D`` such DAGs whose heads share query and key (the *stacked* shapes below:
     one call, one output and one value gradient, where ``D`` calls would write ``D`` of each and
@@ -206,6 +209,12 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
             than the tallest image's rows checkpoints nothing); by default :func:`segment_rows_for`.
         checkpoints (int, optional): :func:`num_checkpoints` of these images and ``segment_rows``,
             when the caller has it (the four DAGs of a batch share it).
+        groups (sequence of int, optional): stacked walks only: DAG ``d`` reads ``query[:, groups[d]]``
+            and ``key[:, groups[d]]`` (query and key ``[N, sets, 1, S]``, sets shared by DAGs, as
+            B and C sharing gives them; no gathered copy). (default: :obj:`None`: ``groups[d] = d``)
+
+    ``value`` may have strided rows (``value.stride(2) == 1``, ``value.stride(1) == P``): the kernel
+    reads it in place, as a column block of the layer's projected features.
 
     Differentiable in ``weight``, ``query``, ``key`` and ``value``; float16 / bfloat16 run in float32.
 
@@ -214,9 +223,9 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
     dtype = query.dtype
     if dtype in (torch.float16, torch.bfloat16):
         return grid_attention(graph_ptr, row_width, nodes, weight.float(), query.float(), key.float(), value.float(),
-                              segment_rows, checkpoints).to(dtype)
+                              segment_rows, checkpoints, groups).to(dtype)
     if nodes.dim() == 2 and (query.dim() != 4 or query.size(2) != 1):
-        raise ValueError(f"query: with stacked walks (nodes [D, N]) expected shape [N, D, 1, S], got "
+        raise ValueError(f"query: with stacked walks (nodes [D, N]) expected shape [N, sets, 1, S], got "
                          f"{list(query.shape)}")
     if segment_rows is None:
         sizes = graph_ptr.diff()
@@ -226,19 +235,20 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
     if checkpoints is None:
         checkpoints = num_checkpoints(graph_ptr, row_width, segment_rows)
     return torch.ops.chimera.grid_attention(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows,
-                                            checkpoints)[0]
+                                            checkpoints, None if groups is None else list(groups))[0]
 
 
 def grid_attention_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor,
-                             key: Tensor, value: Tensor) -> Tensor:
+                             key: Tensor, value: Tensor, groups: Optional[Sequence[int]] = None) -> Tensor:
     r""":func:`grid_attention` in plain PyTorch, one position at a time (the recurrence of the
     module docstring; differentiable by autograd). For tests: it loops over every position.
-    Stacked walks (``nodes`` ``[D, N]``) give the sum over the DAGs."""
+    Stacked walks (``nodes`` ``[D, N]``) give the sum over the DAGs (DAG ``d`` reading set ``groups[d]``)."""
     if nodes.dim() == 2:
         heads = value.size(1)
+        groups = list(range(nodes.size(0))) if groups is None else list(groups)
         outputs = [grid_attention_reference(graph_ptr, row_width, nodes[d], weight[d, :, :2],
-                                            query[:, d].expand(-1, heads, -1),
-                                            key[:, d] * weight[d, :, 2].unsqueeze(-1), value)
+                                            query[:, groups[d]].expand(-1, heads, -1),
+                                            key[:, groups[d]] * weight[d, :, 2].unsqueeze(-1), value)
                    for d in range(nodes.size(0))]
         return torch.stack(outputs).sum(0) if outputs else value.new_zeros(value.shape)
     heads = query.size(1)
