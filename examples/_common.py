@@ -129,6 +129,19 @@ def without_options(argv: Sequence[str], names: Sequence[str]) -> List[str]:
     return out
 
 
+def note_threads_of_this_process(threads: int) -> None:
+    """Called from Python with torch already running, ``--threads`` cannot apply: torch.set_num_threads
+    would break torch's CPU LU (see examples/_threads.py), so the caller's thread count stays."""
+    if threads and threads > 0 and threads != torch.get_num_threads():
+        print(f"--threads {threads} applies when this file runs as a command; running with the "
+              f"{torch.get_num_threads()} threads of this process")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``"auto"`` is CUDA where there is one, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def fingerprint_first(args, script: str, fingerprint: Callable) -> tuple:
     """``(fingerprint, None)`` for ``--fingerprint-only`` (printed, for :func:`fingerprint_in_subprocess`);
     else ``(None, the fingerprint --record stores)``, computed first, in a fresh process, before

@@ -41,7 +41,7 @@ from torch_geometric_chimera.lrgb import (LRGB_TASKS, MODELS, TASKS, LRGBModel, 
                                          count_parameters, load_splits, macro_f1, mean_absolute_error,
                                          width_for_budget)  # noqa: E402
 from _common import (HelpFormatter, fingerprint_first, fingerprint_losses, fingerprint_record,  # noqa: E402
-                     plot_seeds, pyplot, tqdm, without_options)
+                     note_threads_of_this_process, plot_seeds, pyplot, resolve_device, tqdm, without_options)
 
 MODEL_TITLES = {"chimera": "Chimera-GPS (ours)", "gps": "GraphGPS+Transformer", "gcn": "GCN"}
 HYPERPARAMETERS = ("lr", "dropout", "layers", "hidden", "heads", "state_dim", "expand", "head_layers",
@@ -405,12 +405,8 @@ def main(argv=None):
     only, recorded_fingerprint = fingerprint_first(args, "examples/lrgb.py", fingerprint)
     if only is not None:
         return only
-    if args.threads > 0 and args.threads != torch.get_num_threads():
-        # Called from Python with torch already running: torch.set_num_threads would break its
-        # LU (see the top of this file), so the caller's count stays, and the summary records it.
-        print(f"--threads {args.threads} applies when this file runs as a command; running with the "
-              f"{torch.get_num_threads()} threads of this process")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    note_threads_of_this_process(args.threads)  # the summary records the count in use
+    device = resolve_device(args.device)
     rank, world = init_distributed(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -62,8 +62,9 @@ from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.transforms import SequenceToLine
 
 from _common import (Block, HelpFormatter, count_parameters, fingerprint_first,  # noqa: E402
-                     fingerprint_losses, fingerprint_record, machine_description, mean_std, plot_seeds, pyplot,
-                     record_paths, record_result, warmup_cosine, without_options)
+                     fingerprint_losses, fingerprint_record, machine_description, mean_std,
+                     note_threads_of_this_process, plot_seeds, pyplot, record_paths, record_result, resolve_device,
+                     warmup_cosine, without_options)
 from _common import tqdm  # noqa: E402  (optional: a plain iterator without it)
 from _common import width_for_budget as shared_width_for_budget  # noqa: E402
 
@@ -364,15 +365,11 @@ def fingerprint(args) -> Dict:
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.threads and args.threads != torch.get_num_threads():
-        # Called from Python with torch already running: torch.set_num_threads would break its LU
-        # (see examples/_threads.py), so the caller's count stays.
-        print(f"--threads {args.threads} applies when this file runs as a command; running with the "
-              f"{torch.get_num_threads()} threads of this process")
+    note_threads_of_this_process(args.threads)
     only, recorded_fingerprint = fingerprint_first(args, "examples/text.py", fingerprint)
     if only is not None:
         return only
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     splits = load_splits(args.length, args.limit)
     for name in ("val", "test"):
         splits[name] = fixed_eval_masks(splits[name], args.mask_prob)
