@@ -87,14 +87,19 @@ def measure(kind: str, seeds, num_graphs: int, min_nodes: int, max_nodes: int, h
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
+    """The batch of random graphs (:func:`random_batch`) this benchmark and bench_triton_precision.py measure on."""
     parser.add_argument("--graphs", type=int, default=64)
     parser.add_argument("--min-nodes", type=int, default=8)
     parser.add_argument("--max-nodes", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--state", type=int, default=16, help="S = P")
     parser.add_argument("--seeds", type=int, default=5)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_problem_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -23,7 +23,7 @@ On CUDA (``--device cuda``) it also times the fused kernels themselves (forward 
 import argparse
 
 import torch
-from bench_squaring_precision import QUANTITIES, random_batch, values_and_grads
+from bench_squaring_precision import QUANTITIES, add_problem_arguments, random_batch, values_and_grads
 from common import device_name, time_it, write_json
 
 from torch_geometric_chimera.ops import squaring
@@ -134,12 +134,7 @@ def time_kernels(device: str, reps: int, batch: int = 256, m: int = 128, state: 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--graphs", type=int, default=64)
-    parser.add_argument("--min-nodes", type=int, default=8)
-    parser.add_argument("--max-nodes", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--state", type=int, default=16, help="S = P")
-    parser.add_argument("--seeds", type=int, default=5)
+    add_problem_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cuda: also time and check the fused kernels")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default=None)

@@ -129,6 +129,26 @@ def without_options(argv: Sequence[str], names: Sequence[str]) -> List[str]:
     return out
 
 
+def add_run_arguments(parser, stem: str, out_help: Optional[str] = None) -> None:
+    """The options every recorded example shares: where it runs (--device, --threads), where it writes
+    (--out, --tag, --record), --quiet and --fingerprint-only. ``stem``: the file names' stem."""
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads, set as OMP_NUM_THREADS and MKL_NUM_THREADS before torch starts (default: "
+                             "the environment's, else torch's choice: every core)")
+    parser.add_argument("--out", default=os.path.join("runs", stem),
+                        help=out_help or f"folder of the JSON log {stem}_<tag>.json and the plot {stem}_<tag>.png")
+    parser.add_argument("--tag", default=None, help="file name tag (default: the device type)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--record", nargs="?", const="", default=None, metavar="JSON",
+                        help=f"also write the JSON log, with the command and the code's fingerprint, to JSON and the "
+                             f"plot beside it (without a value: benchmarks/results/{stem}_<tag>.json, the recorded "
+                             f"results the README quotes)")
+    parser.add_argument("--fingerprint-only", action="store_true",
+                        help="train nothing: print the code's fingerprint (every model of the table, seed 0, "
+                             "a few optimizer steps on the first training batch) that --record stores")
+
+
 def note_threads_of_this_process(threads: int) -> None:
     """Called from Python with torch already running, ``--threads`` cannot apply: torch.set_num_threads
     would break torch's CPU LU (see examples/_threads.py), so the caller's thread count stays."""

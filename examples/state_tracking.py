@@ -96,7 +96,7 @@ from torch_geometric.utils import to_dense_batch
 from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.transforms import SequenceToLine
 
-from _common import (Block, HelpFormatter, count_parameters, fingerprint_first,  # noqa: E402
+from _common import (Block, HelpFormatter, add_run_arguments, count_parameters, fingerprint_first,  # noqa: E402
                      fingerprint_losses, fingerprint_record, machine_description, mean_std,
                      note_threads_of_this_process, plot_seeds, pyplot, record_paths, record_result, resolve_device,
                      warmup_cosine, without_options)
@@ -167,21 +167,8 @@ def parse_args(argv=None):
     parser.add_argument("--rwse", type=int, default=8, help="random-walk steps of GPS's structural encoding")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps on a few small examples, every model (options given after it win)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads, set as OMP_NUM_THREADS and MKL_NUM_THREADS before torch starts (default: "
-                             "the environment's, else torch's choice: every core)")
-    parser.add_argument("--out", default=os.path.join("runs", "state_tracking"),
-                        help="output folder")  # short: the default stays on one line of --help
-    parser.add_argument("--tag", default=None, help="file name tag (default: the device type)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--record", nargs="?", const="", default=None, metavar="JSON",
-                        help="also write the JSON log, with the command and the code's fingerprint, to JSON and the "
-                             "plot beside it (without a value: benchmarks/results/state_tracking_<tag>.json, the "
-                             "recorded results the README quotes)")
-    parser.add_argument("--fingerprint-only", action="store_true",
-                        help="train nothing: print the code's fingerprint (every model of the table, seed 0, "
-                             "a few optimizer steps on the first training batch) that --record stores")
+    # A short --out help: its default stays on one line of --help.
+    add_run_arguments(parser, "state_tracking", out_help="output folder")
     raw = list(sys.argv[1:] if argv is None else argv)
     # --smoke: its options first, so that the ones given on the command line override them.
     args = parser.parse_args((SMOKE if "--smoke" in raw else []) + raw)
@@ -450,6 +437,20 @@ def last_tokens(data) -> Tensor:
     return data.ptr[1:] - 1
 
 
+def bucketed_accuracy(keys: List[Tensor], correct: List[Tensor],
+                      buckets: Optional[List[Tuple[int, int]]] = None) -> Dict:
+    """Accuracy overall and per bucket ``[low, high]`` of ``keys`` (a length or a depth per prediction)."""
+    keys, correct = torch.cat(keys), torch.cat(correct).float()
+    result = {"acc": correct.mean().item(), "count": correct.numel()}
+    if buckets is not None:
+        result["buckets"] = []
+        for low, high in buckets:
+            inside = (keys >= low) & (keys <= high)
+            result["buckets"].append({"range": [low, high], "count": int(inside.sum()),
+                                      "acc": correct[inside].mean().item() if inside.any() else float("nan")})
+    return result
+
+
 def score_sequences(predictions, buckets: Optional[List[Tuple[int, int]]] = None) -> Dict:
     """Accuracy of the whole string's parity (the last token's prediction), overall and per length bucket."""
     lengths, correct = [], []
@@ -457,15 +458,7 @@ def score_sequences(predictions, buckets: Optional[List[Tuple[int, int]]] = None
         last = last_tokens(data)
         lengths.append(data.seq_len.cpu())
         correct.append((pred[last] == data.y[last]).cpu())
-    lengths, correct = torch.cat(lengths), torch.cat(correct).float()
-    result = {"acc": correct.mean().item(), "count": correct.numel()}
-    if buckets is not None:
-        result["buckets"] = []
-        for low, high in buckets:
-            inside = (lengths >= low) & (lengths <= high)
-            result["buckets"].append({"range": [low, high], "count": int(inside.sum()),
-                                      "acc": correct[inside].mean().item() if inside.any() else float("nan")})
-    return result
+    return bucketed_accuracy(lengths, correct, buckets)
 
 
 def score_trees(predictions, buckets: Optional[List[Tuple[int, int]]] = None) -> Dict:
@@ -474,15 +467,7 @@ def score_trees(predictions, buckets: Optional[List[Tuple[int, int]]] = None) ->
     for data, pred in predictions:
         depths.append(data.depth.cpu())
         correct.append((pred == data.y).cpu())
-    depths, correct = torch.cat(depths), torch.cat(correct).float()
-    result = {"acc": correct.mean().item(), "count": correct.numel()}
-    if buckets is not None:
-        result["buckets"] = []
-        for low, high in buckets:
-            inside = (depths >= low) & (depths <= high)
-            result["buckets"].append({"range": [low, high], "count": int(inside.sum()),
-                                      "acc": correct[inside].mean().item() if inside.any() else float("nan")})
-    return result
+    return bucketed_accuracy(depths, correct, buckets)
 
 
 def evaluate(task: str, model, split, device, buckets=None) -> Dict:

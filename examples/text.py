@@ -61,7 +61,7 @@ from torch_geometric.utils import to_dense_batch
 from torch_geometric_chimera.nn import ChimeraConv
 from torch_geometric_chimera.transforms import SequenceToLine
 
-from _common import (Block, HelpFormatter, count_parameters, fingerprint_first,  # noqa: E402
+from _common import (Block, HelpFormatter, add_run_arguments, count_parameters, fingerprint_first,  # noqa: E402
                      fingerprint_losses, fingerprint_record, machine_description, mean_std,
                      note_threads_of_this_process, plot_seeds, pyplot, record_paths, record_result, resolve_device,
                      warmup_cosine, without_options)
@@ -95,21 +95,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--limit", type=int, default=None, help="use the first N windows of each split (smoke runs)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', ...")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads, set as OMP_NUM_THREADS and MKL_NUM_THREADS before torch starts (default: "
-                             "the environment's, else torch's choice: every core)")
-    parser.add_argument("--out", default=os.path.join("runs", "text"),
-                        help="folder of the JSON log text_<tag>.json and the plot text_<tag>.png")
-    parser.add_argument("--tag", default=None, help="file name tag (default: the device type)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--record", nargs="?", const="", default=None, metavar="JSON",
-                        help="also write the JSON log, with the command and the code's fingerprint, to JSON and the "
-                             "plot beside it (without a value: benchmarks/results/text_<tag>.json, the recorded "
-                             "results the README quotes)")
-    parser.add_argument("--fingerprint-only", action="store_true",
-                        help="train nothing: print the code's fingerprint (every model of the table, seed 0, "
-                             "a few optimizer steps on the first training batch) that --record stores")
+    add_run_arguments(parser, "text")
     args = parser.parse_args(argv)
     args.models = list(MODELS) if args.model == "all" else args.model.split(",")
     for name in args.models:

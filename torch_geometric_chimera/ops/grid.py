@@ -21,6 +21,7 @@ included); memory ``N H S P / segment_rows``.
 
 :func:`grid_attention_reference` is the same recurrence in plain PyTorch, position by position.
 """
+import glob
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +37,6 @@ ROW_BLOCK_BYTES = 32 * 1024
 def _l2_cache_bytes(default: int = 1024 * 1024) -> int:
     """One core's L2 cache as Linux reports it (``/sys/devices/system/cpu/cpu0/cache``), else ``default``,
     within [512 KiB, 4 MiB]."""
-    import glob
     for folder in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
         try:
             with open(f"{folder}/level") as level, open(f"{folder}/size") as size:
