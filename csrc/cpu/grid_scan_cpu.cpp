@@ -154,14 +154,14 @@ CHIMERA_INLINE void add_scaled(scalar_t* __restrict__ acc, const scalar_t* __res
   for (int64_t f = 0; f < n; ++f) acc[f] += w * x[f];
 }
 
-// 32-byte vectors of GCC's vector extensions (AVX registers in the x86-64-v3 clone, pairs of SSE
-// registers in the baseline one), loaded and stored unaligned. The helpers are always inlined, so
-// the ABI of passing such vectors without AVX (GCC's -Wpsabi note) never applies.
+// 64-byte vectors of GCC's vector extensions: one AVX-512 register in the x86-64-v4 clone, two AVX
+// registers in the x86-64-v3 one, four SSE registers in the baseline; loaded and stored unaligned.
+// The helpers are always inlined, so the ABI of passing such vectors (GCC's -Wpsabi note) never applies.
 #pragma GCC diagnostic ignored "-Wpsabi"
 template <typename scalar_t>
 struct Vector {
-  static constexpr int64_t kLanes = 32 / sizeof(scalar_t);
-  typedef scalar_t type __attribute__((vector_size(32)));
+  static constexpr int64_t kLanes = 64 / sizeof(scalar_t);
+  typedef scalar_t type __attribute__((vector_size(64)));
 };
 
 template <typename scalar_t>
@@ -174,6 +174,25 @@ CHIMERA_INLINE typename Vector<scalar_t>::type load_vector(const scalar_t* p) {
 template <typename scalar_t>
 CHIMERA_INLINE void store_vector(scalar_t* p, const typename Vector<scalar_t>::type& v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// The sum of a vector's lanes: halves added twice as vectors (64 -> 32 -> 16 bytes), then the last
+// lanes one by one; a loop over all the lanes would be 16 dependent scalar additions.
+template <typename scalar_t>
+CHIMERA_INLINE scalar_t sum_lanes(const typename Vector<scalar_t>::type& v) {
+  typedef scalar_t half_t __attribute__((vector_size(32)));
+  typedef scalar_t quarter_t __attribute__((vector_size(16)));
+  half_t lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  const half_t half = lo + hi;
+  quarter_t a, b;
+  std::memcpy(&a, &half, 16);
+  std::memcpy(&b, reinterpret_cast<const char*>(&half) + 16, 16);
+  const quarter_t quarter = a + b;
+  scalar_t sum = 0;
+  for (int64_t l = 0; l < static_cast<int64_t>(16 / sizeof(scalar_t)); ++l) sum += quarter[l];
+  return sum;
 }
 
 // One DAG of a call: its walk, weights and the start of its query and key (node after node,
@@ -220,8 +239,10 @@ CHIMERA_INLINE void grid_forward_task(const GridTask<scalar_t>& t, int64_t g, in
   const int64_t P = kP > 0 ? kP : t.P;
   const int64_t W = t.row_width[g], R = size / W, S = t.S, SP = S * P, H = t.heads;
   const int64_t block = state_block(W, S, P, sizeof(scalar_t)), BP = block * P;
-  std::fill(rows, rows + 2 * W * BP + BP, scalar_t(0));
-  const scalar_t* zeros = rows + 2 * W * BP;  // the state of a missing parent
+  // Only the zero block is cleared: every state is written before it is read (a missing parent
+  // reads `zeros`), and clearing the rows cost as much as a tenth of the kernel.
+  scalar_t* zeros = rows + 2 * W * BP;  // the state of a missing parent
+  std::fill(zeros, zeros + BP, scalar_t(0));
   for (int64_t s0 = 0; s0 < S; s0 += block) {
     const int64_t sn = std::min(block, S - s0);
     scalar_t *above = rows, *current = rows + W * BP;
@@ -237,17 +258,40 @@ CHIMERA_INLINE void grid_forward_task(const GridTask<scalar_t>& t, int64_t g, in
         const scalar_t* __restrict__ v = t.value + i * t.value_row + h * P;
         scalar_t* state = current + c * BP;
         scalar_t* __restrict__ out = y + (i * H + h) * P;
-        if (s0 == 0 && !t.accumulate)
-          for (int64_t f = 0; f < P; ++f) out[f] = scalar_t(0);
-        for (int64_t s = 0; s < sn; ++s) {
-          scalar_t* __restrict__ hs = state + s * P;
-          const scalar_t* __restrict__ us = up + s * P;
-          const scalar_t* __restrict__ ls = left + s * P;
-          const scalar_t ks = k[s] * k_scale, qs = q[s];
-          for (int64_t f = 0; f < P; ++f) {  // a missing parent: zero weight times the zero state
-            const scalar_t state_f = ks * v[f] + w_up * us[f] + w_left * ls[f];
-            hs[f] = state_f;
-            out[f] += qs * state_f;
+        const bool first = s0 == 0 && !t.accumulate;  // the first block (of the first DAG) writes y, later ones add
+        if constexpr (kP > 0) {
+          // P fixed: v and the output row stay in registers over the block's state rows.
+          using vec_t = typename Vector<scalar_t>::type;
+          constexpr int64_t kLanes = Vector<scalar_t>::kLanes, kV = kP / kLanes;
+          static_assert(kP % kLanes == 0, "the fixed head dimensions are multiples of a vector");
+          vec_t v_v[kV], out_v[kV];
+          for (int64_t j = 0; j < kV; ++j) {
+            v_v[j] = load_vector(v + j * kLanes);
+            out_v[j] = first ? vec_t{} : load_vector(out + j * kLanes);
+          }
+          for (int64_t s = 0; s < sn; ++s) {
+            const scalar_t ks = k[s] * k_scale, qs = q[s];
+            for (int64_t j = 0; j < kV; ++j) {  // a missing parent: zero weight times the zero state
+              const int64_t f = s * P + j * kLanes;
+              const vec_t state_v = ks * v_v[j] + w_up * load_vector(up + f) + w_left * load_vector(left + f);
+              store_vector(state + f, state_v);
+              out_v[j] += qs * state_v;
+            }
+          }
+          for (int64_t j = 0; j < kV; ++j) store_vector(out + j * kLanes, out_v[j]);
+        } else {
+          if (first)
+            for (int64_t f = 0; f < P; ++f) out[f] = scalar_t(0);
+          for (int64_t s = 0; s < sn; ++s) {
+            scalar_t* __restrict__ hs = state + s * P;
+            const scalar_t* __restrict__ us = up + s * P;
+            const scalar_t* __restrict__ ls = left + s * P;
+            const scalar_t ks = k[s] * k_scale, qs = q[s];
+            for (int64_t f = 0; f < P; ++f) {  // a missing parent: zero weight times the zero state
+              const scalar_t state_f = ks * v[f] + w_up * us[f] + w_left * ls[f];
+              hs[f] = state_f;
+              out[f] += qs * state_f;
+            }
           }
         }
       }
@@ -282,15 +326,16 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
   // segment_rows past the tallest image (no checkpoints) must not allocate for rows that do not exist.
   const int64_t C = std::min(t.segment_rows, R), segments = (R + C - 1) / C;
   const int64_t block = state_block(W, S, P, sizeof(scalar_t)), BP = block * P, row = W * BP;
-  std::fill(buffer, buffer + (C + 3) * row + BP, scalar_t(0));
-  const scalar_t* zeros = buffer + (C + 3) * row;  // the state or adjoint of a missing neighbour
-  scalar_t* lanes = buffer + (C + 3) * row + BP;    // partial sums of dq and dk, 2 x block x 8 values
+  // Only the zero block is cleared: every state and adjoint is written before it is read (a missing
+  // neighbour reads `zeros`; the segment's first row is its checkpoint), and clearing the segment's
+  // rows, a megabyte per image, head and DAG, cost a fifth of the backward.
+  scalar_t* zeros = buffer + (C + 3) * row;  // the state or adjoint of a missing neighbour
+  std::fill(zeros, zeros + BP, scalar_t(0));
   auto weight = [&](int64_t i, int64_t slot) { return t.weight_of(i, slot, h); };
   for (int64_t s0 = 0; s0 < S; s0 += block) {
     const int64_t sn = std::min(block, S - s0);
     scalar_t* states = buffer;  // row 0: the row above the segment
     scalar_t *adjoint_below = buffer + (C + 1) * row, *adjoint = adjoint_below + row;
-    std::fill(adjoint_below, adjoint_below + row, scalar_t(0));  // no row below the last
     for (int64_t segment = segments - 1; segment >= 0; --segment) {
       const int64_t r0 = segment * C, r1 = std::min(R, r0 + C);
       if (segment > 0) {
@@ -310,12 +355,27 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           const scalar_t k_scale = t.key_scale(i, h);
           const scalar_t* __restrict__ v = t.value + i * t.value_row + h * P;
           const scalar_t *up = r > 0 ? above + c * BP : zeros, *left = c > 0 ? current + (c - 1) * BP : zeros;
-          for (int64_t s = 0; s < sn; ++s) {
-            scalar_t* __restrict__ hs = current + c * BP + s * P;
-            const scalar_t* __restrict__ us = up + s * P;
-            const scalar_t* __restrict__ ls = left + s * P;
-            const scalar_t ks = k[s] * k_scale;
-            for (int64_t f = 0; f < P; ++f) hs[f] = ks * v[f] + w_up * us[f] + w_left * ls[f];
+          if constexpr (kP > 0) {
+            using vec_t = typename Vector<scalar_t>::type;
+            constexpr int64_t kLanes = Vector<scalar_t>::kLanes, kV = kP / kLanes;
+            vec_t v_v[kV];
+            for (int64_t j = 0; j < kV; ++j) v_v[j] = load_vector(v + j * kLanes);
+            for (int64_t s = 0; s < sn; ++s) {
+              const scalar_t ks = k[s] * k_scale;
+              for (int64_t j = 0; j < kV; ++j) {
+                const int64_t f = s * P + j * kLanes;
+                store_vector(current + c * BP + f,
+                             ks * v_v[j] + w_up * load_vector(up + f) + w_left * load_vector(left + f));
+              }
+            }
+          } else {
+            for (int64_t s = 0; s < sn; ++s) {
+              scalar_t* __restrict__ hs = current + c * BP + s * P;
+              const scalar_t* __restrict__ us = up + s * P;
+              const scalar_t* __restrict__ ls = left + s * P;
+              const scalar_t ks = k[s] * k_scale;
+              for (int64_t f = 0; f < P; ++f) hs[f] = ks * v[f] + w_up * us[f] + w_left * ls[f];
+            }
           }
         }
       }
@@ -339,8 +399,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           const bool first_head = !t.shared_heads || (h == 0 && t.writes_qk);
           scalar_t d_scale = 0;  // sum_s key_s dK_eff_s: the gradient of the key's scale
           scalar_t* __restrict__ dv = d.grad_value + (i * H + h) * P;
-          if (s0 == 0 && !t.accumulate)  // the first block (of the first DAG) writes dV, later ones add
-            for (int64_t f = 0; f < P; ++f) dv[f] = scalar_t(0);
+          const bool first_dv = s0 == 0 && !t.accumulate;  // the first block (of the first DAG) writes dV, later ones add
           scalar_t d_up = 0, d_left = 0;
           if constexpr (kP > 0) {
             // P fixed: every row of P values is kV vectors, held in registers (GCC vector extensions),
@@ -351,14 +410,13 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
             using vec_t = typename Vector<scalar_t>::type;
             constexpr int64_t kLanes = Vector<scalar_t>::kLanes, kV = kP / kLanes;
             static_assert(kP % kLanes == 0, "the fixed head dimensions are multiples of a vector");
-            vec_t dy_v[kV], v_v[kV];
+            vec_t dy_v[kV], v_v[kV], dv_v[kV];  // dV stays in registers over the block's state rows
             for (int64_t j = 0; j < kV; ++j) {
               dy_v[j] = load_vector(dy + j * kLanes);
               v_v[j] = load_vector(v + j * kLanes);
+              dv_v[j] = first_dv ? vec_t{} : load_vector(dv + j * kLanes);
             }
             vec_t part_up = {}, part_left = {};
-            scalar_t* lanes_q = lanes;  // [sn][kLanes]
-            scalar_t* lanes_k = lanes + sn * kLanes;
             for (int64_t s = 0; s < sn; ++s) {
               scalar_t* gs = adjoint + c * BP + s * P;
               const scalar_t *bs = below + s * P, *rs = right + s * P, *hs = state + s * P;
@@ -371,28 +429,21 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
                 store_vector(gs + f, g_v);
                 acc_q += load_vector(hs + f) * dy_v[j];
                 acc_k += g_v * v_v[j];
-                store_vector(dv + f, load_vector(dv + f) + ks * g_v);
+                dv_v[j] += ks * g_v;
                 part_up += g_v * load_vector(us + f);
                 part_left += g_v * load_vector(ls + f);
               }
-              store_vector(lanes_q + s * kLanes, acc_q);
-              store_vector(lanes_k + s * kLanes, acc_k);
-            }
-            for (int64_t s = 0; s < sn; ++s) {
-              scalar_t sum_q = 0, sum_k = 0;
-              for (int64_t l = 0; l < kLanes; ++l) {
-                sum_q += lanes_q[s * kLanes + l];
-                sum_k += lanes_k[s * kLanes + l];
-              }
+              const scalar_t sum_q = sum_lanes<scalar_t>(acc_q), sum_k = sum_lanes<scalar_t>(acc_k);
               dq[s] = (first_head ? scalar_t(0) : dq[s]) + sum_q;
               dk[s] = (first_head ? scalar_t(0) : dk[s]) + k_scale * sum_k;
               d_scale += k[s] * sum_k;
             }
-            for (int64_t l = 0; l < kLanes; ++l) {
-              d_up += part_up[l];
-              d_left += part_left[l];
-            }
+            for (int64_t j = 0; j < kV; ++j) store_vector(dv + j * kLanes, dv_v[j]);
+            d_up = sum_lanes<scalar_t>(part_up);
+            d_left = sum_lanes<scalar_t>(part_left);
           } else {
+            if (first_dv)
+              for (int64_t f = 0; f < P; ++f) dv[f] = scalar_t(0);
             for (int64_t s = 0; s < sn; ++s) {
               scalar_t* __restrict__ gs = adjoint + c * BP + s * P;
               const scalar_t* __restrict__ bs = below + s * P;
@@ -436,7 +487,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
 // The task loops, compiled twice (x86-64-v3: AVX2 and FMA; and baseline x86-64) and picked at load
 // time: the inner loops over P are the whole cost and vectorize only with the wider instruction set.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CHIMERA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define CHIMERA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CHIMERA_VECTOR_CLONES
 #endif
@@ -504,7 +555,7 @@ inline int64_t scratch_values(const GridLayout& layout, int64_t S, int64_t P, in
     if (size == 0) continue;
     const int64_t W = width[g], R = size / W, BP = state_block(W, S, P, element_size) * P;
     const int64_t rows = backward ? std::min(segment_rows, R) + 3 : 2;
-    most = std::max(most, rows * W * BP + BP + (backward ? 2 * S * 8 : 0));
+    most = std::max(most, rows * W * BP + BP);
   }
   return most;
 }
