@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstring>
 #include <set>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -207,12 +208,14 @@ struct GridTask {
   const scalar_t *weight, *query, *key, *value;
   int64_t heads, S, P, segment_rows;
   int64_t qk_stride, value_row;  // value_row: elements from one node's values to the next's (H * P if contiguous)
+  int64_t grad_qk_stride;        // dQ and dK are contiguous even where query and key are read in place
   bool shared_heads, accumulate;
   bool writes_qk;  // the first DAG reading its query/key set: writes dQ, dK (later ones of the set add)
   int64_t slots() const { return shared_heads ? 3 : 2; }
   scalar_t weight_of(int64_t i, int64_t slot, int64_t h) const { return weight[(i * slots() + slot) * heads + h]; }
   scalar_t key_scale(int64_t i, int64_t h) const { return shared_heads ? weight_of(i, 2, h) : scalar_t(1); }
   int64_t qk_row(int64_t i, int64_t h) const { return i * qk_stride + (shared_heads ? 0 : h) * S; }
+  int64_t grad_qk_row(int64_t i, int64_t h) const { return i * grad_qk_stride + (shared_heads ? 0 : h) * S; }
 };
 
 // Rows of states are processed in blocks of state rows s (the recurrences of different s are
@@ -395,7 +398,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           const scalar_t *state = current + c * BP, *up = r > 0 ? above + c * BP : zeros;
           const scalar_t* left = c > 0 ? current + (c - 1) * BP : zeros;
           // Shared heads: dQ, dK sum over the heads (the first head writes), dK through the key's scale.
-          scalar_t *dq = d.grad_query + t.qk_row(i, h) + s0, *dk = d.grad_key + t.qk_row(i, h) + s0;
+          scalar_t *dq = d.grad_query + t.grad_qk_row(i, h) + s0, *dk = d.grad_key + t.grad_qk_row(i, h) + s0;
           const bool first_head = !t.shared_heads || (h == 0 && t.writes_qk);
           scalar_t d_scale = 0;  // sum_s key_s dK_eff_s: the gradient of the key's scale
           scalar_t* __restrict__ dv = d.grad_value + (i * H + h) * P;
@@ -575,7 +578,8 @@ template <typename scalar_t>
 std::vector<GridTask<scalar_t>> make_tasks(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value, int64_t segment_rows) {
   const int64_t N = value.size(0), H = value.size(1), P = value.size(2), S = key.size(-1), D = layout.dags;
-  const int64_t slots = layout.stacked ? 3 : 2, qk_stride = layout.stacked ? query.size(1) * S : H * S;
+  const int64_t slots = layout.stacked ? 3 : 2, grad_qk_stride = layout.stacked ? query.size(1) * S : H * S;
+  const int64_t qk_stride = layout.stacked ? query.stride(0) : H * S;  // stacked: rows may be strided (sets_in_place)
   std::vector<GridTask<scalar_t>> tasks;
   for (int64_t d = 0; d < D; ++d) {
     const int64_t set = layout.stacked ? layout.groups[d] : 0;
@@ -585,7 +589,7 @@ std::vector<GridTask<scalar_t>> make_tasks(const GridLayout& layout, const at::T
                      layout.nodes.data_ptr<int64_t>() + d * N, layout.checkpoint_ptr.data(),
                      weight.data_ptr<scalar_t>() + d * N * slots * H, query.data_ptr<scalar_t>() + set * S,
                      key.data_ptr<scalar_t>() + set * S, value.data_ptr<scalar_t>(), H, S, P, segment_rows, qk_stride,
-                     value.stride(0), layout.stacked, d > 0, !layout.stacked || first_of_set});
+                     value.stride(0), grad_qk_stride, layout.stacked, d > 0, !layout.stacked || first_of_set});
   }
   return tasks;
 }
@@ -595,6 +599,18 @@ at::Tensor rows_of_values(const at::Tensor& value) {
   const int64_t H = value.size(1), P = value.size(2);
   const bool row_major = value.stride(2) == 1 && (value.stride(1) == P || H == 1) && value.stride(0) >= H * P;
   return row_major ? value : value.contiguous();
+}
+
+// Stacked query and key ([N, sets, 1, S]) as the kernels read them: the sets of a node contiguous
+// and one row stride for both, so that column blocks of the layer's projected features are read in
+// place (no copies); otherwise contiguous copies.
+std::pair<at::Tensor, at::Tensor> sets_of_rows(const at::Tensor& query, const at::Tensor& key, bool stacked) {
+  const int64_t sets = query.size(1), S = query.size(-1);
+  auto in_place = [&](const at::Tensor& t) {
+    return t.stride(3) == 1 && (t.stride(1) == S || sets == 1) && t.stride(0) >= sets * S;
+  };
+  if (stacked && in_place(query) && in_place(key) && query.stride(0) == key.stride(0)) return {query, key};
+  return {query.contiguous(), key.contiguous()};
 }
 
 // Tasks of a call: one per (graph, head), or per graph when the heads share query and key.
@@ -611,8 +627,8 @@ std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at
   check_grid_features(query_in, key_in, value_in, op);
   const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows,
                                         num_checkpoints, groups, op);
-  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = rows_of_values(value_in);
-  const auto weight = weight_in.contiguous();
+  const auto [query, key] = sets_of_rows(query_in, key_in, layout.stacked);
+  const auto value = rows_of_values(value_in), weight = weight_in.contiguous();
   const int64_t heads = value.size(1), S = key.size(-1), P = value.size(2), num_graphs = graph_ptr.numel() - 1;
   const int64_t D = layout.dags, count = layout.checkpoint_ptr.back();
   auto y = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
@@ -653,15 +669,17 @@ std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr,
   TORCH_CHECK(checkpoints_in.sizes() == at::IntArrayRef({D * count, heads, S * P}), op, ": checkpoints must have shape [",
               D * count, ", ", heads, ", ", S * P, "] (the forward's, for these graphs and segment_rows), got ",
               checkpoints_in.sizes());
-  const auto query = query_in.contiguous(), key = key_in.contiguous(), value = rows_of_values(value_in);
+  const auto [query, key] = sets_of_rows(query_in, key_in, layout.stacked);
+  const auto value = rows_of_values(value_in);
   const auto weight = weight_in.contiguous(), checkpoints = checkpoints_in.contiguous();
   const auto grad_y = grad_y_in.contiguous();
   // Every entry is written: graph_ptr covers all N nodes, each visited once per DAG and block of state
   // rows; a set of query and key that no DAG reads gets zeros.
   const bool every_set_read = !layout.stacked || static_cast<int64_t>(std::set<int64_t>(
                                                      layout.groups.begin(), layout.groups.end()).size()) == query.size(1);
-  auto grad_query = every_set_read ? at::empty_like(query) : at::zeros_like(query);
-  auto grad_key = every_set_read ? at::empty_like(key) : at::zeros_like(key);
+  const auto dense = query.options().memory_format(at::MemoryFormat::Contiguous);
+  auto grad_query = every_set_read ? at::empty(query.sizes(), dense) : at::zeros(query.sizes(), dense);
+  auto grad_key = every_set_read ? at::empty(key.sizes(), dense) : at::zeros(key.sizes(), dense);
   auto grad_value = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
   auto grad_weight = at::empty_like(weight);
   if (value.numel() == 0 || S == 0 || D == 0)  // nothing to visit: gradients are zero

@@ -107,18 +107,19 @@ def assert_all_close(got, want, names=NAMES, **tolerances):
 @pytest.mark.parametrize("head_dim", [3, 16])
 def test_dags_sharing_query_and_key_sets_read_them_in_place(groups, sets, head_dim):
     # The layer's B, C sharing (diagonal: DAGs 0 and 3, 1 and 2): the kernel reads query[:, groups[d]]
-    # in place, and the values as a strided column block; equal to the gathered, contiguous call and to
-    # the reference, values and gradients. A set no DAG reads ((2, 0, 2, 0): set 1) gets zero gradient.
+    # in place, and values, keys and queries as strided column blocks of one feature tensor, as the
+    # layer's projection lays them out; equal to the gathered, contiguous call and to the reference,
+    # values and gradients. A set no DAG reads ((2, 0, 2, 0): set 1) gets zero gradient.
     torch.manual_seed(0)
     problem = StackedProblem(MIXED_SIZES, num_dags=4, heads=2, head_dim=head_dim)
     n = problem.num_nodes
-    query = torch.randn(n, sets, 1, 3, dtype=torch.float64, requires_grad=True)
-    key = torch.randn(n, sets, 1, 3, dtype=torch.float64, requires_grad=True)
-    features = torch.randn(n, 2 * head_dim + 5, dtype=torch.float64, requires_grad=True)  # values, then 5 more
-    value = features[:, :2 * head_dim].view(n, 2, head_dim)
-    assert not value.is_contiguous()
+    # values, keys, queries, then 5 more columns
+    features = torch.randn(n, 2 * head_dim + 2 * sets * 3 + 5, dtype=torch.float64, requires_grad=True)
+    value, key, query, _ = features.split([2 * head_dim, sets * 3, sets * 3, 5], dim=1)
+    value, key, query = value.view(n, 2, head_dim), key.view(n, sets, 1, 3), query.view(n, sets, 1, 3)
+    assert not any(t.is_contiguous() for t in (value, key, query))
     grad = torch.randn(n, 2, head_dim, dtype=torch.float64)
-    leaves = (problem.weight, query, key, features)
+    leaves = (problem.weight, features)
     in_place = grid_attention(*problem.index, problem.weight, query, key, value, 2, groups=groups)
     index = torch.tensor(groups)
     gathered = grid_attention(*problem.index, problem.weight, query.index_select(1, index), key.index_select(1, index),
@@ -126,7 +127,7 @@ def test_dags_sharing_query_and_key_sets_read_them_in_place(groups, sets, head_d
     reference = grid_attention_reference(*problem.index, problem.weight, query, key, value, groups=groups)
     want = values_and_grads(reference, leaves, grad)
     for got in (values_and_grads(in_place, leaves, grad), values_and_grads(gathered, leaves, grad)):
-        assert_all_close(got, want, names=("y", "grad weight", "grad query", "grad key", "grad features"))
+        assert_all_close(got, want, names=("y", "grad weight", "grad features"))
     unread = sorted(set(range(sets)) - set(groups))
     if unread:
         grad_query = torch.autograd.grad(grid_attention(*problem.index, problem.weight, query, key, value,

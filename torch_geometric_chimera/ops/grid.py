@@ -213,8 +213,9 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
             and ``key[:, groups[d]]`` (query and key ``[N, sets, 1, S]``, sets shared by DAGs, as
             B and C sharing gives them; no gathered copy). (default: :obj:`None`: ``groups[d] = d``)
 
-    ``value`` may have strided rows (``value.stride(2) == 1``, ``value.stride(1) == P``): the kernel
-    reads it in place, as a column block of the layer's projected features.
+    ``value`` may have strided rows (``value.stride(2) == 1``, ``value.stride(1) == P``), and so may
+    stacked ``query`` and ``key`` (sets contiguous within a row, one row stride for both): the kernel
+    reads them in place, as column blocks of the layer's projected features.
 
     Differentiable in ``weight``, ``query``, ``key`` and ``value``; float16 / bfloat16 run in float32.
 
