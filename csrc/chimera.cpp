@@ -84,6 +84,13 @@ TORCH_LIBRARY(chimera, m) {
   m.def("grid_attention_backward(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, "
         "Tensor key, Tensor value, Tensor checkpoints, Tensor grad_y, int segment_rows, SymInt num_checkpoints, "
         "int[]? groups=None) -> Tensor[]");
+  // The weight table of the stacked grid_attention from the selectivity delta [N, sets, 2, H] (softplus applied):
+  // for DAG d (Delta set groups[d]) and node i with parents p_r (parents[d, i, r]; r = 0 above, 1 before in the
+  // row; n of them, counted 1 when none), table[d, i, r] = p_r T(delta[i, groups[d], r]) / sqrt(n) with
+  // T(x) = exp(-x) (2 exp(-x) - 1 when signed), table[d, i, 2] = scale sum_r p_r delta[i, groups[d], r] / sqrt(n).
+  m.def("grid_selectivity(Tensor delta, Tensor parents, int[] groups, float scale, bool signed) -> Tensor");
+  m.def("grid_selectivity_backward(Tensor grad_table, Tensor delta, Tensor parents, int[] groups, float scale, "
+        "bool signed) -> Tensor");
   // The elementwise parts of the block around the mixer, fused (CPU; cpu/block_ops_cpu.cpp), on [N, C] rows:
   // local_conv_silu: silu(x * self_scale + neighbors * neighbor_scale + bias), per-channel scales;
   // gated_rms_norm: g = (y + skip * skip_scale) * silu(gate), returns (g * rsqrt(mean(g^2) + eps) * weight, rsqrt).

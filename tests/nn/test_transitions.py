@@ -141,6 +141,10 @@ def test_signed_decomposition_layers_differ_from_positive_ones_only_in_the_trans
     # With transition() forced to exp(-x) the signed layer is the positive one: nothing else differs.
     import torch_geometric_chimera.nn.decomposition as decomposition_module
     monkeypatch.setattr(decomposition_module, "transition", lambda rate, signed=False: torch.exp(-rate))
+    # (the grid's one-pass kernel of the same formulas, chimera::grid_selectivity, likewise)
+    kernel = decomposition_module.grid_selectivity
+    monkeypatch.setattr(decomposition_module, "grid_selectivity",
+                        lambda delta, parents, groups, scale=1.0, signed=False: kernel(delta, parents, groups, scale))
     torch.testing.assert_close(signed(x, None, **geometry), positive(x, None, **geometry), rtol=0, atol=0)
 
 

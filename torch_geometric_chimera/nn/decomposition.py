@@ -44,8 +44,8 @@ from torch import Tensor
 
 from ..ops.block import block_kernels_available, window_conv_silu, window_conv_silu_reference
 from ..ops.common import host_reads_allowed
-from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_walks, num_checkpoints,
-                        segment_rows_for)
+from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_selectivity, grid_walks,
+                        num_checkpoints, segment_rows_for)
 from ..ops.triton_grid import grid_attention_triton, grid_plan, grid_triton_available
 from .adjacency import transition
 
@@ -430,10 +430,29 @@ def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, grou
         ``(weight [D, N, R, H], key_scale [D, N, H])``: ``weight[d, i, r]`` is :math:`A^{(d)}_{ij}`
         for the parent ``j`` of ``i`` in slot ``r`` (zero where there is none), and
         :math:`\bar{\mathbf{B}}^{(d)}_i` = ``key_scale[d, i] * B_i``.
+
+    On grids on CPU one pass of :func:`~torch_geometric_chimera.ops.grid.grid_selectivity`, whose
+    table both results are views of; elsewhere :func:`decomposition_adjacency_reference`.
     """
+    _check_dt_groups(delta, geometry, groups)
+    if (geometry.decomposition == "grid" and rate is None and grid_available(delta)
+            and delta.dtype in (torch.float32, torch.float64)):
+        table = grid_selectivity(delta, geometry.parents, groups, scale, signed)
+        return table[:, :, :2], table[:, :, 2]
+    return decomposition_adjacency_reference(delta, geometry, groups, scale, signed, rate)
+
+
+def _check_dt_groups(delta: Tensor, geometry: DecompositionGeometry, groups: Tuple[int, ...]) -> None:
     if len(groups) != len(geometry.dags) or max(groups) >= delta.size(1):
         raise ValueError(f"groups: expected one Delta set in [0, {delta.size(1)}) per DAG ({len(geometry.dags)}), "
                          f"got {groups}")
+
+
+def decomposition_adjacency_reference(delta: Tensor, geometry: DecompositionGeometry, groups: Tuple[int, ...],
+                                      scale: float = 1.0, signed: bool = False,
+                                      rate: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """:func:`decomposition_adjacency` in PyTorch ops, the module docstring's formulas as written."""
+    _check_dt_groups(delta, geometry, groups)
     if tuple(groups) != tuple(range(delta.size(1))):
         # index_select, not delta[:, list]: its backward is an index_add, not a sorting index_put
         delta = delta.index_select(1, torch.tensor(groups, device=delta.device))
@@ -449,6 +468,18 @@ def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, grou
         weight = transition(decay, signed) * parents
         key_scale = delta.squeeze(2) * scale if scale != 1.0 else delta.squeeze(2)
     return weight, key_scale
+
+
+def _stacked_table(weight: Tensor, key_scale: Tensor) -> Tensor:
+    """The ``[D, N, 3, H]`` table of the stacked grid kernel: the one both came from as views
+    (:func:`~torch_geometric_chimera.ops.grid.grid_selectivity`), else a new one."""
+    base = weight._base
+    if (base is not None and key_scale._base is base and base.dim() == 4 and base.size(2) == 3
+            and base.is_contiguous() and weight.shape == base[:, :, :2].shape and weight.data_ptr() == base.data_ptr()
+            and weight.stride() == base.stride() and key_scale.stride() == base[:, :, 2].stride()
+            and key_scale.data_ptr() == base[:, :, 2].data_ptr()):
+        return base
+    return torch.cat([weight, key_scale.unsqueeze(2)], 2)
 
 
 def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, weight: Tensor, key_scale: Tensor,
@@ -511,7 +542,7 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, we
                 # [D, N, 3, H]: from above, from before in the row, the key's scale per head. The kernel reads
                 # every DAG's set of B, C in place (groups) and the values as a column block of the layer's
                 # features (strided rows): no gathered or contiguous copies.
-                table = torch.cat([weight, key_scale.unsqueeze(2)], 2)
+                table = _stacked_table(weight, key_scale)
                 return grid_attention(walks.graph_ptr, walks.row_width, nodes, table, query, key, value,
                                       segment_rows, checkpoints, groups)
         else:  # the Triton row-scan kernels (GPU); the plan reads the sizes once per geometry and shape

@@ -184,6 +184,32 @@ if HAS_EXTENSION:
     torch.library.register_autograd("chimera::grid_attention_backward", _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
+    @torch.library.register_fake("chimera::grid_selectivity")
+    def _grid_selectivity_fake(delta, parents, groups, scale, signed):
+        return delta.new_empty(parents.size(0), delta.size(0), 3, delta.size(3))
+
+    @torch.library.register_fake("chimera::grid_selectivity_backward")
+    def _grid_selectivity_backward_fake(grad_table, delta, parents, groups, scale, signed):
+        return delta.new_empty(delta.shape)
+
+    def _grid_selectivity_setup_context(ctx, inputs, output):
+        delta, parents, groups, scale, signed = inputs
+        ctx.save_for_backward(delta, parents)
+        ctx.options = (groups, scale, signed)
+
+    def _grid_selectivity_backward(ctx, grad_table):
+        delta, parents = ctx.saved_tensors
+        grad = torch.ops.chimera.grid_selectivity_backward(grad_table.contiguous(), delta, parents, *ctx.options)
+        return grad, None, None, None, None
+
+    torch.library.register_autograd("chimera::grid_selectivity", _grid_selectivity_backward,
+                                    setup_context=_grid_selectivity_setup_context)
+    def _no_selectivity_double_backward(ctx, *grads):
+        raise NotImplementedError("chimera::grid_selectivity_backward: double backward is not supported")
+
+    torch.library.register_autograd("chimera::grid_selectivity_backward", _no_selectivity_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
 
 def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor, key: Tensor,
                    value: Tensor, segment_rows: Optional[int] = None, checkpoints: Optional[int] = None,
@@ -270,6 +296,35 @@ def grid_attention_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor
     return torch.stack(outputs) if outputs else value.new_zeros(value.shape)
 
 
+def grid_selectivity(delta: Tensor, parents: Tensor, groups: Sequence[int], scale: float = 1.0,
+                     signed: bool = False) -> Tensor:
+    r"""The weight table of the stacked :func:`grid_attention` from the selectivity, in one pass
+    (``chimera::grid_selectivity``, CPU). For DAG ``d`` reading :math:`\Delta` set ``g = groups[d]``
+    and node ``i`` with parents :math:`p_r` (``parents[d, i, r]``: ``r = 0`` the parent above, ``1``
+    the one before in the row; :math:`n = p_0 + p_1`, counted 1 when 0):
+
+    .. math::
+        \mathrm{table}_{d,i,r,h} = \frac{p_r\, T(\Delta_{i,g,r,h})}{\sqrt{n}}, \qquad
+        \mathrm{table}_{d,i,2,h} = \mathrm{scale}\,\frac{\sum_r p_r \Delta_{i,g,r,h}}{\sqrt{n}},
+
+    :math:`T(x) = e^{-x}`, or :math:`2e^{-x} - 1` when ``signed``: the transition weights and key
+    scales of :func:`~torch_geometric_chimera.nn.decomposition.decomposition_adjacency` on grids,
+    side by side, where that function takes ten PyTorch passes forward and as many backward.
+
+    Args:
+        delta (Tensor): :math:`\Delta \ge 0`, ``[N, sets, 2, H]``.
+        parents (BoolTensor): ``[D, N, 2]``.
+        groups (sequence of int): the :math:`\Delta` set of every DAG.
+        scale (float, optional): folded into the key scales. (default: ``1``)
+        signed (bool, optional): signed transitions. (default: :obj:`False`)
+
+    Differentiable in ``delta``.
+
+    :rtype: :class:`Tensor` ``[D, N, 3, H]``.
+    """
+    return torch.ops.chimera.grid_selectivity(delta, parents, list(groups), float(scale), bool(signed))
+
+
 def grid_weights(edge_weight: Tensor, weight_index: Tensor, num_nodes: int) -> Tensor:
     r"""The ``[N, 2, H]`` weight table of :func:`grid_attention` from a DAG's ``[E, H]`` edge
     weights (``weight_index`` from :func:`grid_walks`; every target has at most one edge per slot)."""
@@ -283,4 +338,5 @@ def grid_available(query: Tensor) -> bool:
 
 
 __all__: Tuple[str, ...] = ("GridWalks", "grid_walks", "grid_attention", "grid_attention_reference", "grid_weights",
+                            "grid_selectivity",
                             "segment_rows_for", "state_block", "num_checkpoints", "grid_available", "GRID_DIRECTIONS")
