@@ -16,12 +16,14 @@ image for the 2-D models, 7 centred taps or Mamba-2's causal 4 on the raster lin
 per DAG and edge direction, gated RMSNorm); only the DAGs differ.
 
 Every model is the same pre-norm stack, only the token mixer differs: a linear patch embedding
-plus learned position embeddings (--pos-emb), --layers blocks of [LayerNorm, mixer, dropout,
+plus, for the ViT, learned position embeddings (--pos-emb), --layers blocks of [LayerNorm, mixer, dropout,
 residual; LayerNorm, MLP (GELU, 2x width), dropout, residual], a final LayerNorm, mean pooling
 over the patches (no class token: the grid has no node for it) and a linear classifier. The
 width of each model is the largest one whose parameter count fits --budget.
-Position embeddings are on by default (the ViT needs them); the SSMs tell directions apart without
-them (the authors' image model has none): --pos-emb none runs every model without.
+By default (--pos-emb auto) every model is configured as its authors configure it: the ViT with
+learned position embeddings (attention has no other notion of where a patch is), the SSMs without
+(the authors' Chimera image model sets use_pos_embed: false; the DAGs and scans give the order).
+--pos-emb learned gives every model learned position embeddings, --pos-emb none takes them from every model.
 
 Training: AdamW (--lr, --weight-decay), linear warmup over --warmup epochs then cosine decay to 0,
 --epochs epochs of --batch-size images, gradient norm clipped at 1. Data: load_digits (1,797
@@ -31,7 +33,8 @@ accuracy (first such epoch), mean ± std (population) over --seeds.
 
     python examples/images.py                                   # the table in the README
     python examples/images.py --sharing all --model grid        # Table 6: sharing modes
-    python examples/images.py --pos-emb none --model grid,fwd   # without position information
+    python examples/images.py --pos-emb learned                 # every model with learned positions
+    python examples/images.py --pos-emb none --model grid,vit   # without position information
     python examples/images.py --record                          # refresh benchmarks/results/images_cpu.json
 
 The JSON log and the plot go to --out (runs/images/); only --record writes the recorded results in
@@ -86,8 +89,9 @@ def parse_args(argv=None):
     parser.add_argument("--sharing", default="diagonal",
                         help=f"B/C sharing of the grid model (App. B.2), one of {list(SHARING)}, or 'all' to run "
                              f"the grid model once per mode (Table 6)")
-    parser.add_argument("--pos-emb", default="learned", choices=("learned", "none"),
-                        help="position embeddings added to the patch embeddings of every model")
+    parser.add_argument("--pos-emb", default="auto", choices=POS_EMB,
+                        help="learned position embeddings added to the patch embeddings: 'auto' for the ViT alone "
+                             "(each model as its authors configure it), 'learned' for every model, 'none' for none")
     parser.add_argument("--dt-range", default="0.001,0.1",
                         help="initial range of every SSM's selectivity Δ, 'min,max' (Mamba-2's by default; the "
                              "authors' ImageNet model used 0.007,0.7)")
@@ -204,10 +208,24 @@ class DigitClassifier(nn.Module):
 
 
 
+#: --pos-emb: "auto" gives learned position embeddings to the ViT alone (as ViT and DeiT have them,
+#: while the authors' Chimera image model has use_pos_embed: false), "learned" to every model, "none" to none.
+POS_EMB = ("auto", "learned", "none")
+
+
+def pos_emb_of(kind: str, pos_emb: str) -> str:
+    """The position embedding of model ``kind`` under ``--pos-emb``: ``"learned"`` or ``"none"``."""
+    if pos_emb not in POS_EMB:
+        raise ValueError(f"pos_emb: expected one of {POS_EMB}, got {pos_emb!r}")
+    if pos_emb == "auto":
+        return "learned" if kind == "vit" else "none"
+    return pos_emb
+
+
 def build(kind: str, width: int, args, sharing: str) -> DigitClassifier:
     side = 8 // args.patch_size
     return DigitClassifier(kind, args.patch_size ** 2, side, width, args.layers, args.heads, args.state_dim,
-                           sharing, args.dropout, args.pos_emb, (args.dt_min, args.dt_max))
+                           sharing, args.dropout, pos_emb_of(kind, args.pos_emb), (args.dt_min, args.dt_max))
 
 
 def width_for_budget(kind: str, args, sharing: str) -> int:

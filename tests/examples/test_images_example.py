@@ -75,3 +75,19 @@ def test_missing_scikit_learn_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
     with pytest.raises(SystemExit, match="pip install scikit-learn"):
         load_example().main(["--limit", "4", "--epochs", "1", "--seeds", "0", "--quiet"])
+
+
+def test_default_positions_follow_each_models_authors():
+    # --pos-emb auto (the default): the ViT with learned position embeddings, the SSMs without (the
+    # authors' Chimera image config: use_pos_embed: false); 'learned' and 'none' apply to every model.
+    example = load_example()
+    args = example.parse_args([])
+    assert args.pos_emb == "auto"
+    for kind in example.MODELS:
+        model = example.build(kind, 16, args, "diagonal")
+        assert (model.pos is not None) == (kind == "vit"), kind
+        for pos_emb, has in (("learned", True), ("none", False)):
+            assert (example.build(kind, 16, example.parse_args(["--pos-emb", pos_emb]), "diagonal").pos
+                    is not None) == has, (kind, pos_emb)
+    with pytest.raises(ValueError, match="pos_emb: expected one of"):
+        example.pos_emb_of("grid", "sinusoidal")
