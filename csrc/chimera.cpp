@@ -78,7 +78,7 @@ TORCH_LIBRARY(chimera, m) {
   // every segment_rows-th row (num_checkpoints of them in all, which the caller counts so that
   // the output's shape is known without the data), from which the backward recomputes; it returns
   // (dweight, dQ, dK, dV). Stacked DAGs may share query and key sets (groups[d]: the set DAG d reads), and
-  // value's rows may be strided.
+  // the rows of value (and of stacked query and key) may be strided: column blocks of one feature tensor.
   m.def("grid_attention(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, Tensor key, "
         "Tensor value, int segment_rows, SymInt num_checkpoints, int[]? groups=None) -> Tensor[]");
   m.def("grid_attention_backward(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, "

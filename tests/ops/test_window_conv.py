@@ -204,3 +204,24 @@ def test_outputs_and_gradients_do_not_depend_on_the_thread_count():
     assert result.returncode == 0, result.stderr
     for dtype, equal in json.loads(result.stdout.strip().splitlines()[-1]).items():
         assert all(equal), f"{dtype}: output, grad x, grad weight, grad bias equal between 1 and 2 threads: {equal}"
+
+
+@requires_extension
+@pytest.mark.parametrize("kh, kw, row_offset, col_offset", WINDOWS)
+def test_backward_bands_of_tall_images_equal_the_reference(kh, kw, row_offset, col_offset):
+    # The backward splits images of narrow rows into bands of at most 16 rows, each recomputing the
+    # gradients of the rows its window reaches beyond its own: 37 rows are three bands (16, 16, 5),
+    # and the 40 x 600 image's rows are longer than a segment (chunks of one row).
+    x, graph_ptr, row_width, gen = batch_of(((37, 5), (2, 2), (33, 1), (40, 600)), 6, torch.float64)
+    weight = torch.randn(6, kh, kw, generator=gen, dtype=torch.float64)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    def kernel(*a):
+        return window_conv_silu(a[0], graph_ptr, row_width, a[1], a[2], row_offset, col_offset)
+
+    def reference(*a):
+        return window_conv_silu_reference(a[0], graph_ptr, row_width, a[1], a[2], row_offset, col_offset)
+    got, want = values_and_grads(kernel, x, weight, bias, grad), values_and_grads(reference, x, weight, bias, grad)
+    for name, a, b in zip(("out", "grad x", "grad weight", "grad bias"), got, want):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
