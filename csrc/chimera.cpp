@@ -84,6 +84,15 @@ TORCH_LIBRARY(chimera, m) {
   m.def("grid_attention_backward(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor weight, Tensor query, "
         "Tensor key, Tensor value, Tensor checkpoints, Tensor grad_y, int segment_rows, SymInt num_checkpoints, "
         "int[]? groups=None) -> Tensor[]");
+  // The stacked grid_attention on the layer's features [N, C] = [values (value_width = H * P) | keys (sets *
+  // state_dim) | queries (sets * state_dim)], read in place, plus Mamba's D skip: y = sum over the DAGs of
+  // table's walks + skip[h] * v. Returns (y [N, H, P], checkpoints); the backward returns (dtable, dfeatures
+  // [N, C], dskip [H]): one gradient of the features, not one per part for autograd to concatenate.
+  m.def("grid_mixer(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor table, Tensor features, Tensor skip, "
+        "int value_width, int state_dim, int[] groups, int segment_rows, SymInt num_checkpoints) -> Tensor[]");
+  m.def("grid_mixer_backward(Tensor graph_ptr, Tensor row_width, Tensor nodes, Tensor table, Tensor features, "
+        "Tensor skip, Tensor checkpoints, Tensor grad_y, int value_width, int state_dim, int[] groups, "
+        "int segment_rows, SymInt num_checkpoints) -> Tensor[]");
   // The weight table of the stacked grid_attention from the selectivity delta [N, sets, 2, H] (softplus applied):
   // for DAG d (Delta set groups[d]) and node i with parents p_r (parents[d, i, r]; r = 0 above, 1 before in the
   // row; n of them, counted 1 when none), table[d, i, r] = p_r T(delta[i, groups[d], r]) / sqrt(n) with
@@ -93,13 +102,14 @@ TORCH_LIBRARY(chimera, m) {
         "bool signed) -> Tensor");
   // The elementwise parts of the block around the mixer, fused (CPU; cpu/block_ops_cpu.cpp), on [N, C] rows:
   // local_conv_silu: silu(x * self_scale + neighbors * neighbor_scale + bias), per-channel scales;
-  // gated_rms_norm: g = (y + skip * skip_scale) * silu(gate), returns (g * rsqrt(mean(g^2) + eps) * weight, rsqrt).
+  // gated_rms_norm: g = (y + skip * skip_scale) * silu(gate) (skip and skip_scale None: g = y * silu(gate)),
+  // returns (g * rsqrt(mean(g^2) + eps) * weight, rsqrt); without the skip its gradients are empty tensors.
   // The backwards return the gradients of every tensor input, in order.
   m.def("local_conv_silu(Tensor x, Tensor neighbors, Tensor self_scale, Tensor neighbor_scale, Tensor bias) -> Tensor");
   m.def("local_conv_silu_backward(Tensor grad_out, Tensor x, Tensor neighbors, Tensor self_scale, "
         "Tensor neighbor_scale, Tensor bias) -> Tensor[]");
-  m.def("gated_rms_norm(Tensor y, Tensor skip, Tensor skip_scale, Tensor gate, Tensor weight, float eps) -> Tensor[]");
-  m.def("gated_rms_norm_backward(Tensor grad_out, Tensor y, Tensor skip, Tensor skip_scale, Tensor gate, "
+  m.def("gated_rms_norm(Tensor y, Tensor? skip, Tensor? skip_scale, Tensor gate, Tensor weight, float eps) -> Tensor[]");
+  m.def("gated_rms_norm_backward(Tensor grad_out, Tensor y, Tensor? skip, Tensor? skip_scale, Tensor gate, "
         "Tensor weight, Tensor rstd) -> Tensor[]");
   // window_conv_silu: silu(bias + a depthwise kh x kw window of x), every image of a batch of [N, C] rows
   // (raster order, image after image: graph_ptr, row_width) zero padded at its border; the window of the

@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <utility>
 #include <vector>
 
 namespace chimera {
@@ -142,13 +144,15 @@ CHIMERA_BLOCK_INLINE void local_conv_silu_backward_rows(const ConvArgs<scalar_t>
 template <typename scalar_t>
 struct NormArgs {
   Rows<scalar_t> y, skip, gate;
-  const scalar_t *skip_scale, *weight;
+  const scalar_t *skip_scale, *weight;  // skip and skip_scale unread without the skip term
   int64_t channels;
   double eps;
   ExpRange range;
+  bool has_skip;
 };
 
-template <typename scalar_t>
+// kSkip: g = (y + skip * d) * silu(gate); without, g = y * silu(gate) (a mixer that added the skip itself).
+template <bool kSkip, typename scalar_t>
 CHIMERA_BLOCK_INLINE void gated_rms_norm_rows(const NormArgs<scalar_t>& a, int64_t begin, int64_t end, scalar_t* out,
                                 scalar_t* rstd) {
   const int64_t C = a.channels;
@@ -156,12 +160,12 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_rows(const NormArgs<scalar_t>& a, int64
   const scalar_t eps = scalar_t(a.eps);
   const scalar_t *__restrict__ d = a.skip_scale, *__restrict__ w = a.weight;
   for (int64_t i = begin; i < end; ++i) {
-    const scalar_t *y = a.y.row(i), *skip = a.skip.row(i), *gate = a.gate.row(i);
+    const scalar_t *y = a.y.row(i), *skip = kSkip ? a.skip.row(i) : nullptr, *gate = a.gate.row(i);
     scalar_t* __restrict__ o = out + i * C;
     scalar_t sum_sq = 0;
 #pragma omp simd reduction(+ : sum_sq)
     for (int64_t c = 0; c < C; ++c) {  // g, kept in the output row until it is scaled
-      const scalar_t g = (y[c] + skip[c] * d[c]) * gate[c] * sigmoid(gate[c], range);
+      const scalar_t g = (kSkip ? y[c] + skip[c] * d[c] : y[c]) * gate[c] * sigmoid(gate[c], range);
       o[c] = g;
       sum_sq += g * g;
     }
@@ -173,7 +177,7 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_rows(const NormArgs<scalar_t>& a, int64
 
 // Gradients of rows [begin, end); partial: the chunk's sums (2 x C: d skip_scale, d weight);
 // scratch: 2 x C values (g and sigmoid(gate) of the row: the exp is computed once per element).
-template <typename scalar_t>
+template <bool kSkip, typename scalar_t>
 CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>& a, const Rows<scalar_t>& grad,
                                          const scalar_t* rstd, int64_t begin, int64_t end, scalar_t* dy,
                                          scalar_t* dskip, scalar_t* dgate, scalar_t* partial, scalar_t* scratch) {
@@ -183,13 +187,14 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>&
   scalar_t *__restrict__ dd = partial, *__restrict__ dw = partial + C;
   scalar_t *__restrict__ g = scratch, *__restrict__ sig = scratch + C;
   for (int64_t i = begin; i < end; ++i) {
-    const scalar_t *y = a.y.row(i), *skip = a.skip.row(i), *gate = a.gate.row(i), *go = grad.row(i);
+    const scalar_t *y = a.y.row(i), *skip = kSkip ? a.skip.row(i) : nullptr, *gate = a.gate.row(i),
+                   *go = grad.row(i);
     const scalar_t r = rstd[i];
     scalar_t dot = 0;  // sum_c dout_c w_c g_c
 #pragma omp simd reduction(+ : dot)
     for (int64_t c = 0; c < C; ++c) {
       sig[c] = sigmoid(gate[c], range);
-      g[c] = (y[c] + skip[c] * d[c]) * gate[c] * sig[c];
+      g[c] = (kSkip ? y[c] + skip[c] * d[c] : y[c]) * gate[c] * sig[c];
       dot += go[c] * w[c] * g[c];
     }
     const scalar_t coef = r * r * r * dot / scalar_t(C);
@@ -197,12 +202,14 @@ CHIMERA_BLOCK_INLINE void gated_rms_norm_backward_rows(const NormArgs<scalar_t>&
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t dg = r * w[c] * go[c] - coef * g[c];
       dw[c] += go[c] * g[c] * r;
-      const scalar_t s = y[c] + skip[c] * d[c];
+      const scalar_t s = kSkip ? y[c] + skip[c] * d[c] : y[c];
       const scalar_t ds = dg * gate[c] * sig[c];
       dgi[c] = dg * s * sig[c] * (scalar_t(1) + gate[c] * (scalar_t(1) - sig[c]));
       dyi[c] = ds;
-      dski[c] = ds * d[c];
-      dd[c] += ds * skip[c];
+      if constexpr (kSkip) {
+        dski[c] = ds * d[c];
+        dd[c] += ds * skip[c];
+      }
     }
   }
 }
@@ -358,13 +365,19 @@ CHIMERA_BLOCK_INLINE void window_conv_silu_backward_chunk_task(const WindowArgs<
   }                                                                                                                \
   CHIMERA_BLOCK_CLONES void gated_rms_norm_chunk(const NormArgs<scalar_t>& a, int64_t begin, int64_t end,          \
                                                  scalar_t* out, scalar_t* rstd) {                                  \
-    gated_rms_norm_rows(a, begin, end, out, rstd);                                                                 \
+    if (a.has_skip)                                                                                                \
+      gated_rms_norm_rows<true>(a, begin, end, out, rstd);                                                         \
+    else                                                                                                           \
+      gated_rms_norm_rows<false>(a, begin, end, out, rstd);                                                        \
   }                                                                                                                \
   CHIMERA_BLOCK_CLONES void gated_rms_norm_backward_chunk(const NormArgs<scalar_t>& a, const Rows<scalar_t>& grad,  \
                                                           const scalar_t* rstd, int64_t begin, int64_t end,         \
                                                           scalar_t* dy, scalar_t* dskip, scalar_t* dgate,           \
                                                           scalar_t* partial, scalar_t* scratch) {                   \
-    gated_rms_norm_backward_rows(a, grad, rstd, begin, end, dy, dskip, dgate, partial, scratch);                   \
+    if (a.has_skip)                                                                                                \
+      gated_rms_norm_backward_rows<true>(a, grad, rstd, begin, end, dy, dskip, dgate, partial, scratch);           \
+    else                                                                                                           \
+      gated_rms_norm_backward_rows<false>(a, grad, rstd, begin, end, dy, dskip, dgate, partial, scratch);          \
   }                                                                                                                \
   CHIMERA_BLOCK_CLONES void window_conv_silu_chunk(const WindowArgs<scalar_t>& a, const WindowSegment* segments,   \
                                                    int64_t first, int64_t last, scalar_t* out) {                    \
@@ -483,23 +496,37 @@ std::vector<at::Tensor> local_conv_silu_backward_cpu(const at::Tensor& grad_in, 
   return {dx, dn, sums[0], sums[1], sums[2]};
 }
 
-std::vector<at::Tensor> gated_rms_norm_cpu(const at::Tensor& y_in, const at::Tensor& skip_in,
-                                           const at::Tensor& skip_scale_in, const at::Tensor& gate_in,
+// The skip term's inputs, both or neither: (skip rows, skip_scale), or two undefined tensors.
+std::pair<at::Tensor, at::Tensor> skip_inputs(const std::optional<at::Tensor>& skip_in,
+                                              const std::optional<at::Tensor>& skip_scale_in, const at::Tensor& y,
+                                              int64_t channels, const char* op) {
+  const bool has_skip = skip_in.has_value() && skip_in->defined();
+  const bool has_scale = skip_scale_in.has_value() && skip_scale_in->defined();
+  TORCH_CHECK(has_skip == has_scale, op, ": skip and skip_scale must be given together (or both None for no skip "
+              "term), got ", has_skip ? "skip" : "skip_scale", " alone");
+  if (!has_skip) return {at::Tensor(), at::Tensor()};
+  return {row_input(*skip_in, y, channels, op, "skip"), channel_input(*skip_scale_in, y, channels, op, "skip_scale")};
+}
+
+std::vector<at::Tensor> gated_rms_norm_cpu(const at::Tensor& y_in, const std::optional<at::Tensor>& skip_in,
+                                           const std::optional<at::Tensor>& skip_scale_in, const at::Tensor& gate_in,
                                            const at::Tensor& weight_in, double eps) {
   const char* op = "chimera::gated_rms_norm";
   check_lead(y_in, op, "y");
   TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
   const int64_t N = y_in.size(0), C = y_in.size(1);
   TORCH_CHECK(C > 0, op, ": y must have at least one channel (the mean over channels), got shape ", y_in.sizes());
-  const auto y = row_input(y_in, y_in, C, op, "y"), skip = row_input(skip_in, y_in, C, op, "skip");
+  const auto y = row_input(y_in, y_in, C, op, "y");
+  const auto [skip, d] = skip_inputs(skip_in, skip_scale_in, y_in, C, op);
   const auto gate = row_input(gate_in, y_in, C, op, "gate");
-  const auto d = channel_input(skip_scale_in, y_in, C, op, "skip_scale");
   const auto w = channel_input(weight_in, y_in, C, op, "weight");
   auto out = at::empty({N, C}, y_in.options()), rstd = at::empty({N}, y_in.options());
   if (N == 0) return {out, rstd};
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "chimera_gated_rms_norm_cpu", [&] {
-    const NormArgs<scalar_t> args{rows_of<scalar_t>(y), rows_of<scalar_t>(skip), rows_of<scalar_t>(gate),
-                                  d.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), C, eps, ExpRange{}};
+    const bool has_skip = skip.defined();
+    const NormArgs<scalar_t> args{rows_of<scalar_t>(y), has_skip ? rows_of<scalar_t>(skip) : Rows<scalar_t>{nullptr, 0},
+                                  rows_of<scalar_t>(gate), has_skip ? d.data_ptr<scalar_t>() : nullptr,
+                                  w.data_ptr<scalar_t>(), C, eps, ExpRange{}, has_skip};
     scalar_t *op_out = out.data_ptr<scalar_t>(), *rp = rstd.data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / C),
                      [&](int64_t begin, int64_t end) { gated_rms_norm_chunk(args, begin, end, op_out, rp); });
@@ -508,31 +535,36 @@ std::vector<at::Tensor> gated_rms_norm_cpu(const at::Tensor& y_in, const at::Ten
 }
 
 std::vector<at::Tensor> gated_rms_norm_backward_cpu(const at::Tensor& grad_in, const at::Tensor& y_in,
-                                                    const at::Tensor& skip_in, const at::Tensor& skip_scale_in,
+                                                    const std::optional<at::Tensor>& skip_in,
+                                                    const std::optional<at::Tensor>& skip_scale_in,
                                                     const at::Tensor& gate_in, const at::Tensor& weight_in,
                                                     const at::Tensor& rstd_in) {
   const char* op = "chimera::gated_rms_norm_backward";
   check_lead(y_in, op, "y");
   const int64_t N = y_in.size(0), C = y_in.size(1);
   const auto grad = row_input(grad_in, y_in, C, op, "grad_out");
-  const auto y = row_input(y_in, y_in, C, op, "y"), skip = row_input(skip_in, y_in, C, op, "skip");
+  const auto y = row_input(y_in, y_in, C, op, "y");
+  const auto [skip, d] = skip_inputs(skip_in, skip_scale_in, y_in, C, op);
   const auto gate = row_input(gate_in, y_in, C, op, "gate");
-  const auto d = channel_input(skip_scale_in, y_in, C, op, "skip_scale");
   const auto w = channel_input(weight_in, y_in, C, op, "weight");
   TORCH_CHECK(rstd_in.dim() == 1 && rstd_in.size(0) == N && rstd_in.scalar_type() == y_in.scalar_type() &&
                   rstd_in.device() == y_in.device(),
               op, ": rstd must be the forward's [N] = [", N, "] tensor of y's dtype and device, got ", rstd_in.sizes());
   const auto rstd = rstd_in.contiguous();
-  auto dy = at::empty({N, C}, y_in.options()), dskip = at::empty({N, C}, y_in.options());
+  // Without the skip term its gradients are empty tensors ([0] and [0]).
+  const bool has_skip = skip.defined();
+  auto dy = at::empty({N, C}, y_in.options()), dskip = at::empty({has_skip ? N : 0, C}, y_in.options());
   auto dgate = at::empty({N, C}, y_in.options());
   std::vector<at::Tensor> sums;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "chimera_gated_rms_norm_backward_cpu", [&] {
-    const NormArgs<scalar_t> args{rows_of<scalar_t>(y), rows_of<scalar_t>(skip), rows_of<scalar_t>(gate),
-                                  d.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), C, 0.0, ExpRange{}};
+    const NormArgs<scalar_t> args{rows_of<scalar_t>(y), has_skip ? rows_of<scalar_t>(skip) : Rows<scalar_t>{nullptr, 0},
+                                  rows_of<scalar_t>(gate), has_skip ? d.data_ptr<scalar_t>() : nullptr,
+                                  w.data_ptr<scalar_t>(), C, 0.0, ExpRange{}, has_skip};
     const Rows<scalar_t> grad_rows = rows_of<scalar_t>(grad);
     const int64_t chunks = num_chunks(N);
     std::vector<scalar_t> partials(chunks * 2 * C, scalar_t(0));
-    scalar_t *dyp = dy.data_ptr<scalar_t>(), *dsp = dskip.data_ptr<scalar_t>(), *dgp = dgate.data_ptr<scalar_t>();
+    scalar_t *dyp = dy.data_ptr<scalar_t>(), *dsp = has_skip ? dskip.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dgp = dgate.data_ptr<scalar_t>();
     const scalar_t* rp = rstd.data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       std::vector<scalar_t> scratch(2 * C);
@@ -542,8 +574,9 @@ std::vector<at::Tensor> gated_rms_norm_backward_cpu(const at::Tensor& grad_in, c
                                       scratch.data());
       }
     });
-    sums = reduce_partials(partials, chunks, 2, C, d.options());
+    sums = reduce_partials(partials, chunks, 2, C, w.options());
   });
+  if (!has_skip) sums[0] = at::empty({0}, y_in.options());
   return {dy, dskip, sums[0], dgate, sums[1]};
 }
 
@@ -583,27 +616,24 @@ std::vector<WindowSegment> window_segments(const at::Tensor& graph_ptr_in, const
   return segments;
 }
 
-// The chunks of the backward: rows of up to kSegment positions are split as the segments are; images
-// of narrower rows go in bands of whole rows, as many as keep a band's region (the rows plus the
-// window's reach, kh - 1 more) near kChunkBytes and at most kChunkRows (bands of an image run on
-// different threads). Fixed by the shapes alone, so the partial sums are too.
+// The chunks of the backward: bands of rows of an image, each row cut into segments of at most
+// kSegment positions as the forward's are; a band has as many rows as keep its region (the rows plus
+// the window's reach, kh - 1 more) near kChunkBytes, at most kChunkRows (bands of an image run on
+// different threads). One-row images (sequences) are their segments. Fixed by the shapes alone, so
+// the partial sums are too.
 constexpr int64_t kChunkBytes = 512 * 1024, kChunkRows = 16;
 
 std::vector<WindowChunk> window_chunks(const std::vector<WindowSegment>& segments, int64_t channels, int64_t kh,
                                        int64_t element_size) {
   std::vector<WindowChunk> chunks;
-  for (size_t k = 0; k < segments.size();) {
-    const WindowSegment& s = segments[k];
-    if (s.width > kSegment) {  // a long row (a sequence): one chunk per segment
-      chunks.push_back({s.base, s.rows, s.width, s.y, s.y + 1, s.x_begin, s.x_end});
-      ++k;
-      continue;
-    }
-    const int64_t fit = kChunkBytes / std::max<int64_t>(1, s.width * channels * element_size) - (kh - 1);
+  for (const WindowSegment& s : segments) {
+    if (s.y != 0 || s.x_begin != 0) continue;  // an image's first segment stands for the image
+    const int64_t segment = std::min(s.width, kSegment);
+    const int64_t fit = kChunkBytes / std::max<int64_t>(1, segment * channels * element_size) - (kh - 1);
     const int64_t band = std::max<int64_t>(1, std::min<int64_t>(kChunkRows, fit));
-    const int64_t end = std::min(s.rows, s.y + band);  // segments of one image come row after row
-    chunks.push_back({s.base, s.rows, s.width, s.y, end, 0, s.width});
-    k += end - s.y;
+    for (int64_t y = 0; y < s.rows; y += band)
+      for (int64_t x = 0; x < s.width; x += kSegment)
+        chunks.push_back({s.base, s.rows, s.width, y, std::min(s.rows, y + band), x, std::min(s.width, x + kSegment)});
   }
   return chunks;
 }

@@ -209,7 +209,8 @@ struct GridTask {
   const scalar_t *weight, *query, *key, *value;
   int64_t heads, S, P, segment_rows;
   int64_t qk_stride, value_row;  // value_row: elements from one node's values to the next's (H * P if contiguous)
-  int64_t grad_qk_stride;        // dQ and dK are contiguous even where query and key are read in place
+  int64_t grad_qk_stride;        // dQ and dK rows: contiguous, or the feature rows of grid_mixer
+  const scalar_t* skip;          // grid_mixer: y starts at skip[h] * v (Mamba's D); nullptr: at 0
   bool shared_heads, accumulate;
   bool writes_qk;  // the first DAG reading its query/key set: writes dQ, dK (later ones of the set add)
   int64_t slots() const { return shared_heads ? 3 : 2; }
@@ -271,7 +272,7 @@ CHIMERA_INLINE void grid_forward_task(const GridTask<scalar_t>& t, int64_t g, in
           vec_t v_v[kV], out_v[kV];
           for (int64_t j = 0; j < kV; ++j) {
             v_v[j] = load_vector(v + j * kLanes);
-            out_v[j] = first ? vec_t{} : load_vector(out + j * kLanes);
+            out_v[j] = !first ? load_vector(out + j * kLanes) : t.skip ? t.skip[h] * v_v[j] : vec_t{};
           }
           for (int64_t s = 0; s < sn; ++s) {
             const scalar_t ks = k[s] * k_scale, qs = q[s];
@@ -285,7 +286,7 @@ CHIMERA_INLINE void grid_forward_task(const GridTask<scalar_t>& t, int64_t g, in
           for (int64_t j = 0; j < kV; ++j) store_vector(out + j * kLanes, out_v[j]);
         } else {
           if (first)
-            for (int64_t f = 0; f < P; ++f) out[f] = scalar_t(0);
+            for (int64_t f = 0; f < P; ++f) out[f] = t.skip ? t.skip[h] * v[f] : scalar_t(0);
           for (int64_t s = 0; s < sn; ++s) {
             scalar_t* __restrict__ hs = state + s * P;
             const scalar_t* __restrict__ us = up + s * P;
@@ -314,6 +315,8 @@ template <typename scalar_t>
 struct GridGrads {
   const scalar_t *grad_y, *checkpoints;
   scalar_t *grad_query, *grad_key, *grad_value, *grad_weight;
+  int64_t grad_value_row;  // elements from one node's dV to the next's: H * P, or the feature rows of grid_mixer
+  scalar_t* grad_skip;     // grid_mixer: [G, H] partial sums of <dy, v> per image and head; nullptr: none
 };
 
 // One (graph, head) of the backward (gradients of value and weight accumulate over the blocks:
@@ -402,15 +405,19 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
           scalar_t *dq = d.grad_query + t.grad_qk_row(i, h) + s0, *dk = d.grad_key + t.grad_qk_row(i, h) + s0;
           const bool first_head = !t.shared_heads || (h == 0 && t.writes_qk);
           scalar_t d_scale = 0;  // sum_s key_s dK_eff_s: the gradient of the key's scale
-          scalar_t* __restrict__ dv = d.grad_value + (i * H + h) * P;
+          scalar_t* __restrict__ dv = d.grad_value + i * d.grad_value_row + h * P;
           const bool first_dv = s0 == 0 && !t.accumulate;  // the first block (of the first DAG) writes dV, later ones add
+          if (first_dv && d.grad_skip) {  // the skip y += D_h v: dV starts at D_h dy, dD_h sums <dy, v>
+            scalar_t dot = 0;
+            for (int64_t f = 0; f < P; ++f) dot += dy[f] * v[f];
+            d.grad_skip[g * H + h] += dot;
+          }
           scalar_t d_up = 0, d_left = 0;
           if constexpr (kP > 0) {
             // P fixed: every row of P values is kV vectors, held in registers (GCC vector extensions),
-            // and the sums over f stay vectors of lanes, reduced late: <G, H_parent> once per
-            // position, dq and dk once per state row in a loop of their own. (Reducing to a scalar
-            // inside the loop over s cost more than its multiply-adds: GCC reduces an `omp simd`
-            // reduction lane by lane, in order.)
+            // and the sums over f stay vectors of lanes: <G, H_parent> reduced once per position, dq
+            // and dk once per state row by sum_lanes, which folds the vector in halves. (An `omp simd`
+            // reduction, which GCC reduces lane by lane in order, cost more than the multiply-adds.)
             using vec_t = typename Vector<scalar_t>::type;
             constexpr int64_t kLanes = Vector<scalar_t>::kLanes, kV = kP / kLanes;
             static_assert(kP % kLanes == 0, "the fixed head dimensions are multiples of a vector");
@@ -418,7 +425,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
             for (int64_t j = 0; j < kV; ++j) {
               dy_v[j] = load_vector(dy + j * kLanes);
               v_v[j] = load_vector(v + j * kLanes);
-              dv_v[j] = first_dv ? vec_t{} : load_vector(dv + j * kLanes);
+              dv_v[j] = !first_dv ? load_vector(dv + j * kLanes) : t.skip ? t.skip[h] * dy_v[j] : vec_t{};
             }
             vec_t part_up = {}, part_left = {};
             for (int64_t s = 0; s < sn; ++s) {
@@ -447,7 +454,7 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
             d_left = sum_lanes<scalar_t>(part_left);
           } else {
             if (first_dv)
-              for (int64_t f = 0; f < P; ++f) dv[f] = scalar_t(0);
+              for (int64_t f = 0; f < P; ++f) dv[f] = t.skip ? t.skip[h] * dy[f] : scalar_t(0);
             for (int64_t s = 0; s < sn; ++s) {
               scalar_t* __restrict__ gs = adjoint + c * BP + s * P;
               const scalar_t* __restrict__ bs = below + s * P;
@@ -488,8 +495,9 @@ CHIMERA_INLINE void grid_backward_task(const GridTask<scalar_t>& t, const GridGr
   }
 }
 
-// The task loops, compiled twice (x86-64-v3: AVX2 and FMA; and baseline x86-64) and picked at load
-// time: the inner loops over P are the whole cost and vectorize only with the wider instruction set.
+// The task loops, compiled three times (x86-64-v4: AVX-512; x86-64-v3: AVX2 and FMA; baseline x86-64)
+// and picked at load time: the inner loops over P are the whole cost, and the 64-byte vectors are one
+// register with AVX-512, two with AVX2.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define CHIMERA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -577,9 +585,11 @@ inline int64_t task_grain(int64_t num_nodes, int64_t num_graphs, int64_t dags, i
 // key[:, groups[d]].
 template <typename scalar_t>
 std::vector<GridTask<scalar_t>> make_tasks(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
-                                           const at::Tensor& key, const at::Tensor& value, int64_t segment_rows) {
+                                           const at::Tensor& key, const at::Tensor& value, int64_t segment_rows,
+                                           const scalar_t* skip = nullptr, int64_t grad_qk_row = 0) {
   const int64_t N = value.size(0), H = value.size(1), P = value.size(2), S = key.size(-1), D = layout.dags;
-  const int64_t slots = layout.stacked ? 3 : 2, grad_qk_stride = layout.stacked ? query.size(1) * S : H * S;
+  const int64_t slots = layout.stacked ? 3 : 2;
+  const int64_t grad_qk_stride = grad_qk_row > 0 ? grad_qk_row : layout.stacked ? query.size(1) * S : H * S;
   const int64_t qk_stride = layout.stacked ? query.stride(0) : H * S;  // stacked: rows may be strided (sets_in_place)
   std::vector<GridTask<scalar_t>> tasks;
   for (int64_t d = 0; d < D; ++d) {
@@ -590,7 +600,7 @@ std::vector<GridTask<scalar_t>> make_tasks(const GridLayout& layout, const at::T
                      layout.nodes.data_ptr<int64_t>() + d * N, layout.checkpoint_ptr.data(),
                      weight.data_ptr<scalar_t>() + d * N * slots * H, query.data_ptr<scalar_t>() + set * S,
                      key.data_ptr<scalar_t>() + set * S, value.data_ptr<scalar_t>(), H, S, P, segment_rows, qk_stride,
-                     value.stride(0), grad_qk_stride, layout.stacked, d > 0, !layout.stacked || first_of_set});
+                     value.stride(0), grad_qk_stride, skip, layout.stacked, d > 0, !layout.stacked || first_of_set});
   }
   return tasks;
 }
@@ -619,25 +629,23 @@ inline int64_t num_tasks(const GridLayout& layout, int64_t num_graphs, int64_t h
   return layout.stacked ? num_graphs : num_graphs * heads;
 }
 
-std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
-                                           const at::Tensor& nodes, const at::Tensor& weight_in,
-                                           const at::Tensor& query_in, const at::Tensor& key_in,
-                                           const at::Tensor& value_in, int64_t segment_rows,
-                                           int64_t num_checkpoints, at::OptionalIntArrayRef groups) {
-  const char* op = "chimera::grid_attention";
-  check_grid_features(query_in, key_in, value_in, op);
-  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows,
-                                        num_checkpoints, groups, op);
-  const auto [query, key] = sets_of_rows(query_in, key_in, layout.stacked);
-  const auto value = rows_of_values(value_in), weight = weight_in.contiguous();
-  const int64_t heads = value.size(1), S = key.size(-1), P = value.size(2), num_graphs = graph_ptr.numel() - 1;
-  const int64_t D = layout.dags, count = layout.checkpoint_ptr.back();
+// The forward over checked inputs: y [N, H, P] (contiguous) and the checkpoints. `skip` ([H], or
+// undefined): y starts at skip[h] * v (grid_mixer's D skip).
+std::vector<at::Tensor> run_grid_forward(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
+                                         const at::Tensor& key, const at::Tensor& value, const at::Tensor& skip,
+                                         int64_t segment_rows) {
+  const int64_t heads = value.size(1), S = key.size(-1), P = value.size(2);
+  const int64_t num_graphs = layout.graph_ptr.numel() - 1, D = layout.dags, count = layout.checkpoint_ptr.back();
   auto y = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
   // The checkpoints of DAG d are rows [d * count, (d + 1) * count).
   auto checkpoints = at::empty({D * count, heads, S * P}, value.options());
-  if (y.numel() == 0 || S == 0 || D == 0) return {y.zero_(), checkpoints};  // S = 0: zero scores
+  if (y.numel() == 0 || S == 0 || D == 0) {  // S = 0: zero scores; y is the skip alone
+    if (skip.defined()) return {y.copy_(value * skip.view({1, heads, 1})), checkpoints};
+    return {y.zero_(), checkpoints};
+  }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "chimera_grid_attention_cpu", [&] {
-    const auto tasks = make_tasks<scalar_t>(layout, weight, query, key, value, segment_rows);
+    const auto tasks = make_tasks<scalar_t>(layout, weight, query, key, value, segment_rows,
+                                            skip.defined() ? skip.data_ptr<scalar_t>() : nullptr);
     std::vector<scalar_t*> checkpoint;
     for (int64_t d = 0; d < D; ++d) checkpoint.push_back(checkpoints.data_ptr<scalar_t>() + d * count * heads * S * P);
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -651,6 +659,73 @@ std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at
   return {y, checkpoints};
 }
 
+// Where the backward writes: dQ and dK of set 0 (set s at s * S further on a row), rows grad_qk_row
+// apart; dV rows grad_value_row apart; dweight; the [G, H] partial sums of the skip's gradient
+// (undefined: no skip). Every entry of the read sets and of dV is written.
+struct GridGradTargets {
+  at::Tensor grad_weight, grad_query, grad_key, grad_value, grad_skip;
+  int64_t grad_qk_row, grad_value_row;
+};
+
+void run_grid_backward(const GridLayout& layout, const at::Tensor& weight, const at::Tensor& query,
+                       const at::Tensor& key, const at::Tensor& value, const at::Tensor& skip,
+                       const at::Tensor& checkpoints, const at::Tensor& grad_y, int64_t segment_rows,
+                       const GridGradTargets& out) {
+  const int64_t heads = value.size(1), S = key.size(-1), P = value.size(2);
+  const int64_t num_graphs = layout.graph_ptr.numel() - 1, D = layout.dags, count = layout.checkpoint_ptr.back();
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "chimera_grid_attention_backward_cpu", [&] {
+    const auto tasks = make_tasks<scalar_t>(layout, weight, query, key, value, segment_rows,
+                                            skip.defined() ? skip.data_ptr<scalar_t>() : nullptr, out.grad_qk_row);
+    std::vector<GridGrads<scalar_t>> grads;
+    for (int64_t d = 0; d < D; ++d)
+      grads.push_back({grad_y.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>() + d * count * heads * S * P,
+                       out.grad_query.data_ptr<scalar_t>() + (layout.stacked ? layout.groups[d] : 0) * S,
+                       out.grad_key.data_ptr<scalar_t>() + (layout.stacked ? layout.groups[d] : 0) * S,
+                       out.grad_value.data_ptr<scalar_t>(),
+                       out.grad_weight.data_ptr<scalar_t>() + d * value.size(0) * (layout.stacked ? 3 : 2) * heads,
+                       out.grad_value_row, out.grad_skip.defined() ? out.grad_skip.data_ptr<scalar_t>() : nullptr});
+    at::parallel_for(0, num_tasks(layout, num_graphs, heads),
+                     task_grain(value.size(0), num_graphs, D * (layout.stacked ? heads : 1), S, P),
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<scalar_t> buffer(scratch_values(layout, S, P, sizeof(scalar_t), segment_rows, true));
+                       grid_backward_tasks(tasks, grads, begin, end, buffer.data());
+                     });
+  });
+}
+
+void check_backward_inputs(const GridLayout& layout, const at::Tensor& key, const at::Tensor& value,
+                           const at::Tensor& checkpoints, const at::Tensor& grad_y, const char* op) {
+  const int64_t heads = value.size(1), S = key.size(-1), P = value.size(2);
+  const int64_t D = layout.dags, count = layout.checkpoint_ptr.back();
+  check_features(grad_y, value, op, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == value.sizes(), op, ": grad_y must have the shape of value ", value.sizes(), ", got ",
+              grad_y.sizes());
+  check_features(checkpoints, value, op, "checkpoints");
+  TORCH_CHECK(checkpoints.sizes() == at::IntArrayRef({D * count, heads, S * P}), op, ": checkpoints must have shape [",
+              D * count, ", ", heads, ", ", S * P, "] (the forward's, for these graphs and segment_rows), got ",
+              checkpoints.sizes());
+}
+
+// Whether every set of query and key is read by some DAG (else the unread sets' gradients are zeros).
+bool every_set_read(const GridLayout& layout, int64_t sets) {
+  return !layout.stacked ||
+         static_cast<int64_t>(std::set<int64_t>(layout.groups.begin(), layout.groups.end()).size()) == sets;
+}
+
+std::vector<at::Tensor> grid_attention_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
+                                           const at::Tensor& nodes, const at::Tensor& weight_in,
+                                           const at::Tensor& query_in, const at::Tensor& key_in,
+                                           const at::Tensor& value_in, int64_t segment_rows,
+                                           int64_t num_checkpoints, at::OptionalIntArrayRef groups) {
+  const char* op = "chimera::grid_attention";
+  check_grid_features(query_in, key_in, value_in, op);
+  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows,
+                                        num_checkpoints, groups, op);
+  const auto [query, key] = sets_of_rows(query_in, key_in, layout.stacked);
+  return run_grid_forward(layout, weight_in.contiguous(), query, key, rows_of_values(value_in), at::Tensor(),
+                          segment_rows);
+}
+
 std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
                                                     const at::Tensor& nodes, const at::Tensor& weight_in,
                                                     const at::Tensor& query_in, const at::Tensor& key_in,
@@ -661,47 +736,105 @@ std::vector<at::Tensor> grid_attention_backward_cpu(const at::Tensor& graph_ptr,
   check_grid_features(query_in, key_in, value_in, op);
   const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, weight_in, query_in, value_in, segment_rows,
                                         num_checkpoints, groups, op);
-  const int64_t heads = value_in.size(1), S = key_in.size(-1), P = value_in.size(2);
-  const int64_t num_graphs = graph_ptr.numel() - 1, D = layout.dags, count = layout.checkpoint_ptr.back();
-  check_features(grad_y_in, value_in, op, "grad_y");
-  TORCH_CHECK(grad_y_in.sizes() == value_in.sizes(), op, ": grad_y must have the shape of value ", value_in.sizes(),
-              ", got ", grad_y_in.sizes());
-  check_features(checkpoints_in, value_in, op, "checkpoints");
-  TORCH_CHECK(checkpoints_in.sizes() == at::IntArrayRef({D * count, heads, S * P}), op, ": checkpoints must have shape [",
-              D * count, ", ", heads, ", ", S * P, "] (the forward's, for these graphs and segment_rows), got ",
-              checkpoints_in.sizes());
+  check_backward_inputs(layout, key_in, value_in, checkpoints_in, grad_y_in, op);
   const auto [query, key] = sets_of_rows(query_in, key_in, layout.stacked);
   const auto value = rows_of_values(value_in);
-  const auto weight = weight_in.contiguous(), checkpoints = checkpoints_in.contiguous();
-  const auto grad_y = grad_y_in.contiguous();
+  const int64_t S = key.size(-1);
   // Every entry is written: graph_ptr covers all N nodes, each visited once per DAG and block of state
   // rows; a set of query and key that no DAG reads gets zeros.
-  const bool every_set_read = !layout.stacked || static_cast<int64_t>(std::set<int64_t>(
-                                                     layout.groups.begin(), layout.groups.end()).size()) == query.size(1);
+  const bool all_read = every_set_read(layout, query.size(1));
   const auto dense = query.options().memory_format(at::MemoryFormat::Contiguous);
-  auto grad_query = every_set_read ? at::empty(query.sizes(), dense) : at::zeros(query.sizes(), dense);
-  auto grad_key = every_set_read ? at::empty(key.sizes(), dense) : at::zeros(key.sizes(), dense);
-  auto grad_value = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
-  auto grad_weight = at::empty_like(weight);
-  if (value.numel() == 0 || S == 0 || D == 0)  // nothing to visit: gradients are zero
-    return {grad_weight.zero_(), grad_query.zero_(), grad_key.zero_(), grad_value.zero_()};
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "chimera_grid_attention_backward_cpu", [&] {
-    const auto tasks = make_tasks<scalar_t>(layout, weight, query, key, value, segment_rows);
-    std::vector<GridGrads<scalar_t>> grads;
-    for (int64_t d = 0; d < D; ++d)
-      grads.push_back({grad_y.data_ptr<scalar_t>(), checkpoints.data_ptr<scalar_t>() + d * count * heads * S * P,
-                       grad_query.data_ptr<scalar_t>() + (layout.stacked ? layout.groups[d] : 0) * S,
-                       grad_key.data_ptr<scalar_t>() + (layout.stacked ? layout.groups[d] : 0) * S,
-                       grad_value.data_ptr<scalar_t>(),
-                       grad_weight.data_ptr<scalar_t>() + d * value.size(0) * (layout.stacked ? 3 : 2) * heads});
-    at::parallel_for(0, num_tasks(layout, num_graphs, heads),
-                     task_grain(value.size(0), num_graphs, D * (layout.stacked ? heads : 1), S, P),
-                     [&](int64_t begin, int64_t end) {
-                       std::vector<scalar_t> buffer(scratch_values(layout, S, P, sizeof(scalar_t), segment_rows, true));
-                       grid_backward_tasks(tasks, grads, begin, end, buffer.data());
-                     });
-  });
-  return {grad_weight, grad_query, grad_key, grad_value};
+  GridGradTargets out{at::empty_like(weight_in, at::MemoryFormat::Contiguous),
+                      all_read ? at::empty(query.sizes(), dense) : at::zeros(query.sizes(), dense),
+                      all_read ? at::empty(key.sizes(), dense) : at::zeros(key.sizes(), dense),
+                      at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous)),
+                      at::Tensor(), layout.stacked ? query.size(1) * S : value.size(1) * S,
+                      value.size(1) * value.size(2)};
+  if (value.numel() == 0 || S == 0 || layout.dags == 0)  // nothing to visit: gradients are zero
+    return {out.grad_weight.zero_(), out.grad_query.zero_(), out.grad_key.zero_(), out.grad_value.zero_()};
+  run_grid_backward(layout, weight_in.contiguous(), query, key, value, at::Tensor(), checkpoints_in.contiguous(),
+                    grad_y_in.contiguous(), segment_rows, out);
+  return {out.grad_weight, out.grad_query, out.grad_key, out.grad_value};
+}
+
+// chimera::grid_mixer: the stacked kernel on the layer's projected features [N, C] = [values (H * P) |
+// keys (sets * S) | queries (sets * S)], read in place, plus Mamba's D skip: y = sum over the DAGs +
+// skip[h] * v. Its backward writes one [N, C] gradient of the features (no per-part tensors for autograd
+// to add and concatenate: 48 MB of fresh memory each on 64 images of 32 x 32) and the skip's gradient.
+struct MixerParts {
+  at::Tensor features, value, key, query;
+};
+
+MixerParts mixer_parts(const at::Tensor& features_in, const at::Tensor& table, const at::Tensor& skip,
+                       int64_t value_width, int64_t state_dim, const char* op) {
+  TORCH_CHECK(features_in.dim() == 2, op, ": features must have shape [N, C], got ", features_in.sizes());
+  TORCH_CHECK(table.dim() == 4 && table.size(2) == 3 && table.size(3) >= 1, op,
+              ": table must have shape [D, N, 3, H] with H >= 1, got ", table.sizes());
+  const int64_t N = features_in.size(0), C = features_in.size(1), H = table.size(3);
+  TORCH_CHECK(value_width >= 0 && value_width % H == 0 && value_width <= C, op, ": value_width must be a multiple of ",
+              "the H = ", H, " heads in [0, C = ", C, "], got ", value_width);
+  TORCH_CHECK(state_dim >= 1 && (C - value_width) % (2 * state_dim) == 0 && C - value_width >= 2 * state_dim, op,
+              ": features must have C = value_width + 2 * sets * state_dim columns (values, keys, queries) with ",
+              "sets >= 1, got C = ", C, ", value_width = ", value_width, ", state_dim = ", state_dim);
+  TORCH_CHECK(at::isFloatingType(features_in.scalar_type()), op, ": features must be a floating tensor, got ",
+              features_in.scalar_type());
+  TORCH_CHECK(skip.dim() == 1 && skip.size(0) == H && skip.scalar_type() == features_in.scalar_type(), op,
+              ": skip must have shape [H] = [", H, "] and the dtype of features, got ", skip.sizes(), " and ",
+              skip.scalar_type());
+  check_device(skip, features_in, op, "skip");
+  const int64_t sets = (C - value_width) / (2 * state_dim);
+  const auto features = features_in.stride(1) == 1 ? features_in : features_in.contiguous();
+  return {features, features.narrow(1, 0, value_width).view({N, H, value_width / H}),
+          features.narrow(1, value_width, sets * state_dim).view({N, sets, 1, state_dim}),
+          features.narrow(1, value_width + sets * state_dim, sets * state_dim).view({N, sets, 1, state_dim})};
+}
+
+std::vector<at::Tensor> grid_mixer_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
+                                       const at::Tensor& nodes, const at::Tensor& table, const at::Tensor& features,
+                                       const at::Tensor& skip, int64_t value_width, int64_t state_dim,
+                                       at::IntArrayRef groups, int64_t segment_rows, int64_t num_checkpoints) {
+  const char* op = "chimera::grid_mixer";
+  const auto parts = mixer_parts(features, table, skip, value_width, state_dim, op);
+  check_grid_features(parts.query, parts.key, parts.value, op);
+  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, table, parts.query, parts.value, segment_rows,
+                                        num_checkpoints, groups, op);
+  const auto [query, key] = sets_of_rows(parts.query, parts.key, true);
+  return run_grid_forward(layout, table.contiguous(), query, key, rows_of_values(parts.value), skip.contiguous(),
+                          segment_rows);
+}
+
+std::vector<at::Tensor> grid_mixer_backward_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
+                                                const at::Tensor& nodes, const at::Tensor& table,
+                                                const at::Tensor& features, const at::Tensor& skip_in,
+                                                const at::Tensor& checkpoints, const at::Tensor& grad_y,
+                                                int64_t value_width, int64_t state_dim, at::IntArrayRef groups,
+                                                int64_t segment_rows, int64_t num_checkpoints) {
+  const char* op = "chimera::grid_mixer_backward";
+  const auto parts = mixer_parts(features, table, skip_in, value_width, state_dim, op);
+  check_grid_features(parts.query, parts.key, parts.value, op);
+  const auto layout = check_grid_inputs(graph_ptr, row_width, nodes, table, parts.query, parts.value, segment_rows,
+                                        num_checkpoints, groups, op);
+  check_backward_inputs(layout, parts.key, parts.value, checkpoints, grad_y, op);
+  const auto [query, key] = sets_of_rows(parts.query, parts.key, true);
+  const auto value = rows_of_values(parts.value), skip = skip_in.contiguous(), dy = grad_y.contiguous();
+  const int64_t N = value.size(0), H = value.size(1), C = parts.features.size(1);
+  const int64_t sets = query.size(1), num_graphs = graph_ptr.numel() - 1;
+  // One [N, C] gradient of the features; columns of a key/query set that no DAG reads stay zero.
+  auto grad_features = every_set_read(layout, sets) ? at::empty({N, C}, features.options())
+                                                    : at::zeros({N, C}, features.options());
+  const int64_t key_start = value_width, query_start = value_width + sets * state_dim;
+  GridGradTargets out{at::empty_like(table, at::MemoryFormat::Contiguous), grad_features.narrow(1, query_start, 1),
+                      grad_features.narrow(1, key_start, 1), grad_features, at::zeros({num_graphs, H}, skip.options()),
+                      C, C};
+  if (value.numel() == 0 || layout.dags == 0) {  // no state to visit: the skip's terms alone
+    auto grad_value = grad_features.narrow(1, 0, value_width).view({N, H, value.size(2)});
+    grad_value.copy_(dy * skip.view({1, H, 1}));
+    grad_features.narrow(1, key_start, 2 * sets * state_dim).zero_();
+    return {out.grad_weight.zero_(), grad_features, (dy * value).sum({0, 2})};
+  }
+  run_grid_backward(layout, table.contiguous(), query, key, value, skip, checkpoints.contiguous(), dy, segment_rows,
+                    out);
+  return {out.grad_weight, grad_features, out.grad_skip.sum(0)};  // the images' partial sums, in image order
 }
 
 // chimera::grid_selectivity: the weight table of the stacked kernel from the selectivity, one pass
@@ -716,7 +849,8 @@ void check_selectivity_inputs(const at::Tensor& delta, const at::Tensor& parents
                               const char* op) {
   TORCH_CHECK(delta.dim() == 4 && delta.size(2) == 2, op, ": delta must have shape [N, sets, 2, H], got ",
               delta.sizes());
-  TORCH_CHECK(at::isFloatingType(delta.scalar_type()), op, ": delta must be a floating tensor, got ",
+  TORCH_CHECK(delta.scalar_type() == at::kFloat || delta.scalar_type() == at::kDouble, op,
+              ": delta must be float32 or float64 (decomposition_adjacency computes other dtypes in PyTorch ops), got ",
               delta.scalar_type());
   TORCH_CHECK(parents.dim() == 3 && parents.scalar_type() == at::kBool && parents.size(1) == delta.size(0) &&
                   parents.size(2) == 2,
@@ -807,6 +941,8 @@ at::Tensor grid_selectivity_backward_cpu(const at::Tensor& grad_in, const at::Te
 TORCH_LIBRARY_IMPL(chimera, CPU, m) {
   m.impl("grid_attention", &grid_attention_cpu);
   m.impl("grid_attention_backward", &grid_attention_backward_cpu);
+  m.impl("grid_mixer", &grid_mixer_cpu);
+  m.impl("grid_mixer_backward", &grid_mixer_backward_cpu);
   m.impl("grid_selectivity", &grid_selectivity_cpu);
   m.impl("grid_selectivity_backward", &grid_selectivity_backward_cpu);
 }

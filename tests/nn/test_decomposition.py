@@ -544,17 +544,18 @@ def test_dags_of_one_sequence_go_to_the_requested_device():
 
 @pytest.mark.parametrize("sharing", ["none", "complete", "row", "diagonal"])
 def test_grid_kernel_path_equals_the_per_dag_path(sharing, monkeypatch):
-    # method="auto" on CPU solves the four grid DAGs row by row in one chimera::grid_attention call
-    # (their walks stacked), method="dense" inverts each DAG's I - A: the same layer, values and gradients.
+    # method="auto" on CPU solves the four grid DAGs row by row in one chimera::grid_mixer call
+    # (their walks stacked, the D skip added in the kernel), method="dense" inverts each DAG's I - A:
+    # the same layer, values and gradients.
     import torch_geometric_chimera.nn.decomposition as decomposition
     calls = []
 
     def counted(*args, **kwargs):
         calls.append(args[2])  # the walk
-        return grid_attention(*args, **kwargs)
+        return grid_mixer(*args, **kwargs)
 
-    grid_attention = decomposition.grid_attention
-    monkeypatch.setattr(decomposition, "grid_attention", counted)
+    grid_mixer = decomposition.grid_mixer
+    monkeypatch.setattr(decomposition, "grid_mixer", counted)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # stacked from one image per thread up
     data = image_batch(sizes=((3, 4), (1, 1), (0, 3), (1, 5), (4, 1), (6, 2)), channels=16)
     grid = ChimeraConv(16, heads=2, state_dim=4, decomposition="grid", sharing=sharing).double()

@@ -578,3 +578,49 @@ def test_layer_with_the_fused_ops_equals_the_layer_on_the_references(kind, monke
     assert len(fused) == len(names)
     for name, a, b in zip(names, fused, reference):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --- gated RMSNorm without the skip term (a mixer that added D v itself: chimera::grid_mixer) -------
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gated_rms_norm_without_skip_equals_the_reference(dtype):
+    torch.manual_seed(0)
+    y, gate = (torch.randn(300, 9, dtype=dtype, requires_grad=True) for _ in range(2))
+    weight = torch.randn(9, dtype=dtype, requires_grad=True)
+    out = gated_rms_norm(y, None, None, gate, weight)
+    want = gated_rms_norm_reference(y, None, None, gate, weight)
+    # the skip term with a zero scale is the same norm
+    zero_skip = gated_rms_norm_reference(y, torch.randn_like(y), torch.zeros(9, dtype=dtype), gate, weight)
+    grad = torch.randn_like(out)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, want, **tol)
+    torch.testing.assert_close(want, zero_skip)
+    for a, b in zip(torch.autograd.grad(out, (y, gate, weight), grad), torch.autograd.grad(want, (y, gate, weight), grad)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
+def test_gated_rms_norm_without_skip_gradcheck_and_opcheck():
+    torch.manual_seed(0)
+    y, gate = (torch.randn(20, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, g, w: gated_rms_norm(y, None, None, g, w), (y, gate, weight))
+    torch.library.opcheck(torch.ops.chimera.gated_rms_norm.default, (y, None, None, gate, weight, 1e-5))
+    out, rstd = torch.ops.chimera.gated_rms_norm(y.detach(), None, None, gate.detach(), weight.detach(), 1e-5)
+    grads = torch.ops.chimera.gated_rms_norm_backward(torch.randn_like(out), y.detach(), None, None, gate.detach(),
+                                                      weight.detach(), rstd)
+    assert grads[1].numel() == 0 and grads[2].numel() == 0  # no skip: empty gradients
+    torch.library.opcheck(torch.ops.chimera.gated_rms_norm_backward.default,
+                          (torch.randn_like(out), y.detach(), None, None, gate.detach(), weight.detach(), rstd))
+
+
+def test_gated_rms_norm_takes_skip_and_skip_scale_together():
+    y, gate, weight = torch.randn(4, 3), torch.randn(4, 3), torch.randn(3)
+    with pytest.raises(ValueError, match="skip: expected skip and skip_scale together"):
+        gated_rms_norm(y, y, None, gate, weight)
+    with pytest.raises(ValueError, match="skip: expected skip and skip_scale together"):
+        gated_rms_norm(y, None, torch.ones(3), gate, weight)
+    if HAS_EXTENSION:
+        with pytest.raises(RuntimeError, match="skip and skip_scale must be given together"):
+            torch.ops.chimera.gated_rms_norm(y, y, None, gate, weight, 1e-5)

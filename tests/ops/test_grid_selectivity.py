@@ -80,7 +80,8 @@ def test_opcheck():
 
 @pytest.mark.parametrize("change, message", [
     (lambda a: {**a, "delta": a["delta"][:, :, :1]}, "delta must have shape"),
-    (lambda a: {**a, "delta": a["delta"].long()}, "delta must be a floating tensor"),
+    (lambda a: {**a, "delta": a["delta"].long()}, "delta must be float32 or float64"),
+    (lambda a: {**a, "delta": a["delta"].bfloat16()}, "delta must be float32 or float64"),
     (lambda a: {**a, "parents": a["parents"].long()}, "parents must be a bool tensor"),
     (lambda a: {**a, "parents": a["parents"][:, :-1]}, "parents must be a bool tensor"),
     (lambda a: {**a, "groups": [0, 1, 1]}, "groups must name one Delta set per DAG"),
@@ -96,18 +97,18 @@ def test_malformed_calls_are_clean_errors(change, message):
 def test_layer_hands_the_table_to_the_grid_kernel_without_a_copy(monkeypatch):
     # The stacked kernel gets the selectivity kernel's table itself, not a concatenation of its views.
     tables, seen = [], []
-    real_selectivity, real_attention = decomposition.grid_selectivity, decomposition.grid_attention
+    real_selectivity, real_mixer = decomposition.grid_selectivity, decomposition.grid_mixer
 
     def selectivity(*args, **kwargs):
         tables.append(real_selectivity(*args, **kwargs))
         return tables[-1]
 
-    def attention(graph_ptr, row_width, nodes, weight, *args, **kwargs):
-        seen.append(weight)
-        return real_attention(graph_ptr, row_width, nodes, weight, *args, **kwargs)
+    def mixer(graph_ptr, row_width, nodes, table, *args, **kwargs):
+        seen.append(table)
+        return real_mixer(graph_ptr, row_width, nodes, table, *args, **kwargs)
 
     monkeypatch.setattr(decomposition, "grid_selectivity", selectivity)
-    monkeypatch.setattr(decomposition, "grid_attention", attention)
+    monkeypatch.setattr(decomposition, "grid_mixer", mixer)
     torch.manual_seed(0)
     conv = ChimeraConv(16, heads=2, state_dim=4, decomposition="grid")
     grid_size = torch.tensor([[4, 4]] * max(4, torch.get_num_threads()))  # as many images as threads: one call

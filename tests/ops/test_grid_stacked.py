@@ -525,7 +525,7 @@ class CountGridOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if name.startswith("chimera.grid_attention"):
+        if name.startswith("chimera.grid_attention") or name.startswith("chimera.grid_mixer"):
             self.calls.append((name, tuple(args[2].shape)))
         return func(*args, **(kwargs or {}))
 
@@ -544,8 +544,9 @@ def test_chimera_conv_grid_makes_one_stacked_kernel_call(monkeypatch):
     with CountGridOps() as counter:
         out = conv(x, edge_index, batch=batch, grid_size=grid_size)
         grads = torch.autograd.grad(out, [x] + list(conv.parameters()), torch.ones_like(out))
-    assert counter.calls == [("chimera.grid_attention.default", (4, n)),
-                             ("chimera.grid_attention_backward.default", (4, n))]
+    # The layer's features go in whole, with the D skip: chimera::grid_mixer (the stacked kernel).
+    assert counter.calls == [("chimera.grid_mixer.default", (4, n)),
+                             ("chimera.grid_mixer_backward.default", (4, n))]
     with CountGridOps() as counter:
         expected = dense(x, edge_index, batch=batch, grid_size=grid_size)
         want = torch.autograd.grad(expected, [x] + list(dense.parameters()), torch.ones_like(expected))

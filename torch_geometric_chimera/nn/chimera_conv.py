@@ -457,14 +457,20 @@ class ChimeraConv(MessagePassing):
         conv_weight = self.conv_weight if self.local_conv else None
         conv_bias = self.conv_bias if self.local_conv else None
         # Under torch.compile one opaque op (no graph break, nothing of the geometry baked into the graph).
-        mixer = opaque_decomposition_mixer if torch.compiler.is_compiling() else decomposition_mixer
+        compiling = torch.compiler.is_compiling()
+        mixer = opaque_decomposition_mixer if compiling else decomposition_mixer
+        # Eager, the grid kernel may add the D skip itself (values then comes back None).
+        skip = {} if compiling else dict(D=self.D)
         y, values = mixer(xbc, dt, conv_weight, conv_bias, self.dt_bias, self.decomposition, grid_size, seq_len, batch,
                           self.groups, self.dt_groups, self.heads, self.state_dim, self.method,
                           num_terms=self.num_terms, tol=self.tol, max_iter=self.max_iter,
-                          signed=self.transitions == "signed", A_log=self.A_log)
+                          signed=self.transitions == "signed", A_log=self.A_log, **skip)
         # Functions, not self._gated_rms_norm / self.out_proj: in a scripted layer this method runs in
         # Python, where the scripted submodules and ignored methods cannot be called.
-        y = gated_rms_norm(y, values, self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)
+        if values is None:  # the skip is in y already
+            y = gated_rms_norm(y, None, None, z, self.norm_weight, 1e-5)
+        else:
+            y = gated_rms_norm(y, values, self.D.repeat_interleave(self.head_dim), z, self.norm_weight, 1e-5)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, x: Tensor, edge_index: Adj, edge_attr: OptTensor = None, batch: OptTensor = None,

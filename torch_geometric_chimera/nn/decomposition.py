@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..ops.block import block_kernels_available, window_conv_silu, window_conv_silu_reference
 from ..ops.common import host_reads_allowed
-from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_selectivity, grid_walks,
+from ..ops.grid import (GRID_DIRECTIONS, grid_attention, grid_available, grid_mixer, grid_selectivity, grid_walks,
                         num_checkpoints, segment_rows_for)
 from ..ops.triton_grid import grid_attention_triton, grid_plan, grid_triton_available
 from .adjacency import transition
@@ -443,7 +443,7 @@ def decomposition_adjacency(delta: Tensor, geometry: DecompositionGeometry, grou
 
 
 def _check_dt_groups(delta: Tensor, geometry: DecompositionGeometry, groups: Tuple[int, ...]) -> None:
-    if len(groups) != len(geometry.dags) or max(groups) >= delta.size(1):
+    if len(groups) != len(geometry.dags) or max(groups) >= delta.size(1) or min(groups) < 0:
         raise ValueError(f"groups: expected one Delta set in [0, {delta.size(1)}) per DAG ({len(geometry.dags)}), "
                          f"got {groups}")
 
@@ -470,13 +470,30 @@ def decomposition_adjacency_reference(delta: Tensor, geometry: DecompositionGeom
     return weight, key_scale
 
 
+def _grid_plan(geometry: DecompositionGeometry, state_dim: int, head_dim: int,
+               element_size: int) -> Tuple[Any, Tensor, int, int]:
+    """The CPU grid kernel's walks, stacked walks ``[D, N]``, segment rows and checkpoint count."""
+    walks = geometry.memo("walks", lambda: grid_walks(geometry.sizes, geometry.dags))
+    nodes = geometry.memo("stacked walks", lambda: torch.stack(walks.nodes))
+    segment_rows = segment_rows_for(walks, state_dim, head_dim, element_size)
+    return walks, nodes, segment_rows, num_checkpoints(walks.graph_ptr, walks.row_width, segment_rows)
+
+
+def _stacked_grid_kernel(geometry: DecompositionGeometry, method: str, value: Tensor) -> bool:
+    """Whether the four grid DAGs run as one CPU kernel call (heads sharing ``B, C``): with the
+    images as its tasks, at least as many images as threads."""
+    return (geometry.decomposition == "grid" and method == "auto" and grid_available(value)
+            and geometry.graph_ptr.numel() - 1 >= torch.get_num_threads())
+
+
 def _stacked_table(weight: Tensor, key_scale: Tensor) -> Tensor:
     """The ``[D, N, 3, H]`` table of the stacked grid kernel: the one both came from as views
     (:func:`~torch_geometric_chimera.ops.grid.grid_selectivity`), else a new one."""
     base = weight._base
     if (base is not None and key_scale._base is base and base.dim() == 4 and base.size(2) == 3
             and base.is_contiguous() and weight.shape == base[:, :, :2].shape and weight.data_ptr() == base.data_ptr()
-            and weight.stride() == base.stride() and key_scale.stride() == base[:, :, 2].stride()
+            and weight.stride() == base.stride() and key_scale.shape == base[:, :, 2].shape
+            and key_scale.stride() == base[:, :, 2].stride()
             and key_scale.data_ptr() == base[:, :, 2].data_ptr()):
         return base
     return torch.cat([weight, key_scale.unsqueeze(2)], 2)
@@ -533,12 +550,11 @@ def decomposed_resolvent_attention(query: Tensor, key: Tensor, value: Tensor, we
                                                                    grid_triton_available(value)):
         walks = geometry.memo("walks", lambda: grid_walks(geometry.sizes, geometry.dags))
         if grid_available(value):
-            segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
-            checkpoints = num_checkpoints(walks.graph_ptr, walks.row_width, segment_rows)  # shared by the DAGs
+            _, nodes, segment_rows, checkpoints = _grid_plan(geometry, query.size(-1), value.size(-1),
+                                                             query.element_size())
             # The four DAGs in one kernel call, whose tasks are whole images (all heads); with fewer
             # images than threads, one call per DAG keeps every (image, head) a task of its own.
-            if query.size(2) == 1 and walks.graph_ptr.numel() - 1 >= torch.get_num_threads():
-                nodes = geometry.memo("stacked walks", lambda: torch.stack(walks.nodes))
+            if query.size(2) == 1 and _stacked_grid_kernel(geometry, method, value):
                 # [D, N, 3, H]: from above, from before in the row, the key's scale per head. The kernel reads
                 # every DAG's set of B, C in place (groups) and the values as a column block of the layer's
                 # features (strided rows): no gathered or contiguous copies.
@@ -581,7 +597,8 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
                         dt_bias: Tensor, decomposition: str, grid_size: Optional[Tensor], seq_len: Optional[Tensor],
                         batch: Optional[Tensor], groups: Tuple[int, ...], delta_groups: Tuple[int, ...], heads: int,
                         state_dim: int, method: str = "auto", signed: bool = False,
-                        A_log: Optional[Tensor] = None, **solver_options) -> Tuple[Tensor, Tensor]:
+                        A_log: Optional[Tensor] = None, D: Optional[Tensor] = None,
+                        **solver_options) -> Tuple[Tensor, Optional[Tensor]]:
     r"""The part of a decomposition layer that depends on the geometry, between ``in_proj`` and the
     gated norm: local convolution and SiLU, selectivity, the mixer over the DAGs (and Hydra's
     diagonal).
@@ -594,9 +611,14 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
         conv_bias (Tensor, optional): its bias. dt_bias (Tensor): ``[H]``.
         signed (bool, optional): signed transitions (:func:`decomposition_adjacency`).
         A_log (Tensor, optional): ``[H]``, the log of the lines' decay rate :math:`a_h`.
+        D (Tensor, optional): ``[H]``, Mamba's skip. Where the four grid DAGs run as one CPU kernel
+            call, the kernel adds :math:`D_h \mathbf{v}` to ``y`` itself
+            (:func:`~torch_geometric_chimera.ops.grid.grid_mixer`: one gradient of the features, no
+            separate sum for the skip's) and ``values`` comes back :obj:`None`.
 
     Returns:
-        ``(y, values)``, each ``[N, inner]``: the mixer's output and its input (for the ``D`` skip).
+        ``(y, values)``, each ``[N, inner]``: the mixer's output and its input for the ``D`` skip, or
+        ``(y + D v, None)`` where the kernel added the skip.
     """
     num_nodes = xbc.size(0)
     geometry = decomposition_geometry(decomposition, num_nodes, grid_size=grid_size, seq_len=seq_len, batch=batch,
@@ -614,6 +636,13 @@ def decomposition_mixer(xbc: Tensor, dt: Tensor, conv_weight: Optional[Tensor], 
     rate = None if A_log is None else torch.exp(A_log)
     weight, key_scale = decomposition_adjacency(delta, geometry, delta_groups, DAG_SUM_SCALE[decomposition], signed,
                                                 rate)
+    if (D is not None and diagonal is None and D.dtype == xbc.dtype and xbc.dtype in (torch.float32, torch.float64)
+            and _stacked_grid_kernel(geometry, method, xbc)):
+        # The features as the convolution left them, [values | keys | queries], read in place.
+        walks, nodes, segment_rows, checkpoints = _grid_plan(geometry, state_dim, inner // heads, xbc.element_size())
+        y = grid_mixer(walks.graph_ptr, walks.row_width, nodes, _stacked_table(weight, key_scale), xbc.contiguous(),
+                       D, inner, state_dim, groups, segment_rows, checkpoints)
+        return y.reshape(num_nodes, inner), None
     # B, C: [N, num_sets * S] -> [N, num_sets, 1, S], every head of a set sharing them.
     shape = (num_nodes, num_sets, 1, state_dim)
     y = decomposed_resolvent_attention(query.reshape(shape), key.reshape(shape), values, weight, key_scale, geometry,

@@ -21,7 +21,7 @@ tensors of one dtype (with the compiled extension) and otherwise their reference
 :func:`local_conv_silu_reference` and :func:`gated_rms_norm_reference`, the formulas above in
 PyTorch ops. The kernels' backward is not differentiable again (no double backward).
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +36,10 @@ def local_conv_silu_reference(x: Tensor, neighbors: Tensor, self_scale: Tensor, 
     return F.silu(x * self_scale + neighbors * neighbor_scale + bias)
 
 
-def gated_rms_norm_reference(y: Tensor, skip: Tensor, skip_scale: Tensor, gate: Tensor, weight: Tensor,
-                             eps: float = 1e-5) -> Tensor:
-    r"""The gated RMSNorm of the module docstring in PyTorch ops."""
-    gated = (y + skip * skip_scale) * F.silu(gate)
+def gated_rms_norm_reference(y: Tensor, skip: Optional[Tensor], skip_scale: Optional[Tensor], gate: Tensor,
+                             weight: Tensor, eps: float = 1e-5) -> Tensor:
+    r"""The gated RMSNorm of the module docstring in PyTorch ops (no skip term when ``skip`` is :obj:`None`)."""
+    gated = (y if skip is None else y + skip * skip_scale) * F.silu(gate)
     return gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
@@ -83,7 +83,7 @@ def local_conv_silu(x: Tensor, neighbors: Tensor, self_scale: Tensor, neighbor_s
     return torch.ops.chimera.local_conv_silu(x, neighbors, self_scale, neighbor_scale, bias)
 
 
-def gated_rms_norm(y: Tensor, skip: Tensor, skip_scale: Tensor, gate: Tensor, weight: Tensor,
+def gated_rms_norm(y: Tensor, skip: Optional[Tensor], skip_scale: Optional[Tensor], gate: Tensor, weight: Tensor,
                    eps: float = 1e-5) -> Tensor:
     r"""Gated RMSNorm with a skip term, :math:`\mathbf{g} / \sqrt{\mathrm{mean}(\mathbf{g}^2) + \epsilon}
     \odot \mathbf{w}` with :math:`\mathbf{g} = (\mathbf{y} + \mathbf{d} \odot \mathbf{s}) \odot
@@ -91,8 +91,9 @@ def gated_rms_norm(y: Tensor, skip: Tensor, skip_scale: Tensor, gate: Tensor, we
 
     Args:
         y (Tensor): ``[N, C]``, the mixer's output.
-        skip (Tensor): :math:`\mathbf{s}`, ``[N, C]`` (Mamba's ``D`` skip: the mixer's input).
-        skip_scale (Tensor): :math:`\mathbf{d}`, ``[C]``.
+        skip (Tensor, optional): :math:`\mathbf{s}`, ``[N, C]`` (Mamba's ``D`` skip: the mixer's input);
+            :obj:`None` for no skip term (a mixer that added it itself), with ``skip_scale`` :obj:`None`.
+        skip_scale (Tensor, optional): :math:`\mathbf{d}`, ``[C]``.
         gate (Tensor): :math:`\mathbf{z}`, ``[N, C]``.
         weight (Tensor): :math:`\mathbf{w}`, ``[C]``.
         eps (float, optional): added to the mean square. (default: ``1e-5``)
@@ -101,13 +102,17 @@ def gated_rms_norm(y: Tensor, skip: Tensor, skip_scale: Tensor, gate: Tensor, we
     """
     if y.dim() != 2 or y.size(1) < 1:
         raise ValueError(f"y: expected shape [N, C] with C >= 1, got {list(y.shape)}")
-    _check_rows("skip", skip, y)
+    if (skip is None) != (skip_scale is None):
+        raise ValueError(f"skip: expected skip and skip_scale together (or both None for no skip term), got "
+                         f"{'skip' if skip is not None else 'skip_scale'} alone")
+    if skip is not None:
+        _check_rows("skip", skip, y)
+        _check_channels("skip_scale", skip_scale, y.size(1))
     _check_rows("gate", gate, y)
-    _check_channels("skip_scale", skip_scale, y.size(1))
     _check_channels("weight", weight, y.size(1))
     if not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
-    if not block_kernels_available(y, skip, skip_scale, gate, weight):
+    if not block_kernels_available(*(t for t in (y, skip, skip_scale, gate, weight) if t is not None)):
         return gated_rms_norm_reference(y, skip, skip_scale, gate, weight, eps)
     return torch.ops.chimera.gated_rms_norm(y, skip, skip_scale, gate, weight, float(eps))[0]
 
@@ -151,8 +156,9 @@ def window_conv_silu(x: Tensor, graph_ptr: Tensor, row_width: Tensor, weight: Te
         weight (Tensor): ``[C, k_h, k_w]``. bias (Tensor): ``[C]``.
         row_offset (int): :math:`r_0`. col_offset (int): :math:`c_0` (``-(k // 2)`` centres the window).
 
-    One pass forward, two backward (``chimera::window_conv_silu``, CPU float32 / float64 with the
-    compiled extension); elsewhere :func:`window_conv_silu_reference`.
+    One pass forward, one backward (in bands of rows whose gradients stay in cache;
+    ``chimera::window_conv_silu``, CPU float32 / float64 with the compiled extension); elsewhere
+    :func:`window_conv_silu_reference`.
 
     :rtype: :class:`Tensor` ``[N, C]``.
     """
@@ -202,8 +208,10 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("chimera::gated_rms_norm_backward")
     def _gated_rms_norm_backward_fake(grad_out, y, skip, skip_scale, gate, weight, rstd):
-        rows, channels = y.new_empty(y.shape), skip_scale.new_empty(skip_scale.shape)
-        return [rows, rows.new_empty(y.shape), channels, rows.new_empty(y.shape), channels.new_empty(channels.shape)]
+        rows, channels = y.new_empty(y.shape), weight.new_empty(weight.shape)
+        if skip is None:  # no skip term: its gradients are empty
+            return [rows, y.new_empty(0, y.shape[1]), y.new_empty(0), rows.new_empty(y.shape), channels]
+        return [rows, rows.new_empty(y.shape), channels.new_empty(channels.shape), rows.new_empty(y.shape), channels]
 
     def _local_conv_silu_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -223,6 +231,8 @@ if HAS_EXTENSION:
             return (None,) * 6
         dy, dskip, dskip_scale, dgate, dweight = torch.ops.chimera.gated_rms_norm_backward(grad_out,
                                                                                           *ctx.saved_tensors)
+        if ctx.saved_tensors[1] is None:  # no skip term
+            dskip = dskip_scale = None
         return dy, dskip, dskip_scale, dgate, dweight, None
 
     def _no_double_backward(ctx, *grads):

@@ -184,6 +184,47 @@ if HAS_EXTENSION:
     torch.library.register_autograd("chimera::grid_attention_backward", _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
+    @torch.library.register_fake("chimera::grid_mixer")
+    def _grid_mixer_fake(graph_ptr, row_width, nodes, table, features, skip, value_width, state_dim, groups,
+                         segment_rows, num_checkpoints):
+        heads = table.shape[3]
+        head_dim = value_width // heads
+        return [features.new_empty(features.shape[0], heads, head_dim),
+                features.new_empty(len(groups) * num_checkpoints, heads, state_dim * head_dim)]
+
+    @torch.library.register_fake("chimera::grid_mixer_backward")
+    def _grid_mixer_backward_fake(graph_ptr, row_width, nodes, table, features, skip, checkpoints, grad_y, value_width,
+                                  state_dim, groups, segment_rows, num_checkpoints):
+        return [table.new_empty(table.shape), features.new_empty(features.shape), skip.new_empty(skip.shape)]
+
+    def _grid_mixer_setup_context(ctx, inputs, output):
+        graph_ptr, row_width, nodes, table, features, skip = inputs[:6]
+        ctx.save_for_backward(graph_ptr, row_width, nodes, table, features, skip, output[1])
+        ctx.options = inputs[6:]  # value_width, state_dim, groups, segment_rows, num_checkpoints
+        ctx.set_materialize_grads(False)
+
+    def _grid_mixer_backward(ctx, grads):
+        grad_y = grads[0]
+        graph_ptr, row_width, nodes, table, features, skip, checkpoints = ctx.saved_tensors
+        value_width, state_dim, groups, segment_rows, num_checkpoints = ctx.options
+        # None for every non-tensor input; an empty groups list (no DAGs) must come back as [], since
+        # torch.library compares the structure of the gradients with the inputs' and None stands for a
+        # leaf, not for an empty list
+        rest = (None, None, [] if len(groups) == 0 else None, None, None)
+        if grad_y is None:
+            return (None,) * 3 + (torch.zeros_like(table), torch.zeros_like(features), torch.zeros_like(skip)) + rest
+        grad_table, grad_features, grad_skip = torch.ops.chimera.grid_mixer_backward(
+            graph_ptr, row_width, nodes, table, features, skip, checkpoints, grad_y.contiguous(), value_width,
+            state_dim, groups, segment_rows, num_checkpoints)
+        return (None,) * 3 + (grad_table, grad_features, grad_skip) + rest
+
+    def _no_mixer_double_backward(ctx, *grads):
+        raise NotImplementedError("chimera::grid_mixer_backward: double backward is not supported")
+
+    torch.library.register_autograd("chimera::grid_mixer", _grid_mixer_backward, setup_context=_grid_mixer_setup_context)
+    torch.library.register_autograd("chimera::grid_mixer_backward", _no_mixer_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
     @torch.library.register_fake("chimera::grid_selectivity")
     def _grid_selectivity_fake(delta, parents, groups, scale, signed):
         return delta.new_empty(parents.size(0), delta.size(0), 3, delta.size(3))
@@ -296,6 +337,66 @@ def grid_attention_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor
     return torch.stack(outputs) if outputs else value.new_zeros(value.shape)
 
 
+def _mixer_parts(features: Tensor, heads: int, value_width: int, state_dim: int) -> Tuple[Tensor, Tensor, Tensor]:
+    num_nodes, sets = features.size(0), (features.size(1) - value_width) // (2 * state_dim)
+    value, key, query = features.split([value_width, sets * state_dim, sets * state_dim], dim=1)
+    return (value.reshape(num_nodes, heads, value_width // heads), key.reshape(num_nodes, sets, 1, state_dim),
+            query.reshape(num_nodes, sets, 1, state_dim))
+
+
+def grid_mixer(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, table: Tensor, features: Tensor, skip: Tensor,
+               value_width: int, state_dim: int, groups: Sequence[int], segment_rows: Optional[int] = None,
+               checkpoints: Optional[int] = None) -> Tensor:
+    r"""The stacked :func:`grid_attention` on a layer's projected features, read in place, plus
+    Mamba's :math:`D` skip (``chimera::grid_mixer``, CPU):
+
+    .. math::
+        \mathbf{y}_i = \sum_d \mathrm{grid\_attention}_d(\mathbf{C}_{g(d)}, \mathbf{B}_{g(d)},
+            \mathbf{V})_i + D_h \mathbf{v}_{ih}.
+
+    ``features`` is ``[N, C]``: the values (``value_width = H * P`` columns), then ``sets`` key sets
+    and ``sets`` query sets of ``state_dim`` columns each, as the layer's convolution leaves them.
+    Its gradient is one ``[N, C]`` tensor, where :func:`grid_attention` of the three column blocks
+    leaves autograd three gradients to concatenate, and the skip's gradient on ``v`` joins dV in the
+    kernel instead of a separate sum (each a fresh 32-48 MB tensor on 64 images of 32 x 32).
+
+    Args:
+        graph_ptr, row_width, nodes, segment_rows, checkpoints: as :func:`grid_attention` (stacked walks).
+        table (Tensor): ``[D, N, 3, H]``, as the stacked ``weight`` of :func:`grid_attention`.
+        features (Tensor): ``[N, value_width + 2 * sets * state_dim]``.
+        skip (Tensor): :math:`D`, ``[H]``.
+        value_width (int): ``H * P``. state_dim (int): ``S``.
+        groups (sequence of int): the key/query set of every DAG.
+
+    Differentiable in ``table``, ``features`` and ``skip``; float16 / bfloat16 run in float32.
+
+    :rtype: :class:`Tensor` ``[N, H, P]``.
+    """
+    dtype = features.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return grid_mixer(graph_ptr, row_width, nodes, table.float(), features.float(), skip.float(), value_width,
+                          state_dim, groups, segment_rows, checkpoints).to(dtype)
+    if segment_rows is None:
+        sizes = graph_ptr.diff()
+        rows = int((sizes // row_width.clamp_min(1)).max()) if sizes.numel() else 0
+        walks = GridWalks(graph_ptr, row_width, [], [], rows, int(row_width.max()) if row_width.numel() else 0)
+        heads = table.size(-1)
+        segment_rows = segment_rows_for(walks, state_dim, value_width // max(1, heads), features.element_size())
+    if checkpoints is None:
+        checkpoints = num_checkpoints(graph_ptr, row_width, segment_rows)
+    return torch.ops.chimera.grid_mixer(graph_ptr, row_width, nodes, table, features, skip, value_width, state_dim,
+                                        list(groups), segment_rows, checkpoints)[0]
+
+
+def grid_mixer_reference(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, table: Tensor, features: Tensor,
+                         skip: Tensor, value_width: int, state_dim: int, groups: Sequence[int]) -> Tensor:
+    r""":func:`grid_mixer` in plain PyTorch: :func:`grid_attention_reference` of the feature's column
+    blocks plus the skip. For tests: it loops over every position."""
+    value, key, query = _mixer_parts(features, table.size(-1), value_width, state_dim)
+    return (grid_attention_reference(graph_ptr, row_width, nodes, table, query, key, value, groups)
+            + skip.view(1, -1, 1) * value)
+
+
 def grid_selectivity(delta: Tensor, parents: Tensor, groups: Sequence[int], scale: float = 1.0,
                      signed: bool = False) -> Tensor:
     r"""The weight table of the stacked :func:`grid_attention` from the selectivity, in one pass
@@ -338,5 +439,5 @@ def grid_available(query: Tensor) -> bool:
 
 
 __all__: Tuple[str, ...] = ("GridWalks", "grid_walks", "grid_attention", "grid_attention_reference", "grid_weights",
-                            "grid_selectivity",
+                            "grid_selectivity", "grid_mixer", "grid_mixer_reference",
                             "segment_rows_for", "state_block", "num_checkpoints", "grid_available", "GRID_DIRECTIONS")
