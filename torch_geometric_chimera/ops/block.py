@@ -39,7 +39,10 @@ def local_conv_silu_reference(x: Tensor, neighbors: Tensor, self_scale: Tensor, 
 def gated_rms_norm_reference(y: Tensor, skip: Optional[Tensor], skip_scale: Optional[Tensor], gate: Tensor,
                              weight: Tensor, eps: float = 1e-5) -> Tensor:
     r"""The gated RMSNorm of the module docstring in PyTorch ops (no skip term when ``skip`` is :obj:`None`)."""
-    gated = (y if skip is None else y + skip * skip_scale) * F.silu(gate)
+    if skip is not None and skip_scale is not None:  # (two checks: TorchScript refines both Optionals)
+        gated = (y + skip * skip_scale) * F.silu(gate)
+    else:
+        gated = y * F.silu(gate)
     return gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
