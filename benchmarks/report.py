@@ -318,11 +318,14 @@ def images_text_section(r):
         for name, entry in e["images"]["timings"].items():
             lines.append(f"| {e['images']['num_images']} images of {e['images']['side']}x{e['images']['side']} "
                          f"patches | {name} | {ms(entry)} | {entry['ratio']:.2f}x |")
-    lines += ["", "Targets (issue 10): images <= 1.0x the ViT attention layer on this CPU; text <= 1.0x SDPA.", "",
+    lines += ["", "Targets (issues 10 and 16): images <= 1.0x the ViT attention layer on this CPU; text <= 1.0x SDPA.",
+              "",
               "Allocated per step: host memory allocated by one forward + backward (torch.profiler). With glibc, "
               "tensors of 32 MB and more come from fresh mmaps and their page faults cost about 0.2 ms per MB, "
               "which is why the layer fuses its elementwise parts (`ops/block.py`), computes `in_proj` in three "
-              "products and runs the four grid DAGs in one kernel call."]
+              "products, runs the four grid DAGs in one kernel call on the features read in place "
+              "(`chimera::grid_mixer`, which adds the `D` skip and returns one gradient of the features) and "
+              "builds the DAGs' weight table in one pass (`chimera::grid_selectivity`)."]
     return lines
 
 
