@@ -773,10 +773,11 @@ MixerParts mixer_parts(const at::Tensor& features_in, const at::Tensor& table, c
   const int64_t N = features_in.size(0), C = features_in.size(1), H = table.size(3);
   TORCH_CHECK(value_width >= 0 && value_width % H == 0 && value_width <= C, op, ": value_width must be a multiple of ",
               "the H = ", H, " heads in [0, C = ", C, "], got ", value_width);
-  TORCH_CHECK(state_dim >= 1 && (C - value_width) % (2 * state_dim) == 0 && C - value_width >= 2 * state_dim, op,
+  TORCH_CHECK(state_dim >= 1 && state_dim <= (C - value_width) / 2 && (C - value_width) % (2 * state_dim) == 0, op,
               ": features must have C = value_width + 2 * sets * state_dim columns (values, keys, queries) with ",
               "sets >= 1, got C = ", C, ", value_width = ", value_width, ", state_dim = ", state_dim);
-  TORCH_CHECK(at::isFloatingType(features_in.scalar_type()), op, ": features must be a floating tensor, got ",
+  TORCH_CHECK(features_in.scalar_type() == at::kFloat || features_in.scalar_type() == at::kDouble, op,
+              ": features must be float32 or float64 (grid_mixer runs lower precisions in float32), got ",
               features_in.scalar_type());
   TORCH_CHECK(skip.dim() == 1 && skip.size(0) == H && skip.scalar_type() == features_in.scalar_type(), op,
               ": skip must have shape [H] = [", H, "] and the dtype of features, got ", skip.sizes(), " and ",
@@ -787,6 +788,21 @@ MixerParts mixer_parts(const at::Tensor& features_in, const at::Tensor& table, c
   return {features, features.narrow(1, 0, value_width).view({N, H, value_width / H}),
           features.narrow(1, value_width, sets * state_dim).view({N, sets, 1, state_dim}),
           features.narrow(1, value_width + sets * state_dim, sets * state_dim).view({N, sets, 1, state_dim})};
+}
+
+// The sum over the rows of a [R, H] tensor, row after row: the same bits whatever the thread count
+// (at::sum splits a long reduction over the threads).
+at::Tensor sum_rows_in_order(const at::Tensor& partial_in) {
+  const auto partial = partial_in.contiguous();
+  const int64_t rows = partial.size(0), H = partial.size(1);
+  auto total = at::zeros({H}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "chimera_sum_rows_in_order", [&] {
+    const scalar_t* p = partial.data_ptr<scalar_t>();
+    scalar_t* t = total.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < H; ++h) t[h] += p[r * H + h];
+  });
+  return total;
 }
 
 std::vector<at::Tensor> grid_mixer_cpu(const at::Tensor& graph_ptr, const at::Tensor& row_width,
@@ -830,11 +846,11 @@ std::vector<at::Tensor> grid_mixer_backward_cpu(const at::Tensor& graph_ptr, con
     auto grad_value = grad_features.narrow(1, 0, value_width).view({N, H, value.size(2)});
     grad_value.copy_(dy * skip.view({1, H, 1}));
     grad_features.narrow(1, key_start, 2 * sets * state_dim).zero_();
-    return {out.grad_weight.zero_(), grad_features, (dy * value).sum({0, 2})};
+    return {out.grad_weight.zero_(), grad_features, sum_rows_in_order((dy * value).sum(2))};
   }
   run_grid_backward(layout, table.contiguous(), query, key, value, skip, checkpoints.contiguous(), dy, segment_rows,
                     out);
-  return {out.grad_weight, grad_features, out.grad_skip.sum(0)};  // the images' partial sums, in image order
+  return {out.grad_weight, grad_features, sum_rows_in_order(out.grad_skip)};  // the images' partial sums
 }
 
 // chimera::grid_selectivity: the weight table of the stacked kernel from the selectivity, one pass

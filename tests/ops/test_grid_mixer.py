@@ -132,6 +132,8 @@ def test_no_dags_give_the_skip_alone():
     (dict(skip=torch.zeros(3, dtype=torch.float64)), "skip must have shape \\[H\\] = \\[2\\]"),
     (dict(skip=torch.zeros(2)), "skip must have shape \\[H\\] = \\[2\\] and the dtype of features"),
     (dict(groups=[0, 1, 2, 0]), "groups\\[2\\] must be a set of query and key in \\[0, 2\\)"),
+    (dict(state_dim=2 ** 62), "features must have C = value_width"),
+    (dict(features=torch.zeros(36, 20, dtype=torch.bfloat16)), "features must be float32 or float64"),
     (dict(features=torch.zeros(5, 20, dtype=torch.float64)), "value must have|nodes must be"),
 ])
 def test_malformed_calls_are_clean_errors(change, message):
@@ -174,3 +176,43 @@ def test_decomposition_mixer_adds_the_skip_in_the_kernel(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
     assert decomposition_mixer(*args, D=skip)[1] is not None
     assert decomposition.decomposition_geometry is decomposition_geometry
+
+
+THREADS_SCRIPT = """
+import torch
+from torch_geometric_chimera.nn.decomposition import batched_grid_dags
+from torch_geometric_chimera.ops.grid import grid_mixer, grid_walks
+torch.manual_seed(0)
+# 40,000 one-pixel images and one head: the skip's [G, H] partial sums are long enough that a
+# threaded reduction would split them; and some 32 x 32 images, each a task of its own.
+for sizes, heads, head_dim in ((((1, 1),) * 40000, 1, 16), (((32, 32),) * 4 + ((7, 5),), 2, 5)):
+    grid_size = torch.tensor(sizes)
+    walks = grid_walks(grid_size, batched_grid_dags(grid_size))
+    n = int(walks.graph_ptr[-1])
+    table = torch.rand(4, n, 3, heads, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(n, heads * head_dim + 2 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(heads, dtype=torch.float64, requires_grad=True) * 1000
+    grad = None
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = grid_mixer(walks.graph_ptr, walks.row_width, torch.stack(walks.nodes), table, features, skip,
+                         heads * head_dim, 4, (0, 1, 1, 0))
+        grad = torch.randn_like(out) if grad is None else grad
+        results.append([out] + list(torch.autograd.grad(out, (table, features, skip), grad)))
+    assert all(torch.equal(a, b) for a, b in zip(*results)), "results differ between 1 and 2 threads"
+print("same")
+"""
+
+
+def test_result_does_not_depend_on_the_number_of_threads():
+    # In a subprocess: torch.set_num_threads breaks torch 2.13's CPU batched LU for the rest of the
+    # process (tests/ops/test_cpu_batched_lu.py). The skip's gradient sums the images' partial sums in
+    # image order (at::sum splits long reductions over the threads).
+    import subprocess
+    import sys
+
+    from worker_cases import subprocess_env
+    result = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True, timeout=300,
+                            env=subprocess_env())
+    assert result.returncode == 0 and "same" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
