@@ -172,10 +172,12 @@ def test_decomposition_mixer_adds_the_skip_in_the_kernel(monkeypatch):
     torch.testing.assert_close(fused, want)
     for name, a, b in zip(("xbc", "dt", "conv_weight", "conv_bias", "dt_bias", "D"), got, expected):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
-    # Fewer images than threads: one call per DAG, the skip left to the norm.
+    # Fewer images than threads: one call per DAG, the skip left to the norm, the same mixer.
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
-    assert decomposition_mixer(*args, D=skip)[1] is not None
+    unfused, values = decomposition_mixer(*args, D=skip)
+    assert values is not None
     assert decomposition.decomposition_geometry is decomposition_geometry
+    torch.testing.assert_close(unfused + (skip.view(1, heads, 1) * values.view(n, heads, -1)).reshape(n, inner), fused)
 
 
 THREADS_SCRIPT = """

@@ -221,7 +221,8 @@ if HAS_EXTENSION:
     def _no_mixer_double_backward(ctx, *grads):
         raise NotImplementedError("chimera::grid_mixer_backward: double backward is not supported")
 
-    torch.library.register_autograd("chimera::grid_mixer", _grid_mixer_backward, setup_context=_grid_mixer_setup_context)
+    torch.library.register_autograd("chimera::grid_mixer", _grid_mixer_backward,
+                                    setup_context=_grid_mixer_setup_context)
     torch.library.register_autograd("chimera::grid_mixer_backward", _no_mixer_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
@@ -245,11 +246,26 @@ if HAS_EXTENSION:
 
     torch.library.register_autograd("chimera::grid_selectivity", _grid_selectivity_backward,
                                     setup_context=_grid_selectivity_setup_context)
+
     def _no_selectivity_double_backward(ctx, *grads):
         raise NotImplementedError("chimera::grid_selectivity_backward: double backward is not supported")
 
     torch.library.register_autograd("chimera::grid_selectivity_backward", _no_selectivity_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
+
+
+def _segments_of(graph_ptr: Tensor, row_width: Tensor, state_dim: int, head_dim: int, element_size: int,
+                 segment_rows: Optional[int], checkpoints: Optional[int]) -> Tuple[int, int]:
+    """``segment_rows`` (by default :func:`segment_rows_for` these images) and its
+    :func:`num_checkpoints`, each where the caller did not give it."""
+    if segment_rows is None:
+        sizes = graph_ptr.diff()
+        rows = int((sizes // row_width.clamp_min(1)).max()) if sizes.numel() else 0
+        walks = GridWalks(graph_ptr, row_width, [], [], rows, int(row_width.max()) if row_width.numel() else 0)
+        segment_rows = segment_rows_for(walks, state_dim, head_dim, element_size)
+    if checkpoints is None:
+        checkpoints = num_checkpoints(graph_ptr, row_width, segment_rows)
+    return segment_rows, checkpoints
 
 
 def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: Tensor, query: Tensor, key: Tensor,
@@ -295,13 +311,8 @@ def grid_attention(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, weight: 
     if nodes.dim() == 2 and (query.dim() != 4 or query.size(2) != 1):
         raise ValueError(f"query: with stacked walks (nodes [D, N]) expected shape [N, sets, 1, S], got "
                          f"{list(query.shape)}")
-    if segment_rows is None:
-        sizes = graph_ptr.diff()
-        rows = int((sizes // row_width.clamp_min(1)).max()) if sizes.numel() else 0
-        walks = GridWalks(graph_ptr, row_width, [], [], rows, int(row_width.max()) if row_width.numel() else 0)
-        segment_rows = segment_rows_for(walks, query.size(-1), value.size(-1), query.element_size())
-    if checkpoints is None:
-        checkpoints = num_checkpoints(graph_ptr, row_width, segment_rows)
+    segment_rows, checkpoints = _segments_of(graph_ptr, row_width, query.size(-1), value.size(-1),
+                                             query.element_size(), segment_rows, checkpoints)
     return torch.ops.chimera.grid_attention(graph_ptr, row_width, nodes, weight, query, key, value, segment_rows,
                                             checkpoints, None if groups is None else list(groups))[0]
 
@@ -376,14 +387,8 @@ def grid_mixer(graph_ptr: Tensor, row_width: Tensor, nodes: Tensor, table: Tenso
     if dtype in (torch.float16, torch.bfloat16):
         return grid_mixer(graph_ptr, row_width, nodes, table.float(), features.float(), skip.float(), value_width,
                           state_dim, groups, segment_rows, checkpoints).to(dtype)
-    if segment_rows is None:
-        sizes = graph_ptr.diff()
-        rows = int((sizes // row_width.clamp_min(1)).max()) if sizes.numel() else 0
-        walks = GridWalks(graph_ptr, row_width, [], [], rows, int(row_width.max()) if row_width.numel() else 0)
-        heads = table.size(-1)
-        segment_rows = segment_rows_for(walks, state_dim, value_width // max(1, heads), features.element_size())
-    if checkpoints is None:
-        checkpoints = num_checkpoints(graph_ptr, row_width, segment_rows)
+    segment_rows, checkpoints = _segments_of(graph_ptr, row_width, state_dim, value_width // max(1, table.size(-1)),
+                                             features.element_size(), segment_rows, checkpoints)
     return torch.ops.chimera.grid_mixer(graph_ptr, row_width, nodes, table, features, skip, value_width, state_dim,
                                         list(groups), segment_rows, checkpoints)[0]
 
